@@ -1,0 +1,537 @@
+"""One typed schema for every option.
+
+Each component has a dataclass; each field carries its help text, its Megatron-LM flag (derived from the field
+name unless given) and any Megatron-DeepSpeed aliases. The same schema renders the command line (`--help`),
+validates (`__post_init__` raises `ConfigError` naming the flag and the fix) and is saved as JSON with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message is one line naming the option and the fix."""
+
+
+def opt(
+    default: Any,
+    help: str,  # noqa: A002 - mirrors argparse
+    *,
+    flag: str | None = None,
+    aliases: Sequence[str] = (),
+    choices: Sequence[Any] | None = None,
+    nargs: str | int | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field: default plus the metadata the command line and docs are rendered from."""
+    meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "nargs": nargs}
+    meta["metavar"] = metavar
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of the GPT (Llama-style options included)."""
+
+    num_layers: int = opt(4, "Number of transformer layers.")
+    hidden_size: int = opt(128, "Transformer hidden size.")
+    num_attention_heads: int = opt(4, "Number of attention heads.")
+    group_query_attention: bool = opt(False, "Use grouped-query attention (GQA) with --num-query-groups.")
+    num_query_groups: int | None = opt(
+        None, "Number of key/value head groups for GQA.", aliases=["--num-key-value-heads"]
+    )
+    ffn_hidden_size: int | None = opt(
+        None,
+        "MLP hidden size; default 4 x hidden (with --swiglu: Megatron-LM's 8/3 x hidden rounded up to 64).",
+    )
+    kv_channels: int | None = opt(None, "Per-head dimension; default hidden_size / num_attention_heads.")
+    seq_length: int = opt(256, "Sequence length of a training sample.")
+    max_position_embeddings: int | None = opt(
+        None, "Largest position for learned absolute embeddings; default --seq-length."
+    )
+    swiglu: bool = opt(False, "SwiGLU MLP (gated SiLU) as in Llama.")
+    normalization: str = opt("LayerNorm", "Normalisation layer: LayerNorm or RMSNorm (any case).")
+    norm_epsilon: float = opt(1e-5, "Epsilon of the normalisation layers.", aliases=["--layernorm-epsilon"])
+    position_embedding_type: str = opt(
+        "learned_absolute", "Position embedding.", choices=["learned_absolute", "rope", "none"]
+    )
+    rotary_base: int = opt(10000, "RoPE base (theta).", aliases=["--rope-theta"])
+    rotary_percent: float = opt(1.0, "Fraction of each head's dimensions that RoPE rotates.")
+    untie_embeddings_and_output_weights: bool = opt(False, "Separate output layer instead of the embedding.")
+    disable_bias_linear: bool = opt(False, "No bias in linear layers (Llama).", aliases=["--no-bias"])
+    hidden_dropout: float = opt(0.1, "Dropout after attention and MLP.")
+    attention_dropout: float = opt(0.1, "Dropout of attention probabilities.")
+    init_method_std: float = opt(0.02, "Standard deviation of the weight initialisation.")
+    make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this x TP size.")
+    attention_backend: str = opt(
+        "auto",
+        "Core attention: sdpa (torch scaled_dot_product_attention: flash kernels on GPU without flash-attn), "
+        "unfused (megatron-core's local DotProductAttention), te (Transformer Engine), auto (te when "
+        "installed on GPU, else sdpa).",
+        choices=["auto", "sdpa", "unfused", "te"],
+    )
+
+    def __post_init__(self) -> None:
+        norm = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(self.normalization.lower())
+        _check(norm is not None, f"--normalization {self.normalization!r} must be LayerNorm or RMSNorm")
+        self.normalization = norm
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
+            f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+            f"{self.num_attention_heads}: change one, or set --kv-channels",
+        )
+        if self.num_query_groups is not None and not self.group_query_attention:
+            self.group_query_attention = True
+        if self.group_query_attention:
+            _check(self.num_query_groups is not None, "--group-query-attention needs --num-query-groups N")
+            assert self.num_query_groups is not None
+            _check(
+                self.num_attention_heads % self.num_query_groups == 0,
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by --num-query-groups "
+                f"{self.num_query_groups}",
+            )
+        if self.ffn_hidden_size is None:
+            if self.swiglu:  # keep the parameter count of a 4h MLP, as Megatron-LM does
+                self.ffn_hidden_size = ((int(8 * self.hidden_size / 3) + 63) // 64) * 64
+            else:
+                self.ffn_hidden_size = 4 * self.hidden_size
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        _check(
+            self.position_embedding_type != "learned_absolute" or self.max_position_embeddings >= self.seq_length,
+            f"--max-position-embeddings {self.max_position_embeddings} is below --seq-length {self.seq_length}",
+        )
+        _check(0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1, "dropouts must be in [0, 1)")
+        _check(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over ranks; data parallel is what remains of the world."""
+
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.")
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.")
+    num_layers_per_virtual_pipeline_stage: int | None = opt(
+        None, "Layers per virtual pipeline stage (interleaved 1F1B schedule)."
+    )
+    sequence_parallel: bool = opt(False, "Sequence parallelism within the tensor-parallel group.")
+    use_distributed_optimizer: bool = opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = opt(False, "Overlap the data-parallel gradient reduction with backward.")
+    distributed_backend: str = opt(
+        "auto",
+        "Process-group backend: auto picks nccl on CUDA, xccl/ccl on XPU, gloo on CPU.",
+        choices=["auto", "nccl", "gloo", "ccl", "xccl"],
+    )
+    distributed_timeout_minutes: int = opt(10, "Timeout of collective operations.")
+    device: str = opt(
+        "auto", "Where to train: auto picks cuda, then xpu, then cpu.", choices=["auto", "cuda", "xpu", "cpu"]
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
+        _check(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        _check(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel needs --tensor-model-parallel-size > 1",
+        )
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run and what to do when things go wrong."""
+
+    micro_batch_size: int = opt(4, "Samples per micro-batch on one data-parallel rank.")
+    global_batch_size: int | None = opt(
+        None, "Samples per optimizer step over all ranks; default micro batch x data-parallel size."
+    )
+    rampup_batch_size: list[int] | None = opt(
+        None,
+        "Batch-size ramp-up: START INCREMENT RAMPUP_SAMPLES, growing the global batch from START by INCREMENT "
+        "over RAMPUP_SAMPLES samples.",
+        nargs=3,
+        metavar="N",
+    )
+    train_iters: int | None = opt(None, "Optimizer steps to train for.")
+    train_samples: int | None = opt(None, "Samples to train for (instead of --train-iters).")
+    exit_interval: int | None = opt(
+        None, "Save (when --save is set) and exit once the iteration is a multiple of this."
+    )
+    exit_signal_handler: bool = opt(False, "On SIGTERM/SIGUSR1 save a checkpoint at the step boundary and exit.")
+    recompute_activations: bool = opt(False, "Recompute every layer's activations in backward (saves memory).")
+    check_for_nan_in_loss_and_grad: bool = opt(
+        True, "Detect NaN/inf in the loss and the gradient norm; the step is never applied."
+    )
+    nan_policy: str = opt(
+        "skip",
+        "On a NaN/inf step: skip it (up to --max-skipped-steps in a row) or stop.",
+        choices=["skip", "stop"],
+    )
+    max_skipped_steps: int = opt(10, "Stop after this many consecutive skipped (NaN/inf) steps.")
+    seed: int = opt(1234, "Random seed (weights, dropout, data order).")
+
+    def __post_init__(self) -> None:
+        _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _check(
+            self.train_iters is None or self.train_samples is None,
+            "give --train-iters or --train-samples, not both",
+        )
+        if self.rampup_batch_size is not None:
+            _check(
+                self.train_samples is not None,
+                "--rampup-batch-size needs --train-samples (the run length in samples, as in Megatron-LM)",
+            )
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (or SGD), gradient clipping, weight decay and the learning-rate schedule."""
+
+    optimizer: str = opt("adam", "Optimizer (adam is AdamW).", choices=["adam", "sgd"])
+    lr: float = opt(3e-4, "Peak learning rate.")
+    min_lr: float = opt(0.0, "Learning rate at the end of decay.")
+    lr_decay_style: str = opt("cosine", "Learning-rate decay.", choices=["constant", "linear", "cosine"])
+    lr_warmup_iters: int = opt(0, "Linear warmup length in iterations.")
+    lr_warmup_fraction: float | None = opt(None, "Warmup as a fraction of --lr-decay-iters.")
+    lr_warmup_init: float = opt(0.0, "Learning rate at the start of warmup.")
+    lr_decay_iters: int | None = opt(None, "Iterations over which to decay; default the run length.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "Adam beta1.")
+    adam_beta2: float = opt(0.999, "Adam beta2.")
+    adam_eps: float = opt(1e-8, "Adam epsilon.")
+    sgd_momentum: float = opt(0.9, "SGD momentum.")
+    clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "--lr must be positive")
+        _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        _check(
+            self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
+            "give --lr-warmup-iters or --lr-warmup-fraction, not both",
+        )
+        _check(
+            self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction < 1,
+            "--lr-warmup-fraction must be in [0, 1)",
+        )
+        _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
+
+
+@dataclass
+class PrecisionConfig:
+    """Mixed precision; the optimizer keeps fp32 master weights for bf16/fp16."""
+
+    bf16: bool = opt(False, "Train in bfloat16.")
+    fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
+    loss_scale: float | None = opt(None, "Static loss scale for fp16 (default: dynamic).")
+    initial_loss_scale: float = opt(2.0**16, "Initial dynamic loss scale.")
+    min_loss_scale: float = opt(1.0, "Minimum dynamic loss scale.")
+    loss_scale_window: int = opt(1000, "Steps without overflow before the dynamic loss scale grows.")
+    hysteresis: int = opt(2, "Overflows tolerated before the dynamic loss scale shrinks.")
+
+    def __post_init__(self) -> None:
+        _check(not (self.bf16 and self.fp16), "give --bf16 or --fp16, not both")
+
+    @property
+    def params_dtype(self) -> str:
+        return "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. Without --data-path the built-in corpus (the standard library) is used."""
+
+    data_path: list[str] | None = opt(
+        None, "Megatron's blend: PREFIX or W1 PREFIX1 W2 PREFIX2 ... of .bin/.idx datasets.", nargs="+"
+    )
+    split: str = opt("969,30,1", "Train,valid,test split of each dataset, as weights.")
+    data_cache_path: str = opt("data_cache", "Folder for index caches and the built-in corpus.")
+    tokenizer_type: str = opt(
+        "ByteTokenizer",
+        "Tokenizer.",
+        choices=[
+            "ByteTokenizer",
+            "SentencePieceTokenizer",
+            "GPTSentencePieceTokenizer",
+            "HuggingFaceTokenizer",
+        ],
+    )
+    tokenizer_model: str | None = opt(None, "SentencePiece .model, or a Hugging Face tokenizer.json / folder.")
+    num_workers: int = opt(0, "Data-loader worker processes.")
+
+    def __post_init__(self) -> None:
+        parts = self.split.replace("/", ",").split(",")
+        ok = len(parts) in (1, 2, 3) and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
+        _check(ok, f"--split {self.split!r} must be up to three non-negative numbers like 969,30,1")
+        _check(
+            self.tokenizer_type == "ByteTokenizer" or self.tokenizer_model is not None,
+            f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model PATH",
+        )
+        if self.data_path and len(self.data_path) > 1:
+            _check(
+                len(self.data_path) % 2 == 0,
+                "--data-path with several datasets must be weight/prefix pairs: W1 PREFIX1 W2 PREFIX2 ...",
+            )
+            for w in self.data_path[0::2]:
+                try:
+                    ok = float(w) >= 0
+                except ValueError:
+                    ok = False
+                _check(ok, f"--data-path weight {w!r} is not a non-negative number")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and come from."""
+
+    save: str | None = opt(None, "Folder to save checkpoints to.")
+    load: str | None = opt(None, "Folder to load a checkpoint from (resumes when one exists).")
+    save_interval: int | None = opt(None, "Save every N iterations (and always at the end when --save is set).")
+
+    def __post_init__(self) -> None:
+        _check(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed, evaluated and written to tensorboard."""
+
+    log_interval: int = opt(10, "Print a metrics line every N iterations.")
+    eval_interval: int = opt(100, "Evaluate on the validation split every N iterations.")
+    eval_iters: int = opt(10, "Validation batches per evaluation (0 disables).")
+    tensorboard_dir: str | None = opt(None, "Write tensorboard scalars here.")
+    peak_tflops: float | None = opt(
+        None, "Peak dense TFLOP/s of one device for MFU; default from a table of known GPUs (n/a on CPU)."
+    )
+    run_dir: str | None = opt(None, "Write config.json and the line log here (default: --save, if set).")
+
+    def __post_init__(self) -> None:
+        _check(self.log_interval > 0, "--log-interval must be positive")
+        _check(self.eval_interval > 0, "--eval-interval must be positive")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as JSON beside the checkpoints."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        m, p = self.model, self.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        _check(
+            m.num_attention_heads % tp == 0,
+            f"--num-attention-heads {m.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}",
+        )
+        if m.num_query_groups is not None:
+            _check(
+                m.num_query_groups % tp == 0,
+                f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}",
+            )
+        _check(
+            m.num_layers % pp == 0,
+            f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
+        )
+        vp = p.num_layers_per_virtual_pipeline_stage
+        if vp is not None:
+            _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+            _check(
+                (m.num_layers // pp) % vp == 0,
+                f"layers per pipeline stage ({m.num_layers // pp}) not divisible by "
+                f"--num-layers-per-virtual-pipeline-stage {vp}",
+            )
+        if p.sequence_parallel:
+            _check(
+                m.seq_length % tp == 0,
+                f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
+                "(needed by --sequence-parallel)",
+            )
+
+    @property
+    def virtual_pipeline_size(self) -> int | None:
+        vp = self.parallel.num_layers_per_virtual_pipeline_stage
+        if vp is None:
+            return None
+        return self.model.num_layers // self.parallel.pipeline_model_parallel_size // vp
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Checks the world against the model-parallel sizes and returns the data-parallel size."""
+        mp = self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size
+        _check(
+            world_size % mp == 0,
+            f"world size {world_size} is not divisible by tensor x pipeline parallel size {mp}",
+        )
+        return world_size // mp
+
+    def resolve_batch(self, world_size: int) -> None:
+        """Fills and checks the global batch once the world size is known (before anything is built)."""
+        t = self.training
+        dp = self.data_parallel_size(world_size)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size is None:
+            t.global_batch_size = per_step
+        _check(
+            t.global_batch_size % per_step == 0,
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}",
+        )
+        if t.rampup_batch_size is not None:
+            start, inc, _ = t.rampup_batch_size
+            _check(
+                start % per_step == 0 and inc % per_step == 0,
+                f"--rampup-batch-size start {start} and increment {inc} must be multiples of micro batch x "
+                f"data-parallel size ({per_step})",
+            )
+            _check(
+                (t.global_batch_size - start) % inc == 0,
+                f"--global-batch-size {t.global_batch_size} minus the ramp-up start {start} is not a multiple of "
+                f"the increment {inc}",
+            )
+        if t.train_iters is None and t.train_samples is None:
+            raise ConfigError("give the run length: --train-iters N or --train-samples N")
+
+    # ---- JSON -------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory  # type: ignore[misc]
+            known = {x.name for x in dataclasses.fields(sub)}  # type: ignore[arg-type]
+            given = d.get(f.name, {})
+            unknown = set(given) - known
+            _check(not unknown, f"unknown {f.name} options in saved config: {sorted(unknown)}")
+            parts[f.name] = sub(**given)  # type: ignore[operator]
+        return cls(**parts)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Config:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(element type, is_list) of an annotation such as `int | None` or `list[str] | None`."""
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+# Megatron-DeepSpeed spellings that set a value rather than name a field.
+_VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
+    "--use-rotary-position-embeddings": ("model", "position_embedding_type", "rope"),
+    "--use-flash-attn": ("model", "attention_backend", "sdpa"),
+    "--use-flash-attn-v2": ("model", "attention_backend", "sdpa"),
+    "--no-bias-gelu-fusion": ("", "", None),  # accepted and ignored: fusions are chosen automatically
+    "--no-bias-dropout-fusion": ("", "", None),
+    "--no-masked-softmax-fusion": ("", "", None),
+    "--no-gradient-accumulation-fusion": ("", "", None),
+    "--no-async-tensor-model-parallel-allreduce": ("", "", None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt.py",
+        description="Train a GPT on megatron-core. Flags follow Megatron-LM; Megatron-DeepSpeed aliases accepted.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        for f in dataclasses.fields(cls):
+            dest = f"{section}.{f.name}"
+            names = [_flag(f), *f.metadata.get("aliases", ())]
+            kind, is_list = _base_type(hints[section][f.name])
+            help_text = f.metadata["help"]
+            if kind is bool:
+                group.add_argument(*names, dest=dest, action="store_true", default=f.default, help=help_text)
+                negative = "--no-" + _flag(f)[2:]
+                group.add_argument(negative, dest=dest, action="store_false", help=argparse.SUPPRESS)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            nargs = f.metadata.get("nargs") or ("+" if is_list else None)
+            group.add_argument(
+                *names,
+                dest=dest,
+                type=kind,
+                default=default,
+                choices=f.metadata.get("choices"),
+                nargs=nargs,
+                metavar=f.metadata.get("metavar"),
+                help=help_text,
+            )
+    compat = parser.add_argument_group("compatibility", "Megatron-DeepSpeed spellings.")
+    for alias, (section, name, value) in _VALUE_ALIASES.items():
+        target = f"--{name.replace('_', '-')} {value}" if section else "ignored"
+        compat.add_argument(alias, dest=f"_alias{alias}", action="store_true", help=f"= {target}")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Parses flags into a validated Config; raises ConfigError for a mistake in the values."""
+    ns = vars(build_parser().parse_args(argv))
+    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for key, value in ns.items():
+        if key.startswith("_alias"):
+            section, name, target = _VALUE_ALIASES[key[len("_alias") :]]
+            if value and section:
+                values[section][name] = target
+            continue
+        section, name = key.split(".", 1)
+        values[section].setdefault(name, value)
+    return Config(**{s: cls(**values[s]) for s, cls in _SECTIONS.items()})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m megatron_ext.config [flags]` prints the resolved configuration as JSON."""
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Writer for Megatron's ``.bin``/``.idx`` indexed dataset format that never leaves a half-written prefix.
+
+The bytes are exactly what megatron-core's ``IndexedDatasetBuilder`` writes for the same documents (the tests
+compare them), but this writer needs no torch, checks token ranges, and publishes the files atomically:
+both are written under ``.tmp-<pid>`` names and renamed into place only by :meth:`finalize`, .bin first and
+.idx last, so a reader that finds the .idx (megatron-core opens the .idx first) finds the matching .bin.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+_DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core.datasets.indexed_dataset.DType
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 below 65500 ids, else int32: the same rule as megatron-core's ``DType.optimal_dtype``."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+class IndexedDatasetWriter:
+    """Writes ``<prefix>.bin`` and ``<prefix>.idx``; use as a context manager.
+
+    A clean exit from the ``with`` block finalizes (as does calling :meth:`finalize`); leaving it by an
+    exception, or :meth:`close` without finalize, deletes the temporaries.
+    """
+
+    def __init__(self, prefix: str | Path, vocab_size: int) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.prefix = str(prefix)
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.bin_path = self.prefix + ".bin"
+        self.idx_path = self.prefix + ".idx"
+        self._bin_tmp = f"{self.bin_path}.tmp-{os.getpid()}"
+        self._idx_tmp = f"{self.idx_path}.tmp-{os.getpid()}"
+        self._sequence_lengths: list[int] = []
+        self._document_indices: list[int] = [0]
+        self.num_tokens = 0
+        self._finalized = False
+        self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 - closed by finalize()/close()
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._document_indices) - 1
+
+    def add_document(self, tokens: np.ndarray | Sequence[int], lengths: Sequence[int] | None = None) -> None:
+        """Append one document; ``lengths`` splits it into several sequences (default: one sequence)."""
+        if self._bin.closed:
+            raise ValueError(f"IndexedDatasetWriter for {self.prefix!r} is already finalized or closed")
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"a document must be a 1-D sequence of token ids, got shape {arr.shape}")
+        if arr.size:
+            if arr.dtype.kind not in "iub":
+                raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got min {lo} max {hi}")
+        if lengths is None:
+            seq_lengths = [int(arr.size)]
+        else:
+            seq_lengths = [int(n) for n in lengths]
+            if any(n < 0 for n in seq_lengths) or sum(seq_lengths) != arr.size:
+                raise ValueError(f"sequence lengths {seq_lengths} do not add up to the {arr.size} tokens")
+        if any(n > np.iinfo(np.int32).max for n in seq_lengths):
+            raise ValueError("a sequence is longer than the format's int32 length field allows")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
+        self._sequence_lengths.extend(seq_lengths)
+        self._document_indices.append(len(self._sequence_lengths))
+        self.num_tokens += int(arr.size)
+
+    def finalize(self) -> None:
+        """Write the index and publish both files atomically (.bin first, .idx last)."""
+        if self._finalized:
+            return
+        if self._bin.closed:
+            raise ValueError(f"IndexedDatasetWriter for {self.prefix!r} was closed without finalize")
+        if self.num_tokens == 0:
+            # megatron-core memory-maps the .bin, and an empty file cannot be mapped.
+            raise ValueError(f"no tokens were added to {self.prefix!r}; megatron-core cannot read an empty .bin")
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            self._write_index()
+            # A reader must never pair a new .bin with an old .idx: drop the old .idx before the swap.
+            if os.path.exists(self.idx_path):
+                os.remove(self.idx_path)
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(self._idx_tmp, self.idx_path)
+        except BaseException:
+            self.close()
+            raise
+        self._finalized = True
+
+    def _write_index(self) -> None:
+        lengths = np.asarray(self._sequence_lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        with open(self._idx_tmp, "wb") as f:
+            f.write(_INDEX_HEADER)
+            f.write(struct.pack("<Q", _INDEX_VERSION))
+            f.write(struct.pack("<B", _DTYPE_CODES[self.dtype]))
+            f.write(struct.pack("<Q", len(lengths)))
+            f.write(struct.pack("<Q", len(self._document_indices)))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(np.asarray(self._document_indices, dtype=np.int64).tobytes(order="C"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Abandon an unfinished dataset: close and delete the temporaries (no-op after finalize)."""
+        if not self._bin.closed:
+            self._bin.close()
+        if not self._finalized:
+            for path in (self._bin_tmp, self._idx_tmp):
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # A clean exit publishes the dataset (unless close() abandoned it); an exception discards it.
+        if exc_type is None and not self._finalized and not self._bin.closed:
+            self.finalize()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_bin"):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+def read_documents(prefix: str | Path) -> Iterator[np.ndarray]:
+    """Each document's tokens (its sequences concatenated), read with megatron-core's ``IndexedDataset``."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    doc_idx = dataset.document_indices
+    for d in range(len(doc_idx) - 1):
+        start, stop = int(doc_idx[d]), int(doc_idx[d + 1])
+        parts = [np.array(dataset[i]) for i in range(start, stop)]  # copies: the mmap closes with dataset
+        yield np.concatenate(parts) if parts else np.zeros(0, dtype=dataset.index.dtype)

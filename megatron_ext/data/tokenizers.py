@@ -1,0 +1,265 @@
+"""Tokenizers behind one small interface that uses Megatron's attribute names.
+
+megatron-core's ``GPTDatasetConfig(tokenizer=...)`` reads ``vocab_size``, ``eod``, ``pad`` and (to hash the
+dataset cache key) ``unique_identifiers``, so any :class:`Tokenizer` here can be passed to it directly.
+Nothing is ever downloaded: SentencePiece and Hugging Face tokenizers load from local files only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOKENIZER_TYPES = (
+    "ByteTokenizer",
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "HuggingFaceTokenizer",
+)
+
+# Files that define a Hugging Face tokenizer; their bytes go into the tokenizer's name so that two
+# different tokenizers never share a cached dataset.
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+# End-of-text spellings tried when a Hugging Face tokenizer does not declare an eos token.
+_EOS_SPELLINGS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def _slug(text: str) -> str:
+    """File-name-safe form of ``text``, since tokenizer names end up in dataset prefixes."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-") or "tok"
+
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(hashlib.sha256(chunk).digest())
+    return h.hexdigest()[:8]
+
+
+class Tokenizer(ABC):
+    """What training and data preparation need from a tokenizer (names as in Megatron)."""
+
+    name: str
+    """Short, file-name-safe identity (includes a content hash for model-file tokenizers)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """The real, unpadded vocabulary size: every id this tokenizer can emit is below it."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """End-of-document id, appended after every document in the .bin files."""
+
+    @property
+    @abstractmethod
+    def pad(self) -> int | None:
+        """Padding id, or None when the tokenizer has none."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Text to ids, without adding bos/eos/eod (the corpus builder appends ``eod`` itself)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Ids to text; special and out-of-range ids (e.g. from a padded vocabulary) are dropped."""
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        """Like :meth:`tokenize` but as an integer array; overridden where that is much faster."""
+        return np.asarray(self.tokenize(text), dtype=np.int64)
+
+    @property
+    def unique_identifiers(self) -> dict[str, Any]:
+        """megatron-core json-dumps ``config.tokenizer`` through this to key its dataset index cache."""
+        return {
+            "class": type(self).__name__,
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eod": self.eod,
+            "pad": self.pad,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eod={self.eod})"
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255 plus eod=256 and pad=257: needs no model file, so it always works."""
+
+    name = "byte"
+    EOD = 256
+    PAD = 257
+
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    @property
+    def eod(self) -> int:
+        return self.EOD
+
+    @property
+    def pad(self) -> int:
+        return self.PAD
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_array(text).tolist()
+
+    def tokenize_array(self, text: str) -> np.ndarray:
+        # surrogateescape gives back the original bytes of text decoded with errors="surrogateescape".
+        return np.frombuffer(text.encode("utf-8", errors="surrogateescape"), dtype=np.uint8)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        data = arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes()
+        return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model``; eod is its eos id, or one id appended after its pieces if it has none."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise ValueError(f"--tokenizer-model {str(path)!r}: no such file; expected a SentencePiece .model file")
+        import sentencepiece as spm
+
+        data = path.read_bytes()
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=data)
+        except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ messages
+            raise ValueError(f"--tokenizer-model {str(path)!r}: not a SentencePiece model ({err})") from err
+        self.model_path = path
+        self._pieces = self._sp.get_piece_size()
+        eos = self._sp.eos_id()
+        self._eod = eos if eos >= 0 else self._pieces
+        self._vocab_size = self._pieces if eos >= 0 else self._pieces + 1
+        pad = self._sp.pad_id()
+        self._pad = pad if pad >= 0 else None
+        self.name = f"sp-{_slug(path.stem)}-{_digest(data)}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int | None:
+        return self._pad
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._sp.encode(text, out_type=int)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self._pieces])
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face tokenizer from a local folder or ``tokenizer.json``; never touches the network."""
+
+    def __init__(self, path: str | Path) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(
+                f"--tokenizer-model {str(p)!r}: no such file or folder; expected a local tokenizer.json "
+                "or a folder holding one (nothing is downloaded)"
+            )
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if p.is_dir():
+            files = [p / f for f in _HF_TOKENIZER_FILES if (p / f).is_file()]
+            if (p / "tokenizer_config.json").is_file():
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            elif (p / "tokenizer.json").is_file():
+                tok = PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
+            else:
+                raise ValueError(
+                    f"--tokenizer-model {str(p)!r}: expected a folder holding tokenizer.json or tokenizer_config.json"
+                )
+            stem = p.resolve().name
+        else:
+            files = [p]
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+            stem = p.resolve().parent.name if p.name == "tokenizer.json" else p.stem
+        self.path = p
+        self._tok = tok
+        self._backend = getattr(tok, "backend_tokenizer", None)
+        self._size = len(tok)  # includes added tokens, unlike tok.vocab_size
+        eos = tok.eos_token_id
+        if eos is None:
+            vocab = tok.get_vocab()
+            eos = next((vocab[s] for s in _EOS_SPELLINGS if s in vocab), None)
+        self._eod = eos if eos is not None else self._size
+        self._vocab_size = self._size if eos is not None else self._size + 1
+        self._pad = tok.pad_token_id
+        self.name = f"hf-{_slug(stem)}-{_digest(*(f.name.encode() + f.read_bytes() for f in files))}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int | None:
+        return self._pad
+
+    def tokenize(self, text: str) -> list[int]:
+        # The backend (Rust) tokenizer is what the fast tokenizer calls anyway, minus the warning about
+        # sequences longer than model_max_length, which whole documents always trigger.
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._size], skip_special_tokens=True)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> Tokenizer:
+    """The tokenizer named by ``--tokenizer-type`` (and ``--tokenizer-model`` where it needs a file)."""
+    if tokenizer_type == "ByteTokenizer":
+        return ByteTokenizer()
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(
+            f"--tokenizer-type {tokenizer_type!r} is unknown; expected one of {', '.join(TOKENIZER_TYPES)}"
+        )
+    if not tokenizer_model:
+        what = "a SentencePiece .model file" if "SentencePiece" in tokenizer_type else "a tokenizer.json or its folder"
+        raise ValueError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: expected {what}")
+    if tokenizer_type == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(tokenizer_model)
+    return SentencePieceTokenizer(tokenizer_model)
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Embedding rows as Megatron-LM pads them: a multiple of divisible_by * TP, so each TP shard is even."""
+    if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tensor_model_parallel_size < 1:
+        raise ValueError(
+            f"padded_vocab_size needs positive values, got vocab_size={vocab_size}, "
+            f"make_vocab_size_divisible_by={make_vocab_size_divisible_by}, "
+            f"tensor_model_parallel_size={tensor_model_parallel_size}"
+        )
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple

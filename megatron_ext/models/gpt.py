@@ -1,0 +1,207 @@
+"""GPT model provider: megatron-core's GPTModel with the Llama options, built per pipeline stage.
+
+The local (pure megatron-core) spec is used unless Transformer Engine is installed on a GPU. Two modules are
+added to it: `TorchNorm` (torch LayerNorm/RMSNorm that, unlike megatron-core's WrappedTorchNorm, supports
+sequence parallelism by marking its parameters for the tensor-parallel gradient all-reduce) and
+`SDPAttention` (core attention through `torch.nn.functional.scaled_dot_product_attention`: flash/memory-efficient
+kernels on GPU without the flash-attn package, and fewer copies than the unfused path on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from megatron_ext.config import Config
+from megatron_ext.platform import Platform
+
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
+class TorchNorm:
+    """torch.nn.LayerNorm / RMSNorm with the `sequence_parallel` marking megatron-core's grad reduction reads."""
+
+    def __new__(  # type: ignore[misc]
+        cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object
+    ) -> torch.nn.Module:
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+        return norm
+
+
+class SDPAttention(DotProductAttention):
+    """Core attention on torch's scaled_dot_product_attention; same inputs/outputs as DotProductAttention."""
+
+    def forward(  # type: ignore[override]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: object | None = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences and attention bias need --attention-backend te")
+        # [s, b, heads, dim] -> [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = attention_mask is None and mask_type == AttnMaskType.causal
+        mask = None if attention_mask is None else ~attention_mask  # megatron masks where True
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout > 0 and not self.config.sequence_parallel
+            else contextlib.nullcontext()
+        )
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale
+            )
+        # [b, heads, s, dim] -> [s, b, heads * dim]
+        return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
+
+
+def resolve_attention_backend(requested: str, platform: Platform) -> str:
+    if requested == "te" and not (HAVE_TE and platform.device_type == "cuda"):
+        raise ValueError("--attention-backend te needs Transformer Engine on a CUDA device")
+    if requested != "auto":
+        return requested
+    return "te" if HAVE_TE and platform.device_type == "cuda" else "sdpa"
+
+
+def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
+    """megatron-core's TransformerConfig for this run."""
+    m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[prec.params_dtype]
+    fused = platform.device_type == "cuda"
+    recompute = cfg.training.recompute_activations
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups if m.group_query_attention else None,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.kv_channels,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=not m.disable_bias_linear,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=prec.bf16,
+        fp16=prec.fp16,
+        use_cpu_initialization=platform.is_cpu,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        # Batched p2p with both pipeline neighbours on one rank mismatches messages on gloo (FEASIBILITY.md).
+        batch_p2p_comm=platform.backend != "gloo",
+        masked_softmax_fusion=fused,
+        bias_activation_fusion=fused and not m.disable_bias_linear,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        # Micro-batches return loss sums; finalize_model_grads divides by the global token count.
+        calculate_per_token_loss=True,
+    )
+
+
+def layer_spec(cfg: Config, config: TransformerConfig, backend: str, vp_stage: int | None) -> object:
+    """The block spec: local or TE layers, our norm, and the chosen core attention."""
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec(normalization=cfg.model.normalization)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
+    norm = ModuleSpec(module=TorchNorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    if backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=norm)
+
+
+def build_model(
+    cfg: Config,
+    platform: Platform,
+    config: TransformerConfig,
+    padded_vocab_size: int,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One model chunk for this rank's pipeline stage (and virtual stage, when interleaving)."""
+    backend = resolve_attention_backend(cfg.model.attention_backend, platform)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage),  # type: ignore[arg-type]
+        vocab_size=padded_vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.model.position_embedding_type,  # type: ignore[arg-type]
+        rotary_percent=cfg.model.rotary_percent,
+        rotary_base=cfg.model.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def num_parameters(cfg: Config, vocab_size: int) -> int:
+    """Parameters of the whole (unsharded) model, for logging and FLOP counts."""
+    m = cfg.model
+    h, f, L = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, m.num_layers
+    kv = (m.kv_channels or h // m.num_attention_heads) * (m.num_query_groups or m.num_attention_heads)
+    q = (m.kv_channels or h // m.num_attention_heads) * m.num_attention_heads
+    bias = 0 if m.disable_bias_linear else 1
+    attn = h * (q + 2 * kv) + q * h + bias * (q + 2 * kv + h)
+    mlp = h * f * (2 if m.swiglu else 1) + f * h + bias * (f * (2 if m.swiglu else 1) + h)
+    norms = 2 * h * (1 if m.normalization == "RMSNorm" else 2)
+    emb = vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
+    pos = m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0  # type: ignore[operator]
+    final = h * (1 if m.normalization == "RMSNorm" else 2)
+    return L * (attn + mlp + norms) + emb + pos + final
+
+
+def flops_per_token(cfg: Config, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), as in Megatron-LM's MFU accounting."""
+    m = cfg.model
+    h, s, L = m.hidden_size, m.seq_length, m.num_layers
+    dense = num_parameters(cfg, vocab_size) - (
+        m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0  # type: ignore[operator]
+    )
+    if not m.untie_embeddings_and_output_weights:
+        dense += vocab_size * h  # the tied output layer still does its matmul
+    dense -= vocab_size * h  # the input embedding is a lookup, not a matmul
+    q = (m.kv_channels or h // m.num_attention_heads) * m.num_attention_heads
+    attention = 2 * L * s * q  # QK^T and AV, per token (causal mask not discounted, as Megatron-LM)
+    return 3 * (2 * dense + 2 * attention)

@@ -1,0 +1,302 @@
+"""Device and backend choice, and the one place where megatron-core is taught to run on a CPU.
+
+megatron-core 0.16 assumes CUDA in a few dozen spots (see shared/FEASIBILITY.md): `torch.cuda.current_device()`
+for allocations, literal `device="cuda"` factory calls, CUDA RNG state in the tensor-parallel RNG tracker,
+`torch.cuda.synchronize()`, `Tensor.cuda()` and optimizer checks of `param.type()` against CUDA type names.
+On CPU we substitute, in this module only:
+
+1. a `torch` facade in every loaded `megatron.core` module: `torch.cuda` becomes a CPU stand-in (current device
+   is the CPU, RNG calls use the CPU generator, synchronize/streams/events/NVTX do nothing) and tensor factories
+   map `device="cuda"` to the CPU;
+2. the tensor-parallel RNG state helpers (`_get_cuda_rng_state`, `_set_cuda_rng_state`) use the CPU generator,
+   which is the one dropout on CPU draws from;
+3. `Tensor.cuda()` and `Tensor.type()` are answered as on a GPU, but only during the few megatron-core calls
+   that use them (optimizer construction, gradient clipping, tying embeddings across pipeline stages);
+4. the RNG tracker's warning "CPU RNG state changed within GPU RNG context" is filtered: on CPU the tracked
+   "GPU" state is the CPU generator, so the change is the expected effect of dropout, not a bug.
+
+Nothing is changed on CUDA or XPU. `tests/test_platform.py` checks that each substituted spot still exists in
+megatron-core (so an upgrade that fixes or moves one fails loudly) and that it works on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import sys
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class PlatformError(RuntimeError):
+    """The requested device or backend cannot be used here; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Where this process trains."""
+
+    device_type: str  # "cuda" | "xpu" | "cpu"
+    backend: str  # process-group backend: "nccl" | "xccl" | "ccl" | "gloo"
+
+    def current_device(self) -> torch.device:
+        """The device this process was bound to by `setup_device`."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, getattr(torch, self.device_type).current_device())
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+def _xpu_available() -> bool:
+    return hasattr(torch, "xpu") and torch.xpu.is_available()
+
+
+def quiet_optional_dependency_warnings() -> None:
+    """Hides megatron-core's import-time notes that Apex/Transformer Engine are absent (they are optional)."""
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+
+
+def select(device: str = "auto", backend: str = "auto") -> Platform:
+    """Picks the device (cuda, then xpu, then cpu) and a matching collective backend."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "xpu" if _xpu_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PlatformError("--device cuda: torch reports no CUDA device (CPU build or no GPU visible)")
+    if device == "xpu":
+        if not _xpu_available():
+            raise PlatformError("--device xpu: torch reports no XPU (needs an XPU build of torch and the driver)")
+        if backend in ("auto", "ccl"):
+            # torch >= 2.8 ships xccl; older stacks need Intel's oneccl_bindings_for_pytorch for "ccl".
+            if backend == "ccl" or not torch.distributed.is_xccl_available():
+                try:
+                    importlib.import_module("oneccl_bindings_for_pytorch")
+                except ImportError as e:
+                    raise PlatformError(
+                        "XPU training needs the xccl backend (torch >= 2.8) or oneccl_bindings_for_pytorch for ccl"
+                    ) from e
+                backend = "ccl"
+            else:
+                backend = "xccl"
+    if backend == "auto":
+        backend = {"cuda": "nccl", "cpu": "gloo"}.get(device, backend)
+    if device == "cpu" and backend != "gloo":
+        raise PlatformError(f"--distributed-backend {backend} does not run on CPU: use gloo")
+    return Platform(device, backend)
+
+
+def setup_device(platform: Platform, local_rank: int) -> None:
+    """Binds this process to its device; on CPU installs megatron-core's substitutes."""
+    if platform.device_type == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    elif platform.device_type == "xpu":
+        torch.xpu.set_device(local_rank % torch.xpu.device_count())
+    else:
+        install_cpu_substitutes()
+
+
+# ---- CPU substitutes ----------------------------------------------------------------------------------------
+
+
+class _NoOp:
+    """Stands in for CUDA streams and events: every method does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        return lambda *args, **kwargs: 0.0 if name == "elapsed_time" else None
+
+
+def _cpu_cuda_namespace() -> types.SimpleNamespace:
+    """What `torch.cuda` means to megatron-core on a CPU."""
+    nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)
+    return types.SimpleNamespace(
+        is_available=lambda: False,
+        current_device=lambda: torch.device("cpu"),
+        device_count=lambda: 0,
+        synchronize=lambda *a, **k: None,
+        empty_cache=lambda: None,
+        memory_allocated=lambda *a, **k: 0,
+        max_memory_allocated=lambda *a, **k: 0,
+        get_rng_state=lambda *a, **k: torch.get_rng_state(),
+        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+        manual_seed=torch.manual_seed,
+        random=types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state()),
+        Stream=_NoOp,
+        Event=_NoOp,
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        current_stream=lambda *a, **k: _NoOp(),
+        default_stream=lambda *a, **k: _NoOp(),
+        nvtx=nvtx,
+        amp=torch.cuda.amp,
+        FloatTensor=torch.cuda.FloatTensor,
+        HalfTensor=torch.cuda.HalfTensor,
+        BFloat16Tensor=torch.cuda.BFloat16Tensor,
+        CUDAGraph=torch.cuda.CUDAGraph,
+    )
+
+
+_FACTORIES = (
+    "tensor", "as_tensor", "empty", "zeros", "ones", "full", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "linspace", "empty_strided",
+)  # fmt: skip
+
+
+def _to_cpu_device(device: Any) -> Any:
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _make_torch_facade() -> types.ModuleType:
+    """A module that is `torch` except for `cuda` and the device argument of tensor factories."""
+    facade = types.ModuleType("torch")
+    facade.__dict__.update(torch.__dict__)
+    facade.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]  # lazy submodules
+    facade.cuda = _cpu_cuda_namespace()  # type: ignore[attr-defined]
+    for name in _FACTORIES:
+        setattr(facade, name, _cpu_factory(getattr(torch, name)))
+    facade.__megatron_ext_cpu_facade__ = True  # type: ignore[attr-defined]
+    return facade
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _tensors_look_like_cuda() -> Iterator[None]:
+    """While active, `t.cuda()` is a no-op and `t.type()` spells CUDA type names."""
+    orig_cuda, orig_type = torch.Tensor.cuda, torch.Tensor.type
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    def type_(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        if dtype is None and not kwargs:
+            name = orig_type(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return orig_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.cuda, torch.Tensor.type = cuda, type_  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.Tensor.type = orig_cuda, orig_type  # type: ignore[method-assign]
+
+
+def _wrap_in_cuda_look(owner: Any, name: str) -> None:
+    fn = getattr(owner, name)
+    if getattr(fn, "__megatron_ext_wrapped__", False):
+        return
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _tensors_look_like_cuda():
+            return fn(*args, **kwargs)
+
+    wrapper.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
+
+
+# Modules whose CUDA assumptions are on the training, evaluation and checkpointing path; importing them first
+# means the facade reaches them (modules imported later are patched by a later call, which is idempotent).
+CPU_PATCHED_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.module",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.timers",
+)
+
+_installed = False
+
+
+def install_cpu_substitutes() -> None:
+    """Makes megatron-core run on CPU. Idempotent; only ever called for a CPU platform."""
+    global _installed
+    for name in CPU_PATCHED_MODULES:
+        importlib.import_module(name)
+    facade = sys.modules.get("megatron_ext._torch_cpu_facade") or _make_torch_facade()
+    sys.modules["megatron_ext._torch_cpu_facade"] = facade
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = facade  # type: ignore[attr-defined]
+    if _installed:
+        return
+    random = sys.modules["megatron.core.tensor_parallel.random"]
+    random._get_cuda_rng_state = _cpu_get_rng_state  # type: ignore[attr-defined]
+    random._set_cuda_rng_state = _cpu_set_rng_state  # type: ignore[attr-defined]
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    _wrap_in_cuda_look(Float16OptimizerWithFloat16Params, "__init__")
+    _wrap_in_cuda_look(DistributedOptimizer, "__init__")
+    _wrap_in_cuda_look(LanguageModule, "setup_embeddings_and_output_layer")
+    _wrap_in_cuda_look(sys.modules["megatron.core.optimizer.optimizer"], "clip_grad_by_total_norm_fp32")
+    logging.getLogger(random.__name__).addFilter(_drop_rng_context_warning)
+    _installed = True
+
+
+def _drop_rng_context_warning(record: logging.LogRecord) -> bool:
+    return "CPU RNG state changed within GPU RNG context" not in record.getMessage()

@@ -1,0 +1,361 @@
+"""The training loop: `setup()` builds a run, `train_step()` does one optimizer step, `train()` runs to the end.
+
+Loss is a per-token mean over the whole global batch: micro-batches return (loss sum, token count), the
+gradients are divided by the global token count in megatron-core's finalize_model_grads, so gradient accumulation
+and data parallelism give the same step as one large batch. A step whose loss or gradient norm is not finite
+is never applied.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_current_global_batch_size,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+    update_num_microbatches,
+)
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+
+from megatron_ext import distributed, platform
+from megatron_ext.config import Config, ConfigError, parse_args
+from megatron_ext.data.gpt_data import MicroBatches, build_datasets
+from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
+from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
+from megatron_ext.training import checkpointing
+from megatron_ext.training.metrics import MetricsLogger, peak_tflops
+from megatron_ext.training.optim import build_optimizer, build_scheduler, run_length_samples, wrap_model
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); the message says why."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters, saved in every checkpoint."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_in_a_row: int = 0
+    skipped_total: int = 0
+
+
+@dataclass
+class Trainer:
+    """Everything a run is made of; built by `setup()`."""
+
+    cfg: Config
+    platform: platform.Platform
+    device: torch.device
+    tokenizer: Tokenizer
+    padded_vocab_size: int
+    config: TransformerConfig
+    model: list[torch.nn.Module]
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    train_data: list[MicroBatches]  # one iterator per model chunk (virtual pipeline stages read the same batches)
+    valid_dataset: Any
+    metrics: MetricsLogger
+    state: TrainState = field(default_factory=TrainState)
+    stop_requested: bool = False
+
+
+def _is_loss_rank() -> bool:
+    """Ranks whose loss values enter the global sums: last pipeline stage, first tensor-parallel rank."""
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Per-token losses -> (sum, token count, values to report); megatron-core divides by the global count."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.float().reshape(-1) * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(device: torch.device, data: MicroBatches, model: torch.nn.Module) -> tuple[torch.Tensor, partial]:
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _global_mean(reports: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """(global loss sum, global token count) from every data-parallel replica, known on every rank."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if _is_loss_rank():
+        for r in reports:
+            total += r["lm_loss"].to(torch.float64)
+    torch.distributed.all_reduce(total)
+    return total
+
+
+def _run_microbatches(tr: Trainer, data: list[MicroBatches], num_microbatches: int, forward_only: bool) -> list:
+    cfg = tr.cfg
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, tr.device),
+        data_iterator=data if len(data) > 1 else data[0],
+        model=tr.model if len(tr.model) > 1 else tr.model[0],
+        num_microbatches=num_microbatches,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def train_step(tr: Trainer) -> dict[str, float]:
+    """One optimizer step over the current global batch; returns loss, grad norm, lr, skipped."""
+    update_num_microbatches(tr.state.consumed_samples, consistency_check=True)
+    num_microbatches, global_batch = get_num_microbatches(), get_current_global_batch_size()
+    for chunk in tr.model:
+        chunk.zero_grad_buffer()  # type: ignore[operator]
+    tr.optimizer.zero_grad()
+    reports = _run_microbatches(tr, tr.train_data, num_microbatches, forward_only=False)
+    loss_sum, tokens = _global_mean(reports, tr.device).tolist()
+    loss = loss_sum / max(tokens, 1)
+
+    # Apply the step only if everything is finite: megatron-core's step() would update with a NaN norm.
+    found_inf = tr.optimizer.prepare_grads()
+    clip = tr.cfg.optimizer.clip_grad
+    grad_norm = tr.optimizer.clip_grad_norm(clip) if clip > 0 else tr.optimizer.get_grad_norm()
+    finite = not found_inf and math.isfinite(grad_norm) and math.isfinite(loss)
+    if not tr.cfg.training.check_for_nan_in_loss_and_grad:
+        finite = not found_inf  # fp16 overflow is still skipped (the loss scaler shrinks)
+    applied = finite and tr.optimizer.step_with_ready_grads()
+    if applied:
+        tr.scheduler.step(increment=global_batch)
+        tr.state.skipped_in_a_row = 0
+    else:
+        tr.state.skipped_in_a_row += 1
+        tr.state.skipped_total += 1
+    tr.state.iteration += 1
+    tr.state.consumed_samples += global_batch
+    tr.state.consumed_tokens += global_batch * tr.cfg.model.seq_length
+    return {
+        "lm_loss": loss,
+        "grad_norm": grad_norm,
+        "lr": tr.optimizer.param_groups[0]["lr"],
+        "loss_scale": tr.optimizer.get_loss_scale().item(),
+        "global_batch_size": global_batch,
+        "skipped": 0.0 if applied else 1.0,
+        "skipped_steps": tr.state.skipped_total,
+    }
+
+
+def _check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
+    if values["skipped"] and tr.cfg.precision.fp16 and math.isfinite(values["lm_loss"]):
+        return  # an fp16 overflow: the loss scaler handles it
+    t = tr.cfg.training
+    if values["skipped"] and (t.nan_policy == "stop" or tr.state.skipped_in_a_row > t.max_skipped_steps):
+        raise TrainingStopped(
+            f"iteration {tr.state.iteration}: non-finite loss {values['lm_loss']} or grad norm "
+            f"{values['grad_norm']} ({tr.state.skipped_in_a_row} in a row); the step was not applied, the weights "
+            "are unchanged. Lower --lr, check the data, or use --nan-policy skip."
+        )
+    if values["skipped"]:
+        tr.metrics.print(f"iter {tr.state.iteration}: non-finite loss or gradient; step skipped")
+
+
+def evaluate(tr: Trainer) -> float | None:
+    """Mean per-token validation loss over --eval-iters global batches (same batches at every evaluation)."""
+    cfg = tr.cfg
+    if tr.valid_dataset is None or cfg.logging.eval_iters == 0:
+        return None
+    data = [
+        MicroBatches(tr.valid_dataset, cfg.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                     parallel_state.get_data_parallel_world_size())
+        for _ in tr.model
+    ]  # fmt: skip
+    num_microbatches = cfg.training.global_batch_size // (  # type: ignore[operator]
+        cfg.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
+    )
+    for chunk in tr.model:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(cfg.logging.eval_iters):
+            reports = _run_microbatches(tr, data, num_microbatches, forward_only=True)
+            total += _global_mean(reports, tr.device).cpu()
+    for chunk in tr.model:
+        chunk.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def save_checkpoint(tr: Trainer) -> None:
+    assert tr.cfg.checkpoint.save is not None
+    extra = {"train_state": asdict(tr.state), "config": tr.cfg.to_dict()}
+    start = time.perf_counter()
+    path = checkpointing.save(tr.cfg.checkpoint.save, tr.state.iteration, tr.model, tr.optimizer, tr.scheduler, extra)
+    seconds = time.perf_counter() - start
+    tr.metrics.exclude(seconds)
+    tr.metrics.print(f"saved checkpoint {path} in {seconds:.1f}s")
+
+
+def _finished(tr: Trainer) -> bool:
+    t = tr.cfg.training
+    if t.train_samples is not None:
+        return tr.state.consumed_samples >= t.train_samples
+    return tr.state.iteration >= (t.train_iters or 0)
+
+
+def _stop_now(tr: Trainer) -> bool:
+    """Exit interval reached or a signal seen on any rank (all ranks agree)."""
+    flag = torch.tensor([1.0 if tr.stop_requested else 0.0], device=tr.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    exit_interval = tr.cfg.training.exit_interval
+    return bool(flag.item()) or bool(exit_interval and tr.state.iteration % exit_interval == 0)
+
+
+def train(tr: Trainer) -> TrainState:
+    """Runs until the configured length, an exit interval or a signal; evaluates, logs and saves on the way."""
+    cfg = tr.cfg
+    total_iters = cfg.training.train_iters
+    tr.metrics.print(
+        f"training {num_parameters(cfg, tr.padded_vocab_size):,} parameters from iteration {tr.state.iteration} "
+        f"({tr.state.consumed_samples} samples consumed)"
+    )
+    while not _finished(tr):
+        values = train_step(tr)
+        _check_non_finite(tr, values)
+        tr.metrics.count(values["global_batch_size"] * cfg.model.seq_length)
+        it = tr.state.iteration
+        if it % cfg.logging.log_interval == 0:
+            tr.metrics.step(it, total_iters, values)
+        if it % cfg.logging.eval_interval == 0:
+            _log_eval(tr)
+        save_due = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
+        stop = _stop_now(tr)
+        if cfg.checkpoint.save and (save_due or stop):
+            save_checkpoint(tr)
+        if stop:
+            tr.metrics.print(f"exiting at iteration {it} (exit interval or signal)")
+            return tr.state
+    if cfg.logging.eval_interval and tr.state.iteration % cfg.logging.eval_interval != 0:
+        _log_eval(tr)
+    if cfg.checkpoint.save and not (
+        cfg.checkpoint.save_interval and tr.state.iteration % cfg.checkpoint.save_interval == 0
+    ):
+        save_checkpoint(tr)
+    return tr.state
+
+
+def _log_eval(tr: Trainer) -> None:
+    start = time.perf_counter()
+    loss = evaluate(tr)
+    tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
+    if loss is not None:
+        ppl = math.exp(min(loss, 20))
+        tr.metrics.print(f"validation at iter {tr.state.iteration} | loss {loss:.4f} | ppl {ppl:.3f}")
+        tr.metrics.scalars(tr.state.iteration, {"lm_loss": loss, "ppl": ppl}, prefix="valid/")
+
+
+def setup(cfg: Config) -> Trainer:
+    """Starts the process group, builds model, optimizer, schedule and data, and resumes from --load."""
+    plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
+    info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
+    platform.setup_device(plat, info.local_rank)
+    cfg.resolve_batch(info.world_size)
+    distributed.initialize_model_parallel(
+        cfg.parallel.tensor_model_parallel_size,
+        cfg.parallel.pipeline_model_parallel_size,
+        cfg.virtual_pipeline_size,
+    )
+    model_parallel_cuda_manual_seed(cfg.training.seed)
+    torch.manual_seed(cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+    t = cfg.training
+    assert t.global_batch_size is not None
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(
+        info.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+    )  # fmt: skip
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    vocab = padded_vocab_size(
+        tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+    )
+    vpp = cfg.virtual_pipeline_size
+    config = transformer_config(cfg, plat)
+    chunks = [build_model(cfg, plat, config, vocab, vp_stage=i if vpp else None) for i in range(vpp or 1)]
+    model = wrap_model(cfg, config, chunks)  # type: ignore[arg-type]
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+
+    run_dir = cfg.logging.run_dir or cfg.checkpoint.save
+    rank0 = info.rank == 0
+    if rank0 and run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        cfg.to_json(Path(run_dir) / "config.json")
+    metrics = MetricsLogger(
+        enabled=rank0,
+        flops_per_token=flops_per_token(cfg, vocab),
+        world_size=info.world_size,
+        device_type=plat.device_type,
+        peak=peak_tflops(plat.device_type, cfg.logging.peak_tflops),
+        tensorboard_dir=cfg.logging.tensorboard_dir,
+        log_file=Path(run_dir) / "train.log" if run_dir else None,
+    )
+    state = TrainState()
+    if cfg.checkpoint.load:
+        extra = checkpointing.load(cfg.checkpoint.load, model, optimizer, scheduler)
+        if extra is not None:
+            state = TrainState(**extra["train_state"])
+            metrics.print(f"resumed from {cfg.checkpoint.load} at iteration {state.iteration}")
+
+    samples = run_length_samples(cfg)
+    evals = (samples // t.global_batch_size) // cfg.logging.eval_interval + 1
+    valid_samples = cfg.logging.eval_iters * t.global_batch_size * evals
+    train_ds, valid_ds = build_datasets(cfg, tokenizer, samples, valid_samples)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    train_data = [MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, state.consumed_samples) for _ in model]
+    tr = Trainer(cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, train_data, valid_ds,
+                 metrics, state)  # fmt: skip
+    if t.exit_signal_handler:
+
+        def request_stop(signum: int, frame: object) -> None:
+            tr.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+    return tr
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: parse, set up, train; user mistakes end in one line and exit status 2."""
+    platform.quiet_optional_dependency_warnings()
+    try:
+        cfg = parse_args(argv)
+        tr = setup(cfg)
+    except (ConfigError, platform.PlatformError, distributed.LaunchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        train(tr)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        tr.metrics.close()
+        distributed.destroy()
+    return 0
