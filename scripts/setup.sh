@@ -17,4 +17,4 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/python" -m pip install -q -e ".[$groups]"
   touch "$stamp"
 fi
-"$venv/bin/python" -c "import torch, megatron.core; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+"$venv/bin/python" -W ignore -c "import torch, megatron.core; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"

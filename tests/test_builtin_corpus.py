@@ -93,9 +93,7 @@ def test_changed_inputs_rebuild(tmp_path):
 def test_concurrent_builds_and_cli(tmp_path):
     cmd = [sys.executable, "-m", "megatron_ext.data.builtin_corpus", "--out", str(tmp_path)]
     cmd += ["--max-documents", "40"]
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)
-    ]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     prefix = str(tmp_path / "stdlib_byte_text_document")

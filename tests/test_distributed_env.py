@@ -193,9 +193,7 @@ def test_master_port_precedence():
 
 def test_job_port_is_in_range_and_agreed_by_all_ranks():
     job = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2"}
-    ports = {
-        discover({**job, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2)}).master_port for r in range(4)
-    }
+    ports = {discover({**job, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r % 2)}).master_port for r in range(4)}
     assert len(ports) == 1
     ids = [str(n) for n in range(1000, 1200)] + ["5555.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov"]
     assert all(20000 <= job_port(i) < 30000 for i in ids)
@@ -357,9 +355,7 @@ def _run_probe(cmd: list[str], env: dict[str, str]) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     detail = f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, detail
-    records = [
-        json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")
-    ]
+    records = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     assert len(records) == 2, detail
     return sorted(records, key=lambda r: r["rank"])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.builtin_corpus import build_builtin_corpus
@@ -53,12 +54,26 @@ def build_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
+    # Unused splits are dropped (keeping the boundaries of the others, as Megatron-LM's --split defines them):
+    # megatron-core's GPTDataset loops forever on a split that holds no document.
+    sizes = [train_samples, valid_samples, 0]
+    config.split_matrix = [rng if n > 0 else None for rng, n in zip(config.split_matrix, sizes)]
+    _check_splits_not_empty(prefixes, config.split_matrix, cfg.data.split)
+    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     if train is None:
         raise ConfigError(f"--split {cfg.data.split} leaves no training data")
     return train, valid  # type: ignore[return-value]
+
+
+def _check_splits_not_empty(prefixes: list[str], split_matrix: list, split: str) -> None:
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix).document_indices) - 1
+        for name, rng in zip(("training", "validation"), split_matrix):
+            if rng is not None and round(rng[1] * documents) - round(rng[0] * documents) == 0:
+                raise ConfigError(
+                    f"--split {split} leaves no {name} document of the {documents} in {prefix}: "
+                    "change --split" + (" or set --eval-iters 0" if name == "validation" else "")
+                )
 
 
 @dataclass

@@ -329,8 +329,10 @@ def setup(cfg: Config) -> Trainer:
     train_ds, valid_ds = build_datasets(cfg, tokenizer, samples, valid_samples)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     train_data = [MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, state.consumed_samples) for _ in model]
-    tr = Trainer(cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, train_data, valid_ds,
-                 metrics, state)  # fmt: skip
+    tr = Trainer(
+        cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, train_data, valid_ds,
+        metrics, state,
+    )  # fmt: skip
     if t.exit_signal_handler:
 
         def request_stop(signum: int, frame: object) -> None:

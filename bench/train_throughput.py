@@ -1,0 +1,488 @@
+"""Training throughput of our step (megatron-core GPTModel + DDP + optimizer) against a plain-PyTorch GPT.
+
+Both run in this process on the same data, alternating repeats (ours, plain, ours, plain, ...), fp32 with the
+same number of torch threads. The plain GPT has the identical shape and starts from a copy of our initial
+weights (checked: same per-token loss), uses scaled_dot_product_attention(is_causal=True), torch AdamW with the
+same hyper-parameters and weight-decay groups (none on biases and norms), the same cosine schedule, the same
+gradient clipping and the same micro batch / gradient accumulation with a per-token mean loss over the step.
+Both read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
+data loading is included for both (its cost alone is printed too).
+
+    python bench/train_throughput.py                # GPT-2 style (LayerNorm, GELU, learned positions, tied)
+    python bench/train_throughput.py --llama        # RMSNorm, SwiGLU, RoPE, GQA, untied, no bias
+    python bench/train_throughput.py --profile 2    # then profile 2 steps of each and print the top operators
+
+This is a benchmark, not a test: it prints what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_ext.platform import quiet_optional_dependency_warnings  # noqa: E402
+
+quiet_optional_dependency_warnings()
+
+from megatron_ext import distributed  # noqa: E402
+from megatron_ext.config import Config, ModelConfig, parse_args  # noqa: E402
+from megatron_ext.data.gpt_data import MicroBatches  # noqa: E402
+from megatron_ext.models.gpt import num_parameters  # noqa: E402
+from megatron_ext.training.loop import Trainer, setup, train_step  # noqa: E402
+
+Batch = dict[str, torch.Tensor]
+
+
+# ---- the plain-PyTorch GPT ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything the plain model needs to be built like ours."""
+
+    layers: int
+    hidden: int
+    heads: int
+    groups: int  # key/value heads (== heads without GQA)
+    head_dim: int
+    ffn: int
+    vocab: int
+    seq: int
+    rms_norm: bool
+    eps: float
+    swiglu: bool
+    rope: bool
+    rope_base: float
+    learned_positions: bool
+    max_positions: int
+    tied: bool
+    bias: bool
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, vocab: int) -> Shape:
+        groups = m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
+        assert m.ffn_hidden_size is not None and m.max_position_embeddings is not None
+        if m.position_embedding_type == "rope":
+            assert m.rotary_percent == 1.0, "the plain model rotates whole heads only"
+        return cls(
+            layers=m.num_layers,
+            hidden=m.hidden_size,
+            heads=m.num_attention_heads,
+            groups=groups,
+            head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+            ffn=m.ffn_hidden_size,
+            vocab=vocab,
+            seq=m.seq_length,
+            rms_norm=m.normalization == "RMSNorm",
+            eps=m.norm_epsilon,
+            swiglu=m.swiglu,
+            rope=m.position_embedding_type == "rope",
+            rope_base=float(m.rotary_base),
+            learned_positions=m.position_embedding_type == "learned_absolute",
+            max_positions=m.max_position_embeddings,
+            tied=not m.untie_embeddings_and_output_weights,
+            bias=not m.disable_bias_linear,
+        )
+
+
+def _norm(s: Shape) -> nn.Module:
+    return nn.RMSNorm(s.hidden, eps=s.eps) if s.rms_norm else nn.LayerNorm(s.hidden, eps=s.eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class PlainBlock(nn.Module):
+    """Pre-norm transformer layer. The fused QKV projection keeps megatron-core's row layout (per key/value
+    group: its query heads, then its key, then its value) so our weights load unchanged."""
+
+    def __init__(self, s: Shape) -> None:
+        super().__init__()
+        self.s = s
+        self.ln1 = _norm(s)
+        self.qkv = nn.Linear(s.hidden, (s.heads + 2 * s.groups) * s.head_dim, bias=s.bias)
+        self.proj = nn.Linear(s.heads * s.head_dim, s.hidden, bias=s.bias)
+        self.ln2 = _norm(s)
+        self.fc1 = nn.Linear(s.hidden, s.ffn * (2 if s.swiglu else 1), bias=s.bias)
+        self.fc2 = nn.Linear(s.ffn, s.hidden, bias=s.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        s = self.s
+        b, n, _ = x.shape
+        per_group = s.heads // s.groups
+        qkv = self.qkv(self.ln1(x)).view(b, n, s.groups, per_group + 2, s.head_dim)
+        q, k, v = qkv.split([per_group, 1, 1], dim=3)
+        q = q.reshape(b, n, s.heads, s.head_dim).transpose(1, 2)  # [b, heads, n, d]
+        k = k.reshape(b, n, s.groups, s.head_dim).transpose(1, 2)
+        v = v.reshape(b, n, s.groups, s.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=per_group > 1)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, n, s.heads * s.head_dim))
+        h = self.fc1(self.ln2(x))
+        if s.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return x + self.fc2(h)
+
+
+class PlainGPT(nn.Module):
+    """Decoder-only GPT in plain PyTorch; returns per-token cross-entropy [b, s] like megatron-core's GPTModel."""
+
+    def __init__(self, s: Shape) -> None:
+        super().__init__()
+        self.s = s
+        self.wte = nn.Embedding(s.vocab, s.hidden)
+        self.wpe = nn.Embedding(s.max_positions, s.hidden) if s.learned_positions else None
+        self.blocks = nn.ModuleList(PlainBlock(s) for _ in range(s.layers))
+        self.ln_f = _norm(s)
+        self.lm_head = None if s.tied else nn.Linear(s.hidden, s.vocab, bias=False)
+        if s.rope:
+            inv_freq = 1.0 / (s.rope_base ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
+            angles = torch.outer(torch.arange(s.seq, dtype=torch.float32), inv_freq)
+            angles = torch.cat((angles, angles), dim=-1)  # [seq, d], non-interleaved as megatron-core
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        n = tokens.size(1)
+        rope = (self.rope_cos[:n], self.rope_sin[:n]) if self.s.rope else None
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.ln_f(x)
+        logits = F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), reduction="none")
+        return ce.view_as(labels)
+
+
+_LAYER_NAMES = {
+    "input_layernorm": "ln1",
+    "self_attention.linear_qkv": "qkv",
+    "self_attention.linear_proj": "proj",
+    "pre_mlp_layernorm": "ln2",
+    "mlp.linear_fc1": "fc1",
+    "mlp.linear_fc2": "fc2",
+}
+
+
+def _plain_name(megatron_name: str) -> str:
+    top = {
+        "embedding.word_embeddings.weight": "wte.weight",
+        "embedding.position_embeddings.weight": "wpe.weight",
+        "output_layer.weight": "lm_head.weight",
+    }
+    if megatron_name in top:
+        return top[megatron_name]
+    if megatron_name.startswith("decoder.final_layernorm."):
+        return "ln_f." + megatron_name.rsplit(".", 1)[1]
+    prefix, rest = megatron_name.split(".layers.", 1)
+    assert prefix == "decoder", megatron_name
+    index, rest = rest.split(".", 1)
+    module, leaf = rest.rsplit(".", 1)
+    return f"blocks.{index}.{_LAYER_NAMES[module]}.{leaf}"
+
+
+def copy_weights(ours: nn.Module, plain: PlainGPT) -> None:
+    """Loads our (unwrapped) GPTModel's parameters into the plain model; every parameter must be matched."""
+    target = dict(plain.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            dest = target[_plain_name(name)]
+            assert dest.shape == p.shape, (name, dest.shape, p.shape)
+            dest.copy_(p)
+            seen.add(_plain_name(name))
+    missing = set(target) - seen
+    assert not missing, f"plain parameters without a megatron counterpart: {sorted(missing)}"
+
+
+@dataclass
+class PlainTrainer:
+    model: PlainGPT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: Iterator[Batch]
+    accumulation: int
+    clip: float
+
+
+def build_plain(cfg: Config, tr: Trainer) -> PlainTrainer:
+    """The plain model, optimizer, schedule and data, configured as our run is."""
+    model = PlainGPT(Shape.from_config(cfg.model, tr.padded_vocab_size))
+    copy_weights(tr.model[0].module, model)  # type: ignore[arg-type]
+    o = cfg.optimizer
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+    )
+    # Our schedule: no warmup, cosine from lr to min_lr over the run (counted in samples, same thing here).
+    assert o.lr_warmup_iters == 0 and o.lr_warmup_fraction is None and o.lr_decay_style == "cosine"
+    iters = cfg.training.train_iters
+    assert iters is not None
+
+    def cosine(step: int) -> float:
+        ratio = min(step / iters, 1.0)
+        return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * ratio))) / o.lr
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    t = cfg.training
+    assert t.global_batch_size is not None
+    data = MicroBatches(tr.train_data[0].dataset, t.micro_batch_size, 0, 1)
+    return PlainTrainer(model, optimizer, scheduler, data, t.global_batch_size // t.micro_batch_size, o.clip_grad)
+
+
+def plain_step(pt: PlainTrainer) -> dict[str, float]:
+    """One optimizer step: per-token mean loss over the accumulated micro-batches, clip, AdamW (if finite)."""
+    batches = [next(pt.data) for _ in range(pt.accumulation)]
+    tokens = sum(b["loss_mask"].sum() for b in batches).clamp(min=1)  # type: ignore[union-attr]
+    pt.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(())
+    for b in batches:
+        per_token = pt.model(b["tokens"], b["position_ids"], b["labels"])
+        loss = (per_token.float() * b["loss_mask"]).sum() / tokens
+        loss.backward()
+        loss_sum += loss.detach()
+    params = [p for p in pt.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, pt.clip).item() if pt.clip > 0 else math.nan
+    loss_value = loss_sum.item()
+    if math.isfinite(loss_value) and (pt.clip == 0 or math.isfinite(norm)):
+        pt.optimizer.step()
+        pt.scheduler.step()
+    return {"lm_loss": loss_value, "grad_norm": norm}
+
+
+# ---- measuring ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def megatron_flags(a: argparse.Namespace, cache: str) -> list[str]:
+    flags = [
+        "--num-layers", str(a.num_layers),
+        "--hidden-size", str(a.hidden_size),
+        "--num-attention-heads", str(a.heads),
+        "--seq-length", str(a.seq_length),
+        "--micro-batch-size", str(a.micro_batch_size),
+        "--global-batch-size", str(a.micro_batch_size * a.grad_accum),
+        "--hidden-dropout", "0",
+        "--attention-dropout", "0",
+        "--device", "cpu",
+        "--train-iters", "1000",
+        "--eval-iters", "0",
+        "--data-cache-path", cache,
+        "--seed", str(a.seed),
+    ]  # fmt: skip
+    if a.llama:
+        flags += [
+            "--normalization", "RMSNorm",
+            "--swiglu",
+            "--position-embedding-type", "rope",
+            "--num-query-groups", str(a.query_groups),
+            "--untie-embeddings-and-output-weights",
+            "--disable-bias-linear",
+        ]  # fmt: skip
+    return flags + a.extra
+
+
+def check_same_function(tr: Trainer, pt: PlainTrainer) -> float:
+    """Largest difference of the per-token losses of both models on one batch (same weights, no grad)."""
+    batch = next(MicroBatches(tr.train_data[0].dataset, tr.cfg.training.micro_batch_size, 0, 1))
+    with torch.no_grad():
+        ours = tr.model[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        plain = pt.model(batch["tokens"], batch["position_ids"], batch["labels"])
+    return (ours - plain).abs().max().item()
+
+
+@dataclass
+class Timed:
+    wall_s: float  # time.perf_counter
+    cpu_s: float  # time.process_time: CPU seconds of this process (all threads), less sensitive to other load
+    loss: float  # of the last step
+
+
+def time_steps(step: Callable[[], dict[str, float]], steps: int) -> Timed:
+    """Times `steps` consecutive steps."""
+    gc.collect()
+    values: dict[str, float] = {}
+    cpu, start = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        values = step()
+    return Timed(time.perf_counter() - start, time.process_time() - cpu, values["lm_loss"])
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" (1/5/15 min; {os.cpu_count()} CPUs)"
+
+
+def data_seconds_per_microbatch(tr: Trainer, n: int = 32) -> float:
+    reader = MicroBatches(tr.train_data[0].dataset, tr.cfg.training.micro_batch_size, 0, 1, consumed_samples=10**6)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(reader)
+    return (time.perf_counter() - start) / n
+
+
+def profile(name: str, step: Callable[[], dict[str, float]], steps: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    print(f"\n== profile: {name}, {steps} steps, top {rows} operators by self CPU time ==")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def parse_bench_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--llama", action="store_true", help="RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no bias")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each (alternating)")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per repeat")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each before the first repeat")
+    p.add_argument("--num-layers", type=int, default=12)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--query-groups", type=int, default=2, help="key/value heads with --llama")
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-cache-path", default=None, help="reuse a cache folder (default: a temporary one)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="afterwards profile STEPS of each")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more Megatron flags for both")
+    a = p.parse_args(argv)
+    if a.extra and a.extra[0] == "--":
+        a.extra = a.extra[1:]
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_bench_args(argv)
+    torch.set_num_threads(a.threads)
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", _free_port())
+
+    with contextlib.ExitStack() as stack:
+        cache = a.data_cache_path or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_tp_"))
+        cfg = parse_args(megatron_flags(a, cache))
+        tr = setup(cfg)
+        stack.callback(distributed.destroy)
+        pt = build_plain(cfg, tr)
+        run(a, cfg, tr, pt)
+
+
+def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> None:
+    m, t = cfg.model, cfg.training
+    assert t.global_batch_size is not None
+    ours_params = sum(p.numel() for p in tr.model[0].module.parameters())  # type: ignore[union-attr]
+    plain_params = sum(p.numel() for p in pt.model.parameters())
+    formula = num_parameters(cfg, tr.padded_vocab_size)
+    flavour = "llama (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias)"
+    if not a.llama:
+        flavour = "gpt (LayerNorm, GELU, learned positions, tied embeddings)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU, {sys.platform}")
+    print(f"model: {flavour}")
+    print(
+        f"  layers {m.num_layers}, hidden {m.hidden_size}, heads {m.num_attention_heads}"
+        f"{f', kv groups {m.num_query_groups}' if m.group_query_attention else ''}, head dim "
+        f"{m.kv_channels or m.hidden_size // m.num_attention_heads}, ffn {m.ffn_hidden_size}, vocab "
+        f"{tr.padded_vocab_size}, seq {m.seq_length}, dropout {m.hidden_dropout}/{m.attention_dropout}"
+    )
+    print(
+        f"  micro batch {t.micro_batch_size} x {t.global_batch_size // t.micro_batch_size} accumulation = global "
+        f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW lr {cfg.optimizer.lr} "
+        f"wd {cfg.optimizer.weight_decay} clip {cfg.optimizer.clip_grad}; cosine schedule"
+    )
+    print(f"parameters: ours {ours_params:,}  plain {plain_params:,}  (num_parameters formula {formula:,})")
+    assert ours_params == plain_params, "the plain model must have our parameter count"
+    diff = check_same_function(tr, pt)
+    print(f"same weights, same batch: max |per-token loss ours - plain| = {diff:.2e}")
+    data_ms = 1000 * data_seconds_per_microbatch(tr)
+    print(f"data: both read the built-in corpus through MicroBatches ({data_ms:.2f} ms per micro-batch, included)")
+
+    def ours() -> dict[str, float]:
+        return train_step(tr)
+
+    def plain() -> dict[str, float]:
+        return plain_step(pt)
+
+    tokens_per_step = t.global_batch_size * m.seq_length
+    warm_start = time.perf_counter()
+    for _ in range(a.warmup):
+        ours()
+        plain()
+    print(f"warmup: {a.warmup} steps of each in {time.perf_counter() - warm_start:.1f}s")
+    print(f"load average before the timed repeats: {_load()}")
+    print(
+        "\ntokens/s = tokens / wall seconds (perf_counter); cpu ratio = plain CPU seconds / ours (process_time), "
+        "less sensitive to other processes"
+    )
+    print(
+        f"{'repeat':>6} | {'ours tok/s':>10} | {'plain tok/s':>11} | {'ours/plain':>10} | {'cpu ratio':>9} | "
+        f"{'loss ours':>9} | {'loss plain':>10}"
+    )
+    ours_tps: list[float] = []
+    plain_tps: list[float] = []
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    for r in range(a.repeats):
+        o = time_steps(ours, a.steps)
+        p = time_steps(plain, a.steps)
+        ours_tps.append(a.steps * tokens_per_step / o.wall_s)
+        plain_tps.append(a.steps * tokens_per_step / p.wall_s)
+        ratios.append(ours_tps[-1] / plain_tps[-1])
+        cpu_ratios.append(p.cpu_s / o.cpu_s)
+        print(
+            f"{r:>6} | {ours_tps[-1]:>10.0f} | {plain_tps[-1]:>11.0f} | {ratios[-1]:>10.3f} | {cpu_ratios[-1]:>9.3f} | "
+            f"{o.loss:>9.4f} | {p.loss:>10.4f}"
+        )
+    print(f"load average after: {_load()}")
+    print(
+        f"\nmedian tokens/s: ours {statistics.median(ours_tps):.0f}, plain {statistics.median(plain_tps):.0f}; "
+        f"median ratio ours/plain {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}; "
+        f"cpu-time ratio {statistics.median(cpu_ratios):.3f}; {a.repeats} repeats x {a.steps} steps)"
+    )
+    if a.profile:
+        profile("ours", ours, a.profile, a.profile_rows)
+        profile("plain", plain, a.profile, a.profile_rows)
+
+
+if __name__ == "__main__":
+    main()

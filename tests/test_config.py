@@ -1,0 +1,95 @@
+"""The schema: Megatron flag names, aliases, validation with one-line messages, JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.config import Config, ConfigError, build_parser, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MEGATRON_FLAGS = """--num-layers --hidden-size --num-attention-heads --num-query-groups --ffn-hidden-size --seq-length
+--micro-batch-size --global-batch-size --tensor-model-parallel-size --pipeline-model-parallel-size
+--num-layers-per-virtual-pipeline-stage --sequence-parallel --lr --min-lr --train-iters --save --load
+--save-interval --eval-interval --eval-iters --log-interval --seed --bf16 --fp16 --use-distributed-optimizer
+--recompute-activations --swiglu --normalization --position-embedding-type --rotary-base --group-query-attention
+--untie-embeddings-and-output-weights --disable-bias-linear --data-path --split --tokenizer-type
+--tokenizer-model --make-vocab-size-divisible-by --tensorboard-dir --exit-interval --exit-signal-handler
+--check-for-nan-in-loss-and-grad --rampup-batch-size --lr-decay-style --lr-warmup-iters --clip-grad
+--weight-decay --adam-beta1 --adam-beta2 --data-cache-path""".split()
+
+
+def test_every_megatron_flag_is_accepted() -> None:
+    known = {s for a in build_parser()._actions for s in a.option_strings}
+    assert not [f for f in MEGATRON_FLAGS if f not in known]
+
+
+def test_help_lists_every_field_with_its_docstring() -> None:
+    text = build_parser().format_help()
+    assert "Number of transformer layers." in text and "--tensor-model-parallel-size" in text
+
+
+def test_llama_options_and_deepspeed_aliases() -> None:
+    cfg = parse_args(
+        "--train-iters 1 --use-rotary-position-embeddings --normalization rmsnorm --swiglu --num-key-value-heads 2 "
+        "--rope-theta 500000 --no-bias --use-flash-attn".split()
+    )
+    m = cfg.model
+    assert m.position_embedding_type == "rope" and m.normalization == "RMSNorm" and m.rotary_base == 500000
+    assert m.group_query_attention and m.num_query_groups == 2 and m.disable_bias_linear
+    assert m.attention_backend == "sdpa"
+    assert m.ffn_hidden_size == 384  # 8/3 x 128 rounded up to a multiple of 64, as Megatron-LM
+
+
+def test_json_round_trip(tmp_path: Path) -> None:
+    cfg = parse_args("--train-iters 7 --swiglu --rampup-batch-size 4 4 100 --train-samples 1000".split()[2:])
+    cfg.to_json(tmp_path / "c.json")
+    again = Config.from_json(tmp_path / "c.json")
+    assert again == cfg and json.loads((tmp_path / "c.json").read_text())["training"]["rampup_batch_size"] == [
+        4,
+        4,
+        100,
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv,world,message",
+    [
+        ("--num-attention-heads 6 --hidden-size 96 --tensor-model-parallel-size 4", None, "not divisible by --tensor"),
+        ("--num-layers 3 --pipeline-model-parallel-size 2", None, "--num-layers 3 is not divisible"),
+        ("--num-query-groups 3 --num-attention-heads 4", None, "not divisible by --num-query-groups"),
+        ("--sequence-parallel", None, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+        ("--bf16 --fp16", None, "not both"),
+        ("--min-lr 1 --lr 0.1", None, "--min-lr"),
+        ("--split 90,x", None, "--split"),
+        ("--data-path 0.5 a 0.5", None, "weight/prefix pairs"),
+        ("--data-path x a 1 b", None, "weight 'x'"),
+        ("--tokenizer-type SentencePieceTokenizer", None, "needs --tokenizer-model"),
+        ("--num-layers 4 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3", None, "virtual"),
+        ("--global-batch-size 6 --micro-batch-size 4", 1, "--global-batch-size 6 is not divisible"),
+        ("--global-batch-size 8 --micro-batch-size 2", 3, "--global-batch-size 8 is not divisible"),
+        ("--tensor-model-parallel-size 2", 3, "world size 3 is not divisible"),
+    ],
+)
+def test_invalid_configuration_one_line(argv: str, world: int | None, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg = parse_args([*argv.split(), "--train-iters", "1"])
+        cfg.resolve_batch(world or 1)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_mistakes_exit_2_with_one_line() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv in (["--bogus-flag"], ["--num-layers", "3", "--pipeline-model-parallel-size", "2", "--train-iters", "1"]):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "pretrain_gpt.py"), *argv], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = [x for x in proc.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -1,0 +1,84 @@
+"""Every parallel layout trains exactly like one process: same loss curve for 5 steps (fp32, dropout off)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_ext.data.indexed import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "parallel_scenarios.py"
+TWO_RANK = ["tp2", "tp2_sp", "pp2", "pp2_tied", "pp2_interleaved", "dp2", "dp2_distopt", "dp2_nan", "dp2_nanstop"]
+
+
+def _launch(nproc: int, prefix: str, out: Path, names: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc == 1:
+        cmd = [sys.executable, str(SCRIPT)]
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29518",
+               str(SCRIPT)]  # fmt: skip
+    proc = subprocess.run([*cmd, prefix, str(out), *names], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("parallel")
+    prefix = str(tmp / "docs")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, vocab_size=256) as w:
+        for _ in range(200):  # learnable structure: repeated n-grams, so the loss moves within 5 steps
+            base = rng.integers(0, 200, size=8)
+            w.add_document(np.concatenate([np.tile(base, rng.integers(5, 30)), [256 - 1]]))
+        w.finalize()
+    ref = _launch(1, prefix, tmp / "ref.json", ["reference", "reference_tied"])
+    two = _launch(2, prefix, tmp / "two.json", TWO_RANK)
+    return {**ref, **two}
+
+
+def _close(a: list[float], b: list[float], rtol: float = 1e-5) -> bool:
+    return all(math.isclose(x, y, rel_tol=rtol) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("tp2", "reference"),
+        ("tp2_sp", "reference"),
+        ("pp2", "reference"),
+        ("pp2_tied", "reference_tied"),
+        ("pp2_interleaved", "reference"),
+        ("dp2", "reference"),
+        ("dp2_distopt", "reference"),
+    ],
+)
+def test_layout_matches_single_process(results: dict, name: str, reference: str) -> None:
+    ref, got = results[reference]["losses"], results[name]["losses"]
+    assert ref[0] > ref[-1], f"reference loss did not fall: {ref}"
+    assert _close(got, ref), f"{name} losses {got} differ from {reference} {ref}"
+    assert _close(results[name]["grad_norms"], results[reference]["grad_norms"], rtol=1e-4)
+
+
+def test_injected_nan_never_reaches_the_weights(results: dict) -> None:
+    r = results["dp2_nan"]
+    assert math.isnan(r["losses"][2]) and r["skipped_step"] == 1.0
+    assert r["unchanged_by_nan_step"], "the NaN step changed the weights"
+    assert all(math.isfinite(x) for i, x in enumerate(r["losses"]) if i != 2)
+    # The skipped step leaves the model where it was: the next loss equals the reference's loss at step 2.
+    assert math.isclose(r["losses"][3], results["reference"]["losses"][2], rel_tol=1e-5)
+
+
+def test_nan_policy_stop_stops_with_finite_weights(results: dict) -> None:
+    r = results["dp2_nanstop"]
+    assert r["stopped_at"] == 3 and r["weights_finite"]

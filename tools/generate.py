@@ -1,0 +1,316 @@
+"""Sample text from a checkpoint so a user can eyeball what a model has learnt.
+
+    python tools/generate.py --load CKPT_DIR [--prompt TEXT | --prompt-file F] [--max-new-tokens 100]
+                             [--greedy | --temperature 0.8 --top-p 0.9 --top-k 0] [--seed 1] [--iteration N] [--json]
+
+The model shape and tokenizer come from the checkpoint itself (its common state holds the run's Config), so no
+model flags are repeated here. One process (TP=1, PP=1) loads any layout: dist_checkpointing reshards on load.
+Decoding runs a full forward over the growing sequence each step (no KV cache): simple, and fast enough for
+eyeballing. User mistakes end in one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM layout, as in megatron_ext.training.checkpointing
+COMMON_STATE = "common.pt"
+
+
+class GenerateError(ValueError):
+    """A user mistake (missing checkpoint or prompt file, bad sampling values); the message is one line."""
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids from logits [..., vocab]: greedy when temperature is 0, else temperature, top-k, top-p.
+
+    Filters apply in that order (as in Hugging Face), so top-p sees the tempered distribution. Top-k keeps
+    ties with the k-th score; top-p keeps the smallest set of most likely tokens whose mass reaches p (always at
+    least one). Ids masked to -inf by the caller (padded vocabulary) are never drawn.
+    """
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise GenerateError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.size(-1):
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    drawn = torch.multinomial(probs.reshape(-1, probs.size(-1)), 1, generator=generator)
+    return drawn.reshape(probs.shape[:-1])
+
+
+def generate(
+    model: Callable[..., torch.Tensor],
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    context_length: int,
+    vocab_size: int,
+    eod: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> list[int]:
+    """New token ids after `prompt_ids` (eod excluded), stopping at eod or after `max_new_tokens`.
+
+    `model(tokens, position_ids, None)` must return logits [1, s, padded vocab]; only the last
+    `context_length` tokens are fed (the model never saw longer sequences), and ids >= `vocab_size` (vocabulary
+    padding) are masked out. An empty prompt starts from eod, i.e. at a document boundary.
+    """
+    ids = list(prompt_ids) or [eod]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            window = ids[-context_length:]
+            tokens = torch.tensor([window], dtype=torch.long, device=device)
+            positions = torch.arange(len(window), dtype=torch.long, device=device).unsqueeze(0)
+            last = model(tokens, positions, None)[0, -1].float().cpu()
+            last[vocab_size:] = float("-inf")
+            token = int(sample_next(last, temperature, top_k, top_p, generator))
+            if token == eod:
+                break
+            ids.append(token)
+            new.append(token)
+    return new
+
+
+# ---- checkpoint and model ---------------------------------------------------------------------------------
+
+
+def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
+    """The iter_%07d folder to read: `iteration`, else the tracker's; `load` may also be that folder itself.
+
+    Import-free (no megatron-core) so that a wrong --load fails in a moment rather than after the slow imports.
+    """
+    root = Path(load)
+    if iteration is None and (root / COMMON_STATE).is_file():
+        return root
+    if not root.is_dir():
+        raise GenerateError(f"--load {root}: no such folder")
+    if iteration is None:
+        tracker = root / TRACKER
+        if not tracker.is_file():
+            raise GenerateError(f"--load {root}: no checkpoint there ({TRACKER} is missing)")
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise GenerateError(f"{tracker}: expected an iteration number, found {text!r}")
+        iteration = 0 if text == "release" else int(text)
+    path = root / f"iter_{iteration:07d}"
+    if not (path / COMMON_STATE).is_file():
+        raise GenerateError(
+            f"--load {root}: no checkpoint for iteration {iteration} ({path / COMMON_STATE} is missing)"
+        )
+    return path
+
+
+def single_process_config(saved: dict[str, Any]) -> tuple[Any, int]:
+    """(Config for one process, the saved TP size): the padded vocabulary depends on the TP it was saved with."""
+    from megatron_ext.config import Config
+
+    d = json.loads(json.dumps(saved))  # a deep copy that also proves it is plain data
+    parallel = d.setdefault("parallel", {})
+    saved_tp = int(parallel.get("tensor_model_parallel_size", 1))
+    parallel.update(
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+        overlap_grad_reduce=False,
+    )
+    d.setdefault("training", {})["recompute_activations"] = False
+    return Config.from_dict(d), saved_tp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def load_model(ckpt: Path, device: str = "auto", tokenizer_model: str | None = None, seed: int = 1) -> tuple:
+    """(model in eval mode, tokenizer, torch device, Config, common state) from an iter_%07d folder.
+
+    Starts a world-of-1 process group (megatron-core needs its parallel state even for one process); call
+    `megatron_ext.distributed.destroy()` when done.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_ext import distributed, platform
+    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
+    from megatron_ext.models.gpt import build_model, transformer_config
+
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    saved = common.get("config")
+    if saved is None:  # a checkpoint written by another tool: use the run's config.json beside it
+        run_config = ckpt.parent / "config.json"
+        if not run_config.is_file():
+            raise GenerateError(f"{ckpt}: the checkpoint holds no config and {run_config} is missing")
+        saved = json.loads(run_config.read_text())
+    cfg, saved_tp = single_process_config(saved)
+    if tokenizer_model is not None:
+        cfg.data.tokenizer_model = tokenizer_model
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, saved_tp)
+
+    plat = platform.select(device, "auto")
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    distributed.init_process_group(plat.backend, env=env)
+    platform.setup_device(plat, 0)
+    distributed.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed)
+
+    config = transformer_config(cfg, plat)
+    gpt = build_model(cfg, plat, config, vocab)
+    # Sharded-tensor keys are global (layer offsets included), so one full chunk reads what was saved under
+    # "model" or "model0".."modelN" (virtual pipeline) alike; the dict key only nests the result.
+    model = Float16Module(config, gpt) if cfg.precision.bf16 or cfg.precision.fp16 else gpt
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor/load_state_dict deprecation notes
+        loaded = dist_checkpointing.load(
+            {"model": gpt.sharded_state_dict()}, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED
+        )
+        gpt.load_state_dict(loaded["model"])
+    target = plat.current_device()
+    model.to(target).eval()
+    return model, tokenizer, target, cfg, common
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/generate.py",
+        description="Sample text from a checkpoint (model and tokenizer settings come from the checkpoint).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--load", required=True, help="Checkpoint folder (holding latest_checkpointed_iteration.txt).")
+    p.add_argument("--iteration", type=int, default=None, help="Iteration to load (default: the latest).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="Prompt text (default: empty, start at a document boundary).")
+    src.add_argument("--prompt-file", default=None, help="Read the prompt from this UTF-8 file.")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="Tokens to generate at most (stops at eod).")
+    p.add_argument("--greedy", action="store_true", help="Always take the most likely token (= --temperature 0).")
+    p.add_argument("--temperature", type=float, default=0.8, help="Softmax temperature; 0 is greedy.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample from the k most likely tokens only (0: all).")
+    p.add_argument("--top-p", type=float, default=0.9, help="Nucleus sampling: smallest set reaching this mass.")
+    p.add_argument("--seed", type=int, default=1, help="Sampling seed (same seed, same text).")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "xpu", "cpu"], help="Where to run.")
+    p.add_argument("--tokenizer-model", default=None, help="Override the saved tokenizer model path (if moved).")
+    p.add_argument("--json", action="store_true", help='Print {"prompt", "completion", "tokens"} (new ids) as JSON.')
+    return p
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt or ""
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise GenerateError(f"--prompt-file {path}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 0:
+        raise GenerateError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if args.temperature < 0:
+        raise GenerateError(f"--temperature {args.temperature} must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise GenerateError(f"--top-k {args.top_k} must be >= 0 (0 disables it)")
+    if not 0 < args.top_p <= 1:
+        raise GenerateError(f"--top-p {args.top_p} must be in (0, 1]")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, load, sample, print; user mistakes end in one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        prompt = _read_prompt(args)
+        ckpt = find_checkpoint(args.load, args.iteration)
+    except GenerateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_ext.platform import quiet_optional_dependency_warnings
+
+    quiet_optional_dependency_warnings()  # before megatron-core is imported
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from megatron_ext import distributed
+    from megatron_ext.config import ConfigError
+    from megatron_ext.platform import PlatformError
+
+    try:
+        try:
+            model, tokenizer, device, cfg, common = load_model(ckpt, args.device, args.tokenizer_model, args.seed)
+        except (GenerateError, ConfigError, PlatformError, CheckpointingException, ValueError, OSError) as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        iteration = common.get("iteration", "?")
+        print(f"loaded {ckpt} (iteration {iteration})", file=sys.stderr)
+        generator = torch.Generator().manual_seed(args.seed)
+        new = generate(
+            model,
+            tokenizer.tokenize(prompt),
+            args.max_new_tokens,
+            context_length=cfg.model.seq_length,
+            vocab_size=tokenizer.vocab_size,
+            eod=tokenizer.eod,
+            temperature=0.0 if args.greedy else args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generator,
+            device=device,
+        )
+    finally:
+        distributed.destroy()
+    completion = tokenizer.detokenize(new)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "completion": completion, "tokens": new}, ensure_ascii=False))
+    else:
+        print(prompt + completion)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
