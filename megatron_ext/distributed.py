@@ -411,6 +411,9 @@ def resolve_rendezvous(info: RankInfo, env: Mapping[str, str] | None = None) -> 
 
         if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
             info = _from_mpi4py(info)
+    if info.world_size == 1 and not env.get("MASTER_PORT", "").strip():
+        # A lone process rendezvouses with itself: any free port, so that concurrent runs never collide.
+        return replace(info, master_port=_free_port())
     if info.launcher not in MPI_LAUNCHERS or info.world_size == 1 or not _mpi4py_available():
         return info
     port_explicit = bool(env.get("MASTER_PORT", "").strip())

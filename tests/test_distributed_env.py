@@ -303,8 +303,17 @@ def test_empty_pbs_nodefile(tmp_path):
 def test_resolve_rendezvous_leaves_non_mpi_launches_alone():
     info = discover(TORCHRUN)
     assert d.resolve_rendezvous(info, TORCHRUN) is info
+    explicit = {"MASTER_PORT": "29999"}
+    single = discover(explicit)
+    assert d.resolve_rendezvous(single, explicit) == single
+
+
+def test_lone_process_without_port_takes_a_free_one():
+    """Two single-process runs on one laptop must not both wait on 29500."""
     single = discover({})
-    assert d.resolve_rendezvous(single, {}) == single
+    resolved = d.resolve_rendezvous(single, {})
+    assert resolved.master_port != d.DEFAULT_MASTER_PORT and 1024 < resolved.master_port <= 65535
+    assert d.replace(resolved, master_port=single.master_port) == single
 
 
 def test_single_process_lifecycle(monkeypatch):

@@ -18,9 +18,10 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM layout, as in megatron_ext.training.checkpointing
 COMMON_STATE = "common.pt"
@@ -46,6 +47,8 @@ def sample_next(
     ties with the k-th score; top-p keeps the smallest set of most likely tokens whose mass reaches p (always at
     least one). Ids masked to -inf by the caller (padded vocabulary) are never drawn.
     """
+    import torch  # here, not at the top: a mistyped --load should fail without the slow imports
+
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise GenerateError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     if temperature == 0:
@@ -86,6 +89,8 @@ def generate(
     `context_length` tokens are fed (the model never saw longer sequences), and ids >= `vocab_size` (vocabulary
     padding) are masked out. An empty prompt starts from eod, i.e. at a document boundary.
     """
+    import torch
+
     ids = list(prompt_ids) or [eod]
     new: list[int] = []
     with torch.no_grad():
@@ -163,6 +168,7 @@ def load_model(ckpt: Path, device: str = "auto", tokenizer_model: str | None = N
     Starts a world-of-1 process group (megatron-core needs its parallel state even for one process); call
     `megatron_ext.distributed.destroy()` when done.
     """
+    import torch
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ext.platform import quiet_optional_dependency_warnings
 
     quiet_optional_dependency_warnings()  # before megatron-core is imported
+    import torch
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from megatron_ext import distributed
