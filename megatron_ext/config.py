@@ -411,6 +411,13 @@ class Config:
                 f"--global-batch-size {t.global_batch_size} minus the ramp-up start {start} is not a multiple of "
                 f"the increment {inc}",
             )
+        pp = self.parallel.pipeline_model_parallel_size
+        smallest = t.rampup_batch_size[0] if t.rampup_batch_size is not None else t.global_batch_size
+        _check(
+            self.virtual_pipeline_size is None or smallest // per_step >= pp,
+            f"the interleaved pipeline schedule needs at least --pipeline-model-parallel-size {pp} micro-batches per "
+            f"step, but the global batch {smallest} gives {smallest // per_step}: raise --global-batch-size",
+        )
         if t.train_iters is None and t.train_samples is None:
             raise ConfigError("give the run length: --train-iters N or --train-samples N")
 

@@ -49,6 +49,7 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
     ),
     "dp2": ([], "reference"),
     "dp2_distopt": (["--use-distributed-optimizer"], "reference"),
+    "dp2_distopt_overlap": (["--use-distributed-optimizer", "--overlap-grad-reduce"], "reference"),
     "recompute": (["--recompute-activations"], "reference"),
     "bf16": (["--bf16"], "reference"),
     "fp16": (["--fp16", "--initial-loss-scale", "1024"], "reference"),

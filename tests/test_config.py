@@ -75,6 +75,11 @@ def test_json_round_trip(tmp_path: Path) -> None:
         ("--global-batch-size 6 --micro-batch-size 4", 1, "--global-batch-size 6 is not divisible"),
         ("--global-batch-size 8 --micro-batch-size 2", 3, "--global-batch-size 8 is not divisible"),
         ("--tensor-model-parallel-size 2", 3, "world size 3 is not divisible"),
+        (
+            "--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --micro-batch-size 2",
+            2,
+            "needs at least --pipeline-model-parallel-size 2 micro-batches",
+        ),
     ],
 )
 def test_invalid_configuration_one_line(argv: str, world: int | None, message: str) -> None:

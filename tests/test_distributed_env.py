@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchers import clean_env, mpirun
 
 from megatron_ext import distributed as d
 from megatron_ext.distributed import LaunchError, RankInfo, discover, expand_hostlist, job_port
@@ -341,25 +341,6 @@ def test_single_process_lifecycle(monkeypatch):
 # Real multi-process runs of tests/mpi_probe.py.
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without any launcher variables, so the child launcher alone decides."""
-    drop_prefixes = (
-        "OMPI_COMM_WORLD",
-        "PMI_",
-        "PMIX_",
-        "PALS_",
-        "SLURM_",
-        "PBS_",
-        "TORCHELASTIC_",
-        "MPI_LOCAL",
-    )
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(drop_prefixes)}
-    env["PYTHONWARNINGS"] = "ignore"  # megatron-core warns about missing Apex/TE once per process
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def _run_probe(cmd: list[str], env: dict[str, str]) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     detail = f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -382,17 +363,10 @@ def _check_probe(records: list[dict]) -> None:
 
 
 def test_mpirun_two_ranks():
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
+    launch = mpirun(2)
+    if launch is None:
         pytest.skip("mpirun is not on PATH (apt-get install -y openmpi-bin libopenmpi-dev)")
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
-    env = _clean_env()
-    cmd = [mpirun, "-np", "2"]
-    if "Open MPI" in version:
-        # Root is refused without the flag; --oversubscribe for machines with fewer cores than ranks.
-        cmd += ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
-        # Docker often forbids the cross-memory-attach syscalls of the shared-memory transport.
-        env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    cmd, env = launch
     records = _run_probe([*cmd, sys.executable, str(PROBE)], env)
     _check_probe(records)
     assert {r["launcher"] for r in records} <= {"openmpi", "pals"}
@@ -407,6 +381,6 @@ def test_mpirun_two_ranks():
 
 def test_torchrun_two_ranks():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(PROBE)]
-    records = _run_probe(cmd, _clean_env())
+    records = _run_probe(cmd, clean_env())
     _check_probe(records)
     assert {r["launcher"] for r in records} == {"torchrun"}

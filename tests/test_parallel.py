@@ -16,7 +16,18 @@ from megatron_ext.data.indexed import IndexedDatasetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "parallel_scenarios.py"
-TWO_RANK = ["tp2", "tp2_sp", "pp2", "pp2_tied", "pp2_interleaved", "dp2", "dp2_distopt", "dp2_nan", "dp2_nanstop"]
+TWO_RANK = [
+    "tp2",
+    "tp2_sp",
+    "pp2",
+    "pp2_tied",
+    "pp2_interleaved",
+    "dp2",
+    "dp2_distopt",
+    "dp2_distopt_overlap",
+    "dp2_nan",
+    "dp2_nanstop",
+]
 
 
 def _launch(nproc: int, prefix: str, out: Path, names: list[str]) -> dict:
@@ -61,6 +72,7 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-5) -> bool:
         ("pp2_interleaved", "reference"),
         ("dp2", "reference"),
         ("dp2_distopt", "reference"),
+        ("dp2_distopt_overlap", "reference"),
         ("recompute", "reference"),
     ],
 )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launchers import mpirun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -73,3 +74,17 @@ def test_batch_size_rampup(tmp_path: Path) -> None:
     batches = [int(b) for b in re.findall(r"\| batch (\d+) \|", out)]
     assert batches[0] == 2 and 4 in batches and batches[-1] == 6 and batches == sorted(batches), batches
     assert sum(batches) >= 30
+
+
+def test_mpirun_two_ranks_tensor_parallel(tmp_path: Path) -> None:
+    """The real MPI launch path: ranks from Open MPI's environment, rendezvous port broadcast over mpi4py."""
+    launch = mpirun(2)
+    if launch is None:
+        pytest.skip("mpirun is not on PATH (apt-get install -y openmpi-bin libopenmpi-dev)")
+    cmd, env = launch
+    env["PYTHONPATH"] = str(ROOT)
+    argv = [*cmd, sys.executable, str(ROOT / "pretrain_gpt.py"), *TINY, "--data-cache-path", str(tmp_path / "data"),
+            "--tensor-model-parallel-size", "2", "--train-iters", "3", "--eval-iters", "0"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert sorted(_losses(proc.stdout)) == [1, 2, 3], proc.stdout
