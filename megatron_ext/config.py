@@ -178,7 +178,9 @@ class TrainingConfig:
     exit_signal_handler: bool = opt(False, "On SIGTERM/SIGUSR1 save a checkpoint at the step boundary and exit.")
     recompute_activations: bool = opt(False, "Recompute every layer's activations in backward (saves memory).")
     check_for_nan_in_loss_and_grad: bool = opt(
-        True, "Detect NaN/inf in the loss and the gradient norm; the step is never applied."
+        True,
+        "Detect NaN/inf in the loss and the gradient norm and never apply such a step (see --nan-policy); "
+        "--no-check-for-nan-in-loss-and-grad applies it as it is.",
     )
     nan_policy: str = opt(
         "skip",

@@ -22,7 +22,7 @@ from megatron.core import parallel_state  # noqa: E402
 
 from megatron_ext.config import parse_args  # noqa: E402
 from megatron_ext.models.full_weights import full_weights_single_rank, load_full_weights  # noqa: E402
-from megatron_ext.training.loop import TrainingStopped, setup, train_step  # noqa: E402
+from megatron_ext.training.loop import TrainingStopped, check_non_finite, setup, train_step  # noqa: E402
 
 STEPS = 5
 # A small Llama-style model, dropout off so that layouts can be compared exactly.
@@ -85,8 +85,7 @@ def run(name: str, prefix: str, workdir: Path) -> dict[str, object]:
                 before = _params(tr)
             try:
                 values = train_step(tr)
-                if values["skipped"] and tr.cfg.training.nan_policy == "stop":
-                    raise TrainingStopped("stop")
+                check_non_finite(tr, values)
             finally:
                 if hook is not None:
                     hook.remove()

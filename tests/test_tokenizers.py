@@ -83,7 +83,7 @@ def test_sentencepiece_round_trip_and_matches_library(sp_model):
     assert tok.detokenize(ids + [tok.eod]) == SAMPLE
     assert tok.vocab_size == ref.get_piece_size() > 256
     assert tok.eod == ref.eos_id() == 2
-    assert tok.pad is None  # sentencepiece's default: no pad piece
+    assert tok.pad == -1  # sentencepiece's default: no pad piece (-1, as megatron-core)
     assert tok.name.startswith("sp-tiny-")
 
 
@@ -148,7 +148,7 @@ def test_huggingface_file_and_folder_match_transformers(hf_dir):
     # A bare tokenizer.json declares no eos token: the conventional spelling in its vocab is used.
     assert from_file.eod == ref.get_vocab()["<|endoftext|>"]
     assert from_file.vocab_size == len(ref)
-    assert from_file.pad is None
+    assert from_file.pad == -1
 
 
 def test_huggingface_saved_folder_uses_declared_eos_and_pad(hf_dir, tmp_path):

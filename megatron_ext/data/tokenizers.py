@@ -57,21 +57,24 @@ class Tokenizer(ABC):
 
     name: str
     """Short, file-name-safe identity (includes a content hash for model-file tokenizers)."""
+    _vocab_size: int
+    _eod: int
+    _pad: int
 
     @property
-    @abstractmethod
     def vocab_size(self) -> int:
         """The real, unpadded vocabulary size: every id this tokenizer can emit is below it."""
+        return self._vocab_size
 
     @property
-    @abstractmethod
     def eod(self) -> int:
         """End-of-document id, appended after every document in the .bin files."""
+        return self._eod
 
     @property
-    @abstractmethod
-    def pad(self) -> int | None:
-        """Padding id, or None when the tokenizer has none."""
+    def pad(self) -> int:
+        """Padding id, or -1 when the tokenizer has none (megatron-core's convention; its datasets need an int)."""
+        return self._pad
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -106,18 +109,7 @@ class ByteTokenizer(Tokenizer):
     name = "byte"
     EOD = 256
     PAD = 257
-
-    @property
-    def vocab_size(self) -> int:
-        return 258
-
-    @property
-    def eod(self) -> int:
-        return self.EOD
-
-    @property
-    def pad(self) -> int:
-        return self.PAD
+    _vocab_size, _eod, _pad = 258, EOD, PAD
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenize_array(text).tolist()
@@ -152,20 +144,8 @@ class SentencePieceTokenizer(Tokenizer):
         self._eod = eos if eos >= 0 else self._pieces
         self._vocab_size = self._pieces if eos >= 0 else self._pieces + 1
         pad = self._sp.pad_id()
-        self._pad = pad if pad >= 0 else None
+        self._pad = pad if pad >= 0 else -1
         self.name = f"sp-{_slug(path.stem)}-{_digest(data)}"
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int | None:
-        return self._pad
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -211,20 +191,8 @@ class HuggingFaceTokenizer(Tokenizer):
             eos = next((vocab[s] for s in _EOS_SPELLINGS if s in vocab), None)
         self._eod = eos if eos is not None else self._size
         self._vocab_size = self._size if eos is not None else self._size + 1
-        self._pad = tok.pad_token_id
+        self._pad = tok.pad_token_id if tok.pad_token_id is not None else -1
         self.name = f"hf-{_slug(stem)}-{_digest(*(f.name.encode() + f.read_bytes() for f in files))}"
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int | None:
-        return self._pad
 
     def tokenize(self, text: str) -> list[int]:
         # The backend (Rust) tokenizer is what the fast tokenizer calls anyway, minus the warning about

@@ -159,7 +159,8 @@ def train_step(tr: Trainer) -> dict[str, float]:
     }
 
 
-def _check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
+def check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
+    """Applies --nan-policy to a step's result: report a skipped step, or raise TrainingStopped."""
     if values["skipped"] and tr.cfg.precision.fp16 and math.isfinite(values["lm_loss"]):
         return  # an fp16 overflow: the loss scaler handles it
     t = tr.cfg.training
@@ -233,7 +234,7 @@ def train(tr: Trainer) -> TrainState:
     )
     while not _finished(tr):
         values = train_step(tr)
-        _check_non_finite(tr, values)
+        check_non_finite(tr, values)
         tr.metrics.count(values["global_batch_size"] * cfg.model.seq_length)
         it = tr.state.iteration
         if it % cfg.logging.log_interval == 0:
@@ -269,9 +270,9 @@ def _log_eval(tr: Trainer) -> None:
 def setup(cfg: Config) -> Trainer:
     """Starts the process group, builds model, optimizer, schedule and data, and resumes from --load."""
     plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
+    cfg.resolve_batch(distributed.discover().world_size)  # every size mistake surfaces before any collective
     info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
     platform.setup_device(plat, info.local_rank)
-    cfg.resolve_batch(info.world_size)
     distributed.initialize_model_parallel(
         cfg.parallel.tensor_model_parallel_size,
         cfg.parallel.pipeline_model_parallel_size,
