@@ -263,6 +263,18 @@ class DataConfig:
     data_path: list[str] | None = opt(
         None, "Megatron's blend: PREFIX or W1 PREFIX1 W2 PREFIX2 ... of .bin/.idx datasets.", nargs="+"
     )
+    data_file_list: list[str] | None = opt(
+        None,
+        "Data list file(s) as on ALCF systems: lines `weight prefix [corpus]` (corpus defaults to the prefix's "
+        "folder); files are grouped by corpus and corpora blended by weight.",
+        nargs="+",
+    )
+    valid_data_file_list: list[str] | None = opt(
+        None,
+        "Validation data list(s): every corpus in them gets its own validation loss in the logs and tensorboard "
+        "(watch an earlier corpus while training on a new one). Default: the validation split of the training data.",
+        nargs="+",
+    )
     split: str = opt("969,30,1", "Train,valid,test split of each dataset, as weights.")
     data_cache_path: str = opt("data_cache", "Folder for index caches and the built-in corpus.")
     tokenizer_type: str = opt(
@@ -285,6 +297,10 @@ class DataConfig:
         _check(
             self.tokenizer_type == "ByteTokenizer" or self.tokenizer_model is not None,
             f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model PATH",
+        )
+        _check(
+            not (self.data_path and self.data_file_list),
+            "give --data-path or --data-file-list, not both",
         )
         if self.data_path and len(self.data_path) > 1:
             _check(

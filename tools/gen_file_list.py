@@ -15,6 +15,7 @@ User mistakes end in one ``error: ...`` line on stderr and exit status 2, and no
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -63,12 +64,27 @@ def parse_epochs(items: Sequence[str]) -> dict[str, float]:
     return epochs
 
 
+def find_indexes(root: Path) -> list[Path]:
+    """Every ``*.idx`` under root, sorted (a reproducible list); follows folder symlinks (data folders are often
+    symlink farms), visiting each real folder once so a link cycle cannot loop."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()  # walk order decides which route to a twice-linked folder is kept: make it reproducible
+        found.extend(Path(folder) / f for f in files if f.endswith(".idx"))
+    return sorted(found)
+
+
 def scan(root: Path, how: str) -> list[DataEntry]:
-    """Every ``*.idx`` under root (sorted, so the list is reproducible), weight 0 until counted."""
+    """A weight-0 entry (counted later) per ``*.idx`` under root."""
     if not root.is_dir():
         raise DataListError(f"--root {root}: not a folder; expected a folder holding .bin/.idx files")
     entries = []
-    for idx in sorted(root.rglob("*.idx")):
+    for idx in find_indexes(root):
         prefix = idx.with_suffix("")
         if any(c.isspace() for c in str(prefix)):
             raise DataListError(f"{idx}: a path with spaces cannot go in a data list; rename it")

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import BinaryIO
 
 import numpy as np
+from tqdm import tqdm
 
 from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
@@ -40,7 +41,7 @@ DEFAULT_CHUNK_SIZE = 256
 # A batch is also cut at this many bytes, so a corpus of huge documents does not pile up in memory.
 _MAX_BATCH_BYTES = 8 << 20
 # How often the main process checks that no worker died while it waits for a result (seconds).
-_WATCHDOG_INTERVAL = 1.0
+_WATCHDOG_INTERVAL = 0.25
 
 
 class PreprocessError(ValueError):
@@ -187,30 +188,24 @@ class _Encoder:
         self.eod = np.array([tokenizer.eod], dtype=np.int64) if append_eod else None
         self.vocab_size = tokenizer.vocab_size
         self.dtype = token_dtype(tokenizer.vocab_size)
+        self._decode = json.JSONDecoder().decode  # what json.loads calls, minus its per-call encoding sniffing
 
     def __call__(self, batch: _Batch) -> _Encoded:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
         lengths: dict[str, list[int]] = {k: [] for k in self.keys}
         bad: list[tuple[int, str]] = []
+        decode, keys, tokenize = self._decode, self.keys, self.tokenizer.tokenize_array
         for lineno, line in zip(batch.linenos, batch.lines):
             try:
-                doc = json.loads(line)
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                bad.append((lineno, "not a valid JSON line"))
-                continue
-            if not isinstance(doc, dict):
-                bad.append((lineno, "not a JSON object"))
-                continue
-            missing = next((k for k in self.keys if k not in doc), None)
-            if missing is not None:
-                bad.append((lineno, f"no key {missing!r}"))
-                continue
-            wrong = next((k for k in self.keys if not isinstance(doc[k], str)), None)
-            if wrong is not None:
-                bad.append((lineno, f"key {wrong!r} is {type(doc[wrong]).__name__}, not a string"))
+                doc = decode(line.decode("utf-8"))
+                texts = [doc[k] for k in keys]
+                if not all(type(t) is str for t in texts):
+                    raise TypeError
+            except (ValueError, LookupError, TypeError):  # the fast path failed: find out why, once
+                bad.append((lineno, self._diagnose(line)))
                 continue
             try:
-                encoded = [self.tokenizer.tokenize_array(doc[k]) for k in self.keys]
+                encoded = [tokenize(t) for t in texts]
             except UnicodeError:  # json allows lone surrogates ("\ud800") that no UTF-8 tokenizer can encode
                 bad.append((lineno, "text is not valid Unicode (lone surrogate)"))
                 continue
@@ -224,6 +219,26 @@ class _Encoder:
         return _Encoded(
             batch.file_index, batch.num_bytes, tokens, {k: np.asarray(v, np.int64) for k, v in lengths.items()}, bad
         )
+
+    def _diagnose(self, line: bytes) -> str:
+        """Why a line failed the fast path, for the one-line error message."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"not valid UTF-8 (byte {err.start})"
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return "not a valid JSON line"
+        if not isinstance(doc, dict):
+            return "not a JSON object"
+        missing = next((k for k in self.keys if k not in doc), None)
+        if missing is not None:
+            return f"no key {missing!r}"
+        wrong = next((k for k in self.keys if not isinstance(doc[k], str)), None)
+        if wrong is not None:
+            return f"key {wrong!r} is {type(doc[wrong]).__name__}, not a string"
+        return "not a valid JSON line"
 
     def _pack(self, parts: list[np.ndarray]) -> np.ndarray:
         """One array in the output dtype (smaller to pickle back), checked first so a cast cannot wrap ids."""
@@ -313,7 +328,9 @@ def preprocess(
     """Tokenize ``inputs`` into one dataset per json key; raises :class:`PreprocessError` for user mistakes.
 
     ``workers=1`` tokenizes in this process (no pickling); more uses a process pool. Either way the outputs
-    are byte-identical. Nothing is published unless the whole run succeeds.
+    are byte-identical. Nothing is published unless the whole run succeeds: any exception, KeyboardInterrupt
+    included, deletes the temporaries. (SIGTERM kills a Python process without clean-up unless a handler turns
+    it into an exception, as :func:`main` does.)
     """
     start = time.perf_counter()
     keys = list(json_keys)
@@ -335,8 +352,6 @@ def preprocess(
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size).name
     stats = PreprocessStats(outputs=prefixes, dtype=dtype, tokens=dict.fromkeys(keys, 0))
-
-    from tqdm import tqdm
 
     with contextlib.ExitStack() as stack:
         writers = {k: stack.enter_context(IndexedDatasetWriter(p, tokenizer.vocab_size)) for k, p in prefixes.items()}

@@ -1,0 +1,367 @@
+"""megatron_ext.training.schedules: every style against closed forms computed here, the styles megatron-core also
+has step by step against its OptimizerParamScheduler (LR and weight decay, per-group keys), token lengths that
+survive batch-size and seq-length changes, state round trips (ours and megatron-core's), and tools/plot_lr.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_ext.training.schedules import (
+    LR_DECAY_STYLES,
+    ParamScheduler,
+    ScheduleConfig,
+    ScheduleError,
+    convert_length,
+    iters_to_samples,
+    lr_at,
+    resolve_lengths,
+    wd_at,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LR, MIN, INIT = 3e-4, 3e-5, 1e-5
+W, D = 100, 1100  # warmup end and decay end, in samples
+
+
+class Opt:
+    """Just what both schedulers touch: a list of param-group dicts."""
+
+    def __init__(self, *groups: dict) -> None:
+        self.param_groups = [dict(g) for g in groups] or [{}]
+
+
+def close(a: float, b: float, rel: float = 1e-12) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+
+
+def cfg(style: str = "linear", **kw) -> ScheduleConfig:
+    base = {"lr": LR, "min_lr": MIN, "lr_warmup_init": INIT, "lr_warmup": W, "lr_decay": D, "lr_decay_style": style}
+    return ScheduleConfig(**(base | kw))
+
+
+# --- closed forms ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine", "inverse-square-root", "WSD"])
+def test_warmup_is_linear_from_init_to_peak(style):
+    c = cfg(style, lr_wsd_decay=200)
+    assert lr_at(c, 0) == INIT
+    assert close(lr_at(c, W / 2), INIT + (LR - INIT) / 2)
+    assert close(lr_at(c, W), LR)
+
+
+def test_linear_and_cosine_decay():
+    lin, cos = cfg("linear"), cfg("cosine")
+    mid, quarter = (W + D) / 2, W + (D - W) / 4
+    assert close(lr_at(lin, mid), MIN + 0.5 * (LR - MIN))
+    assert close(lr_at(lin, quarter), MIN + 0.75 * (LR - MIN))
+    assert close(lr_at(cos, mid), MIN + 0.5 * (LR - MIN))
+    assert close(lr_at(cos, quarter), MIN + (LR - MIN) * 0.5 * (1 + math.cos(math.pi / 4)))
+    for c in (lin, cos):
+        assert close(lr_at(c, D), MIN) and lr_at(c, D + 1) == MIN and lr_at(c, 10 * D) == MIN
+
+
+def test_constant_and_inverse_square_root():
+    assert lr_at(cfg("constant"), 1e12) == LR
+    isr = cfg("inverse-square-root")
+    assert close(lr_at(isr, 4 * W), LR / 2)  # LR * sqrt(W / t), t counted from 0, not from the warmup end
+    assert close(lr_at(isr, 9 * W), LR / 3)
+    assert lr_at(isr, D + 1) == MIN  # megatron-core: min_lr past the decay end (a step down from LR*sqrt(W/D))
+    floored = cfg("inverse-square-root", min_lr=2e-4)
+    assert lr_at(floored, 9 * W) == 2e-4
+
+
+@pytest.mark.parametrize(
+    "wsd_style,coeff_mid",
+    [("linear", 0.5), ("cosine", 0.5), ("exponential", 2 * 0.5**0.5 - 1), ("minus_sqrt", 1 - 0.5**0.5)],
+)
+def test_wsd_boundaries(wsd_style, coeff_mid):
+    s = 400
+    c = cfg("WSD", lr_wsd_decay=s, lr_wsd_decay_style=wsd_style)
+    assert close(lr_at(c, W + 1), LR) and close(lr_at(c, D - s), LR)
+    assert close(lr_at(c, D - s / 2), MIN + coeff_mid * (LR - MIN))
+    assert close(lr_at(c, D), MIN) and lr_at(c, D + 1) == MIN
+
+
+def test_constant_plus_cooldown_is_wsd():
+    alias = cfg("constant-cooldown", lr_wsd_decay=400)
+    assert alias.lr_decay_style == "WSD" and alias == cfg("WSD", lr_wsd_decay=400)
+
+
+def _inv_h(x: float, alpha: float = 10.0) -> float:
+    return 1 / math.sqrt(1 + alpha * x) - 1
+
+
+@pytest.mark.parametrize("style", ["infinite-cosine", "infinite-inv-sqrt"])
+@pytest.mark.parametrize("min_lr", [MIN, 0.0])
+def test_infinite_phases(style, min_lr):
+    const, dec, cool, end = 1e-4, 400, 200, 2000
+    c = cfg(style, min_lr=min_lr, constant_lr=const, lr_infinite_decay=dec, lr_cooldown=cool, lr_decay=end)
+    c = ScheduleConfig.from_dict(c.to_dict() | {"lr_wsd_decay_style": "linear"})
+    assert close(lr_at(c, W), LR)
+    mid = W + dec / 2
+    if style == "infinite-cosine":
+        assert close(lr_at(c, mid), const + (LR - const) / 2)
+    else:
+        assert close(lr_at(c, mid), LR + (const - LR) * _inv_h(0.5) / _inv_h(1.0))
+        assert lr_at(c, W + dec / 10) < lr_at(cfg("infinite-cosine", constant_lr=const, lr_infinite_decay=dec), 110)
+    assert close(lr_at(c, W + dec), const)
+    assert lr_at(c, (W + dec + end - cool) / 2) == const
+    assert lr_at(c, end - cool) == const
+    assert close(lr_at(c, end - cool / 2), min_lr + 0.5 * (const - min_lr))
+    assert close(lr_at(c, end), min_lr) if min_lr else lr_at(c, end) == 0.0
+    assert lr_at(c, end + 1) == min_lr
+    forever = cfg(style, min_lr=min_lr, constant_lr=const, lr_infinite_decay=dec, lr_decay=None)
+    assert lr_at(forever, 1e15) == const  # no cooldown: hold constant_lr for ever
+
+
+@pytest.mark.parametrize("style", LR_DECAY_STYLES)
+def test_min_lr_zero_everywhere(style):
+    extra = {"lr_wsd_decay": 300, "constant_lr": 1e-4, "lr_infinite_decay": 300, "lr_cooldown": 300}
+    c = cfg(style, min_lr=0.0, lr_warmup_init=0.0, **extra)
+    for wsd_style in ("linear", "cosine", "exponential", "minus_sqrt"):
+        c2 = ScheduleConfig.from_dict(c.to_dict() | {"lr_wsd_decay_style": wsd_style})
+        values = [lr_at(c2, t) for t in range(0, 2 * D, 7)] + [lr_at(c2, D), lr_at(c2, 1e12)]
+        assert all(math.isfinite(v) and 0.0 <= v <= LR for v in values)
+        assert values[0] == 0.0
+        if style != "constant":
+            assert values[-1] == 0.0
+        if style not in ("constant", "inverse-square-root"):  # inverse-sqrt only drops to min_lr past the end
+            assert abs(values[-2]) < 1e-18
+
+
+def test_validation_messages():
+    with pytest.raises(ScheduleError, match="min_lr"):
+        cfg(min_lr=1.0)
+    with pytest.raises(ScheduleError, match="lr_wsd_decay"):
+        cfg("WSD")
+    with pytest.raises(ScheduleError, match="constant_lr"):
+        cfg("infinite-cosine")
+    with pytest.raises(ScheduleError, match="cooldown start"):
+        cfg("infinite-cosine", constant_lr=1e-4, lr_infinite_decay=900, lr_cooldown=300)
+    with pytest.raises(ScheduleError, match="not one of"):
+        cfg("step")
+    with pytest.raises(ScheduleError, match="seq_length"):
+        cfg(unit="tokens")
+
+
+# --- megatron-core equivalence ------------------------------------------------------------------------------------
+
+MCORE_CASES = [
+    ("constant", None),
+    ("linear", None),
+    ("cosine", None),
+    ("inverse-square-root", None),
+    ("WSD", "linear"),
+    ("WSD", "cosine"),
+    ("WSD", "exponential"),
+    ("WSD", "minus_sqrt"),
+]
+BATCHES = [8] * 5 + [16] * 10 + [32] * 40  # a batch-size ramp; 1352 samples, past the decay end
+
+
+@pytest.mark.parametrize("style,wsd_style", MCORE_CASES)
+@pytest.mark.parametrize("min_lr", [MIN, 0.0])
+def test_matches_megatron_core_step_by_step(style, wsd_style, min_lr):
+    wsd = 300
+    groups = (
+        {"max_lr": LR, "min_lr": min_lr, "wd_mult": 1.0, "lr_mult": 1.0},  # as megatron-core's _get_param_groups
+        {"max_lr": 1e-3, "min_lr": 1e-5, "wd_mult": 0.0},  # decoupled LR, no weight decay
+        {"start_wd": 0.0, "end_wd": 0.2},
+    )
+    ref_opt, our_opt = Opt(*groups), Opt(*groups)
+    ref = OptimizerParamScheduler(
+        ref_opt,
+        init_lr=INIT,
+        max_lr=LR,
+        min_lr=min_lr,
+        lr_warmup_steps=W,
+        lr_decay_steps=D,
+        lr_decay_style=style,
+        start_wd=0.01,
+        end_wd=0.1,
+        wd_incr_steps=D,
+        wd_incr_style="cosine",
+        wsd_decay_steps=wsd if style == "WSD" else None,
+        lr_wsd_decay_style=wsd_style,
+    )
+    c = cfg(style, min_lr=min_lr, lr_wsd_decay_style=wsd_style or "exponential", lr_wsd_decay=wsd if wsd_style else 0)
+    c = ScheduleConfig.from_dict(
+        c.to_dict() | {"start_weight_decay": 0.01, "end_weight_decay": 0.1, "weight_decay_incr_style": "cosine"}
+    )
+    ours = ParamScheduler(our_opt, c)
+    for inc in [0, *BATCHES]:
+        ref.step(inc)
+        ours.step(inc)
+        for r, o in zip(ref_opt.param_groups, our_opt.param_groups):
+            assert close(o["lr"], r["lr"]) and close(o["weight_decay"], r["weight_decay"]), (ours.position, r, o)
+        assert close(ours.get_lr(ref_opt.param_groups[0]), ref.get_lr(ref_opt.param_groups[0]))
+    assert ours.num_steps == ref.num_steps == sum(BATCHES)
+
+
+@pytest.mark.parametrize("wd_style", ["constant", "linear", "cosine"])
+def test_weight_decay_matches_megatron_core(wd_style):
+    start, end = (0.05, 0.05) if wd_style == "constant" else (0.01, 0.1)
+    ref = OptimizerParamScheduler(Opt(), INIT, LR, MIN, W, D, "linear", start, end, 700, wd_style)
+    c = cfg(start_weight_decay=start, end_weight_decay=end, weight_decay_incr_style=wd_style, wd_incr=700)
+    for t in [0, 1, 100, 350, 699, 700, 701, 5000]:
+        ref.num_steps = t
+        assert close(wd_at(c, t), ref.get_wd())
+    assert close(wd_at(c, 350), start + 0.5 * (end - start))  # both ramps are half-way at half the length
+    if wd_style == "cosine":
+        assert close(wd_at(c, 175), start + (end - start) * 0.5 * (math.cos(math.pi * 0.75) + 1))
+
+
+# --- units ----------------------------------------------------------------------------------------------------------
+
+
+def test_length_conversions():
+    assert iters_to_samples(10, 32) == 320
+    assert convert_length(10, "iters", "tokens", global_batch_size=32, seq_length=128) == 320 * 128
+    assert convert_length(2048, "tokens", "samples", seq_length=128) == 16
+    unit, got = resolve_lengths(
+        {"lr_warmup": (10, "iters"), "lr_decay": (1e6, "tokens"), "lr_wsd_decay": None},
+        global_batch_size=8,
+        seq_length=128,
+    )
+    assert unit == "tokens" and got == {"lr_warmup": 10 * 8 * 128, "lr_decay": 1e6}
+    assert resolve_lengths({"lr_warmup": (10, "iters")}, global_batch_size=8)[0] == "samples"
+    with pytest.raises(ScheduleError, match="seq_length"):
+        convert_length(1, "tokens", "samples")
+
+
+def test_token_lengths_survive_batch_size_and_seq_length_changes():
+    seq = 64
+    c = cfg("cosine", unit="tokens", seq_length=seq, lr_warmup=W * seq, lr_decay=D * seq)
+    a, b = ParamScheduler(Opt(), c), ParamScheduler(Opt(), c)
+    seen_a, seen_b = {}, {}
+    for inc in [16] * 80:
+        a.step(inc)
+        seen_a[a.position] = a.optimizer.param_groups[0]["lr"]
+    for inc in [4] * 20 + [32] * 10 + [8] * 100:
+        b.step(inc)
+        seen_b[b.position] = b.optimizer.param_groups[0]["lr"]
+    common = sorted(set(seen_a) & set(seen_b))
+    assert len(common) > 20 and common[-1] > D * seq
+    assert all(seen_a[t] == seen_b[t] == lr_at(c, t) for t in common)
+    # Same token position as the sample-based schedule with the old seq_length.
+    assert close(lr_at(c, 500 * seq), lr_at(cfg("cosine"), 500))
+    # Resume with a longer context: the token position carries over, each sample now advances 128 tokens.
+    longer = ScheduleConfig.from_dict(c.to_dict() | {"seq_length": 128})
+    resumed = ParamScheduler(Opt(), longer)
+    resumed.load_state_dict(json.loads(json.dumps(a.state_dict())), keep_config=True)
+    assert resumed.position == a.position and resumed.config == longer
+    resumed.step(4)
+    assert resumed.position == a.position + 4 * 128
+
+
+# --- state ----------------------------------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_and_diff():
+    c = cfg("WSD", lr_wsd_decay=300, lr_wsd_decay_style="minus_sqrt", seq_length=256)
+    s = ParamScheduler(Opt({}, {"max_lr": 1e-3, "min_lr": 1e-6}), c)
+    for inc in [32] * 30:
+        s.step(inc)
+    sd = json.loads(json.dumps(s.state_dict()))  # plain data, survives any checkpoint format
+    other = cfg("cosine", lr=1e-4, min_lr=0.0)
+    assert set(other.diff(c)) == {"lr", "min_lr", "lr_decay_style", "lr_wsd_decay", "lr_wsd_decay_style", "seq_length"}
+    assert c.diff(ScheduleConfig.from_dict(c.to_dict())) == []
+
+    restored = ParamScheduler(Opt({}, {"max_lr": 1e-3, "min_lr": 1e-6}), other)
+    assert restored.saved_config(sd) == c
+    restored.load_state_dict(sd)
+    assert restored.config == c and restored.position == s.position and restored.num_steps == s.num_steps
+    assert restored.optimizer.param_groups == s.optimizer.param_groups
+
+    kept = ParamScheduler(Opt(), other)
+    kept.load_state_dict(sd, keep_config=True)
+    assert kept.config == other and kept.position == s.position
+    assert kept.optimizer.param_groups[0]["lr"] == lr_at(other, s.position)
+
+
+def test_restored_schedule_overrides_default_groups_only():
+    """megatron-core copies the optimizer's lr into every group's max_lr; those groups follow the restored
+    schedule, a group with its own max_lr (decoupled embedding LR) keeps it, lr_mult is applied."""
+    groups = ({"max_lr": LR, "min_lr": MIN}, {"max_lr": 1e-3, "min_lr": MIN}, {"max_lr": LR, "lr_mult": 0.5})
+    s = ParamScheduler(Opt(*groups), cfg("constant"), position=W + 1)
+    ckpt = ParamScheduler(Opt(), cfg("constant", lr=6e-4), position=W + 1)
+    s.load_state_dict(ckpt.state_dict())
+    lrs = [g["lr"] for g in s.optimizer.param_groups]
+    assert lrs == [6e-4, 1e-3, 3e-4]
+
+
+def test_loads_megatron_core_state():
+    ref_opt = Opt()
+    ref = OptimizerParamScheduler(ref_opt, 0.0, LR, MIN, W, D, "cosine", 0.01, 0.01, D, "constant")
+    for _ in range(20):
+        ref.step(32)
+    ours = ParamScheduler(Opt(), cfg("linear", lr=1.0e-4, lr_warmup_init=0.0))
+    ours.load_state_dict(ref.state_dict())
+    assert ours.config.lr_decay_style == "cosine" and ours.config.lr == LR and ours.position == 640
+    assert close(ours.optimizer.param_groups[0]["lr"], ref_opt.param_groups[0]["lr"])
+
+
+def test_describe_names_phases_and_values():
+    c = cfg("infinite-cosine", min_lr=0.0, constant_lr=1e-4, lr_infinite_decay=400, lr_cooldown=200, lr_decay=2000)
+    c = ScheduleConfig.from_dict(c.to_dict() | {"seq_length": 1000})
+    text = c.describe()
+    for word in ("warmup", "decay", "stable", "cooldown", "final", "0.0003 -> 0.0001", "1.8M", "samples 1,800"):
+        assert word in text, text
+    s = ParamScheduler(Opt(), c)
+    s.step(700)
+    assert "stable" in s.describe().splitlines()[-1]
+
+
+# --- tools/plot_lr.py -------------------------------------------------------------------------------------------
+
+
+def plot_tool():
+    key = "_tools_plot_lr"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / "plot_lr.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def test_plot_lr_writes_png(tmp_path, capsys):
+    out = tmp_path / "lr.png"
+    code = plot_tool().main(
+        [
+            "--global-batch-size",
+            "64",
+            "--seq-length",
+            "1024",
+            "--train-tokens",
+            "1B",
+            "--lr-warmup-iters",
+            "100",
+            "--compare",
+            "--lr-decay-style cosine --min-lr 3e-5",
+            "--lr-decay-style WSD --lr-wsd-decay-tokens 200M --global-batch-size 128",
+            "--lr-decay-style infinite-inv-sqrt --constant-lr 1e-4 --lr-infinite-decay-tokens 300M "
+            "--lr-cooldown-tokens 200M",
+            "--out",
+            str(out),
+        ]  # fmt: skip
+    )
+    text = capsys.readouterr().out
+    assert code == 0 and out.stat().st_size > 20_000
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "15259 iterations of 64 x 1024" in text and "cooldown" in text
+
+
+def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
+    code = plot_tool().main(["--global-batch-size", "8", "--lr-decay-style", "WSD", "--train-iters", "10"])
+    assert code == 2 and capsys.readouterr().err.startswith("error: WSD needs")
+    code = plot_tool().main(["--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "x"])
+    assert code == 2 and "expected a count" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Show how often each corpus of a mixture would be seen in a training run of a given length.
+
+    python tools/inspect_data.py LIST [LIST ...] --train-tokens 2T [--max-epochs 4] [--split 969,30,1] [--json]
+    python tools/inspect_data.py --data-path 0.3 /data/books/a 0.7 /data/web/b --train-tokens 1e9
+
+Per corpus: tokens on disk, share of the weight, sampled tokens (share x --train-tokens) and implied epochs
+(sampled / tokens), with a WARNING for each corpus repeated more than --max-epochs times (repeating data much
+past ~4 epochs stops helping) and for corpora whose files are weighted so unevenly that some file is. Epochs
+are estimates from token counts (training samples whole sequences); pass the run's ``--split`` to count only
+the training share of each file, as training does (the default counts every token). User mistakes end in one
+``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from megatron_ext.data.data_list import (
+    DataEntry,
+    DataListError,
+    ToolArgumentParser,
+    corpus_table,
+    format_table,
+    parse_data_lists,
+    parse_data_path,
+    token_counts,
+    validate,
+)
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_token_count(text: str) -> int:
+    """``2000000``, ``2e12``, ``1.5T``, ``300B``: how researchers write training budgets."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMBGT]?)\s*", text, flags=re.IGNORECASE)
+    try:
+        value = float(match.group(1)) * _SUFFIXES[match.group(2).upper()] if match else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise DataListError(f"--train-tokens {text!r}: expected a positive count such as 2000000, 2e12, 300B or 2T")
+    return round(value)
+
+
+@dataclass(frozen=True)
+class CorpusUsage:
+    """One corpus over a run: how much of it is on disk and how much of it training would read."""
+
+    corpus: str
+    files: int
+    tokens: int
+    share: float
+    sampled_tokens: float
+    epochs: float
+    max_file_epochs: float
+
+
+def train_fraction(split: str) -> float:
+    """The train share of a ``--split`` such as ``969,30,1`` (as in the training config)."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(x) and x >= 0 for x in parts) or parts[0] <= 0:
+        raise DataListError(
+            f"--split {split!r}: expected up to three numbers >= 0 with a positive first, e.g. 969,30,1"
+        )
+    return parts[0] / sum(parts)
+
+
+def usage(entries: list[DataEntry], tokens: np.ndarray, train_tokens: int, fraction: float = 1.0) -> list[CorpusUsage]:
+    """Per-corpus usage for a run of ``train_tokens`` over the ``fraction`` of each file that is the train split;
+    also each corpus's worst file, whose epochs can exceed its corpus's when weights are not proportional to size."""
+    total = math.fsum(e.weight for e in entries)
+    file_epochs = {}
+    for e, n in zip(entries, tokens):
+        sampled = e.weight / total * train_tokens
+        file_epochs[e.prefix] = sampled / (int(n) * fraction) if n else math.inf
+    rows = []
+    for row in corpus_table(entries, tokens):
+        sampled = row.share * train_tokens
+        worst = max(file_epochs[e.prefix] for e in entries if e.corpus == row.corpus)
+        epochs = sampled / (row.tokens * fraction) if row.tokens else math.inf
+        rows.append(CorpusUsage(row.corpus, row.files, row.tokens, row.share, sampled, epochs, worst))
+    return rows
+
+
+def warnings_for(rows: list[CorpusUsage], max_epochs: float) -> list[str]:
+    """One WARNING line per corpus over the limit, and per corpus with a file over it (uneven weights)."""
+    lines = []
+    for r in rows:
+        if r.epochs > max_epochs:
+            lines.append(
+                f"WARNING: corpus {r.corpus} would be repeated {r.epochs:.3g} times (> --max-epochs {max_epochs:g})"
+            )
+        elif r.max_file_epochs > max_epochs * (1 + 1e-9):  # tolerance: float noise in weight = tokens lists
+            lines.append(
+                f"WARNING: corpus {r.corpus}: some file would be repeated {r.max_file_epochs:.3g} times "
+                f"(> --max-epochs {max_epochs:g}) although the corpus as a whole is at {r.epochs:.3g}"
+            )
+    return lines
+
+
+def build_parser() -> ToolArgumentParser:
+    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("lists", nargs="*", metavar="LIST", help="data lists (several make one mixture)")
+    parser.add_argument("--data-path", nargs="+", metavar="W PREFIX", help="Megatron-style 'w p w p ...' instead")
+    parser.add_argument("--train-tokens", required=True, help="tokens the run trains on (2e12, 300B, 2T)")
+    parser.add_argument("--max-epochs", type=float, default=4.0, help="warn above this many repeats (default 4)")
+    parser.add_argument("--split", default="1,0,0", help="the run's train,valid,test split (default: all train)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a table")
+    return parser
+
+
+def run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if bool(args.lists) == bool(args.data_path):
+        raise DataListError("give data lists or --data-path (one of the two)")
+    if not math.isfinite(args.max_epochs) or args.max_epochs <= 0:
+        raise DataListError(f"--max-epochs {args.max_epochs}: expected a positive number")
+    train_tokens = parse_token_count(args.train_tokens)
+    fraction = train_fraction(args.split)
+    entries = parse_data_lists(args.lists) if args.lists else parse_data_path(args.data_path)
+    validate(entries)
+    tokens = token_counts(entries)
+    rows = usage(entries, tokens, train_tokens, fraction)
+    warnings = warnings_for(rows, args.max_epochs)
+    total_tokens = int(tokens.sum())
+    epochs = train_tokens / (total_tokens * fraction)
+    if args.json:
+        out = {"train_tokens": train_tokens, "total_tokens": total_tokens, "train_fraction": fraction, "epochs": epochs}
+        print(json.dumps({**out, "corpora": [asdict(r) for r in rows], "warnings": warnings}, indent=1))
+        return 0
+    body = [
+        [r.corpus, str(r.files), f"{r.tokens:,}", f"{r.share:.4%}", f"{r.sampled_tokens:,.0f}", f"{r.epochs:.3f}"]
+        for r in rows
+    ]
+    total = ["TOTAL", str(len(entries)), f"{total_tokens:,}", "100.0000%", f"{train_tokens:,}"]
+    total.append(f"{epochs:.3f}")
+    header = ["corpus", "files", "tokens", "share", "sampled", "epochs"]
+    print(format_table(header, [*body, total]))
+    for line in warnings:
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; user mistakes end in one ``error:`` line on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except DataListError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

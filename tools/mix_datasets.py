@@ -1,0 +1,165 @@
+"""Combine data lists into one mixture in which each list gets a chosen share of the samples.
+
+    python tools/mix_datasets.py --inputs W1 LIST1 W2 LIST2 ... --output LIST [--summary] [--plot PNG]
+
+Each input's weights are divided by their own sum and multiplied by W_i / sum(W), so ``--inputs 7 code.txt 3
+web.txt`` draws 70% of samples from code.txt's datasets, in code.txt's own proportions, whatever scale its
+weights were written in (token counts, percentages, ...). Weights are written at full precision (a 1e-12 share
+stays 1e-12), corpus labels are kept, and a prefix listed in several inputs becomes one line with the weights
+added. ``--summary`` prints tokens and weight per corpus; ``--plot`` draws the share per corpus (one colour per
+input). User mistakes end in one ``error: ...`` line on stderr and exit status 2, and no list is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from megatron_ext.data.data_list import (
+    DataEntry,
+    DataListError,
+    ToolArgumentParser,
+    corpus_table,
+    format_corpus_table,
+    parse_data_list,
+    token_counts,
+    validate,
+    write_data_list,
+)
+
+
+@dataclass(frozen=True)
+class MixInput:
+    """One ``W LIST`` pair from --inputs, parsed and validated."""
+
+    weight: float
+    path: str
+    entries: list[DataEntry]
+
+
+def parse_inputs(items: Sequence[str]) -> list[MixInput]:
+    """``W1 LIST1 W2 LIST2 ...``; each list is parsed and fully validated on its own."""
+    if len(items) % 2:
+        raise DataListError(f"--inputs: {len(items)} items; expected pairs 'WEIGHT LIST'")
+    inputs = []
+    for i in range(0, len(items), 2):
+        text, path = items[i], items[i + 1]
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0:
+            raise DataListError(f"--inputs: weight {text!r} for {path} must be a finite number >= 0")
+        entries = parse_data_list(path)
+        validate(entries)
+        inputs.append(MixInput(weight, path, entries))
+    if not any(m.weight > 0 for m in inputs):
+        raise DataListError("--inputs: all list weights are zero; expected at least one positive")
+    return inputs
+
+
+def mix(inputs: Sequence[MixInput]) -> list[DataEntry]:
+    """The combined list: entry weight x (W_i / sum W) / (sum of its list's weights), duplicates merged."""
+    total = math.fsum(m.weight for m in inputs)
+    merged: dict[str, DataEntry] = {}
+    for m in inputs:
+        share = m.weight / total
+        list_sum = math.fsum(e.weight for e in m.entries)  # > 0: validate() refused an all-zero list
+        for e in m.entries:
+            weight = share * (e.weight / list_sum)
+            key = os.path.normpath(os.path.abspath(e.prefix))
+            first = merged.get(key)
+            if first is None:
+                merged[key] = DataEntry(weight, e.prefix, e.corpus, e.source)
+            elif first.corpus != e.corpus:
+                raise DataListError(
+                    f"{e.source}: {e.prefix} is labelled {e.corpus!r} here but {first.corpus!r} at {first.source}; "
+                    "expected one corpus label per prefix"
+                )
+            else:
+                merged[key] = DataEntry(first.weight + weight, first.prefix, first.corpus, first.source)
+    return list(merged.values())
+
+
+def plot_mixture(inputs: Sequence[MixInput], path: str) -> None:
+    """Horizontal bars of each corpus's share, stacked by the input list it came from; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = math.fsum(m.weight for m in inputs)
+    corpora = sorted({e.corpus for m in inputs for e in m.entries})
+    row = {c: i for i, c in enumerate(corpora)}
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * len(corpora)))
+    left = [0.0] * len(corpora)
+    for m in inputs:
+        shares = [0.0] * len(corpora)
+        list_sum = math.fsum(e.weight for e in m.entries)
+        for e in m.entries:
+            shares[row[e.corpus]] += 100 * (m.weight / total) * (e.weight / list_sum)
+        ax.barh(corpora, shares, left=left, label=f"{os.path.basename(m.path)} ({100 * m.weight / total:.3g}%)")
+        left = [a + b for a, b in zip(left, shares)]
+    for y, share in enumerate(left):
+        ax.text(share, y, f" {share:.3g}%", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of samples (%)")
+    ax.set_xlim(0, max(left) * 1.15 or 1)
+    ax.set_title("data mixture by corpus")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"  # keep the extension: it picks the image format
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def build_parser() -> ToolArgumentParser:
+    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--inputs", nargs="+", required=True, metavar="W LIST", help="weight and data list pairs")
+    parser.add_argument("--output", required=True, help="the combined data list to write")
+    parser.add_argument("--summary", action="store_true", help="print tokens and weight per corpus")
+    parser.add_argument("--plot", metavar="PNG", help="draw the share per corpus (bar chart)")
+    return parser
+
+
+def run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    inputs = parse_inputs(args.inputs)
+    entries = mix(inputs)
+    if args.plot:
+        plot_mixture(inputs, args.plot)  # before the list: a failed plot must leave no list behind
+    header = "mix_datasets.py --inputs " + " ".join(f"{m.weight!r} {os.path.abspath(m.path)}" for m in inputs)
+    write_data_list(entries, args.output, header=header)
+    print(f"wrote {len(entries)} datasets from {len(inputs)} lists to {args.output}")
+    if args.summary:
+        print(format_corpus_table(corpus_table(entries, token_counts(entries))))
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; user mistakes end in one ``error:`` line on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except DataListError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
