@@ -209,12 +209,7 @@ class OptimizerConfig:
 
     optimizer: str = opt("adam", "Optimizer (adam is AdamW).", choices=["adam", "sgd"])
     lr: float = opt(3e-4, "Peak learning rate.")
-    min_lr: float = opt(0.0, "Learning rate at the end of decay.")
-    lr_decay_style: str = opt("cosine", "Learning-rate decay.", choices=["constant", "linear", "cosine"])
-    lr_warmup_iters: int = opt(0, "Linear warmup length in iterations.")
-    lr_warmup_fraction: float | None = opt(None, "Warmup as a fraction of --lr-decay-iters.")
-    lr_warmup_init: float = opt(0.0, "Learning rate at the start of warmup.")
-    lr_decay_iters: int | None = opt(None, "Iterations over which to decay; default the run length.")
+    min_lr: float = opt(0.0, "Learning rate at the end of decay or cooldown (0 allowed for every style).")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")
     adam_beta1: float = opt(0.9, "Adam beta1.")
     adam_beta2: float = opt(0.999, "Adam beta2.")
@@ -225,15 +220,102 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0, "--lr must be positive")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
+
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD", "infinite-cosine", "infinite-inv-sqrt")
+LR_LENGTHS = ("lr_warmup", "lr_decay", "lr_wsd_decay", "lr_infinite_decay", "lr_cooldown")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate and weight-decay schedule. Every length can be given in iterations, samples or tokens
+    (tokens survive batch-size and sequence-length changes); a checkpoint stores the whole schedule."""
+
+    lr_decay_style: str = opt(
+        "cosine",
+        "constant, linear, cosine, inverse-square-root, WSD (warmup-stable-decay; ALCF's constant-plus-cooldown "
+        "is the same), infinite-cosine or infinite-inv-sqrt (decay to --constant-lr, hold, then cooldown).",
+    )
+    lr_warmup_init: float = opt(0.0, "Learning rate at the start of warmup.")
+    lr_warmup_iters: int | None = opt(None, "Linear warmup length in iterations.")
+    lr_warmup_samples: int | None = opt(None, "Linear warmup length in samples.")
+    lr_warmup_tokens: int | None = opt(None, "Linear warmup length in tokens.")
+    lr_warmup_fraction: float | None = opt(None, "Warmup as a fraction of the decay length.")
+    lr_decay_iters: int | None = opt(None, "Where the LR reaches --min-lr (from 0, warmup included); default: run end.")
+    lr_decay_samples: int | None = opt(None, "--lr-decay-iters in samples.")
+    lr_decay_tokens: int | None = opt(None, "--lr-decay-iters in tokens.")
+    lr_wsd_decay_style: str = opt(
+        "exponential",
+        "Shape of WSD's final decay and of the infinite schedules' cooldown.",
+        choices=["linear", "cosine", "exponential", "minus_sqrt"],
+    )
+    lr_wsd_decay_iters: int | None = opt(None, "WSD: length of the final decay, ending at the decay end.")
+    lr_wsd_decay_samples: int | None = opt(None, "--lr-wsd-decay-iters in samples.")
+    lr_wsd_decay_tokens: int | None = opt(None, "--lr-wsd-decay-iters in tokens.")
+    constant_lr: float | None = opt(None, "Infinite schedules: the LR held between the decay and the cooldown.")
+    lr_infinite_decay_iters: int | None = opt(None, "Infinite schedules: decay length from the peak to --constant-lr.")
+    lr_infinite_decay_samples: int | None = opt(None, "--lr-infinite-decay-iters in samples.")
+    lr_infinite_decay_tokens: int | None = opt(None, "--lr-infinite-decay-iters in tokens.")
+    lr_cooldown_iters: int | None = opt(None, "Infinite schedules: cooldown to --min-lr, ending at the decay end.")
+    lr_cooldown_samples: int | None = opt(None, "--lr-cooldown-iters in samples.")
+    lr_cooldown_tokens: int | None = opt(None, "--lr-cooldown-iters in tokens.")
+    lr_timescale: float = opt(10.0, "infinite-inv-sqrt: steepness of the decay to --constant-lr.")
+    start_weight_decay: float | None = opt(None, "Weight decay at the start (default --weight-decay).")
+    end_weight_decay: float | None = opt(None, "Weight decay at the end (default --weight-decay).")
+    weight_decay_incr_style: str = opt(
+        "constant", "How weight decay moves from start to end.", choices=["constant", "linear", "cosine"]
+    )
+    override_opt_param_scheduler: bool = opt(
+        False,
+        "On resume, follow this command line's schedule instead of the checkpoint's (LR and min LR in the optimizer "
+        "too). Without it, a schedule that differs from the checkpoint's is an error.",
+        flag="--override-opt_param-scheduler",
+    )
+    use_checkpoint_opt_param_scheduler: bool = opt(
+        False,
+        "On resume, keep the checkpoint's schedule even where the command line differs.",
+        flag="--use-checkpoint-opt_param-scheduler",
+    )
+    restart_lr_schedule: bool = opt(
+        False,
+        "Start the schedule from position 0 at the loaded checkpoint (implies --override-opt_param-scheduler): "
+        "a rewarm for a new continual-pre-training stage, or a cooldown run from a constant-LR checkpoint.",
+    )
+
+    def __post_init__(self) -> None:
+        aliases = {"constant-cooldown", "constant_cooldown", "constant-with-cooldown", "constant+cooldown"}
         _check(
-            self.lr_warmup_fraction is None or self.lr_warmup_iters == 0,
-            "give --lr-warmup-iters or --lr-warmup-fraction, not both",
+            self.lr_decay_style in LR_DECAY_STYLES or self.lr_decay_style in aliases,
+            f"--lr-decay-style {self.lr_decay_style!r} must be one of {', '.join(LR_DECAY_STYLES)}",
+        )
+        for length in LR_LENGTHS:
+            given = [u for u in ("iters", "samples", "tokens") if getattr(self, f"{length}_{u}") is not None]
+            flags = " / ".join(f"--{length.replace('_', '-')}-{u}" for u in given)
+            _check(len(given) <= 1, f"give one of {flags}")
+        _check(
+            self.lr_warmup_fraction is None
+            or (self.lr_warmup_iters, self.lr_warmup_samples, self.lr_warmup_tokens) == (None, None, None),
+            "give --lr-warmup-fraction or a warmup length, not both",
         )
         _check(
             self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction < 1,
             "--lr-warmup-fraction must be in [0, 1)",
         )
-        _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        _check(
+            not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+            "give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both",
+        )
+        if self.restart_lr_schedule:
+            self.override_opt_param_scheduler = True
+
+    def length(self, name: str) -> tuple[float, str] | None:
+        """A length as (value, unit) from whichever of its -iters/-samples/-tokens flags was given."""
+        for unit in ("iters", "samples", "tokens"):
+            value = getattr(self, f"{name}_{unit}")
+            if value is not None:
+                return value, unit
+        return None
 
 
 @dataclass
@@ -353,6 +435,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -17,7 +17,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_ext.training.schedules import ParamScheduler
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -92,7 +93,7 @@ def save(
     iteration: int,
     model: list[torch.nn.Module],
     optimizer: MegatronOptimizer,
-    scheduler: OptimizerParamScheduler,
+    scheduler: ParamScheduler,
     extra: dict[str, Any],
 ) -> Path:
     """Writes iter_%07d atomically and then points the tracker at it. Collective: every rank calls it."""
@@ -120,13 +121,9 @@ def save(
     return final
 
 
-def load(
-    root: str | Path,
-    model: list[torch.nn.Module],
-    optimizer: MegatronOptimizer | None,
-    scheduler: OptimizerParamScheduler | None,
-) -> dict[str, Any] | None:
-    """Restores model, optimizer, scheduler and RNG from the latest checkpoint; returns its other entries."""
+def load(root: str | Path, model: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> dict[str, Any] | None:
+    """Restores model, optimizer and RNG from the latest checkpoint; returns its other entries (the schedule
+    under "scheduler": whether it is followed is the caller's decision)."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
@@ -140,8 +137,6 @@ def load(
             chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
     _set_rng_state(loaded["rng_state"])
-    skip = {"rng_state", "optimizer", "scheduler"} | {_model_key(i, len(model)) for i in range(len(model))}
+    skip = {"rng_state", "optimizer"} | {_model_key(i, len(model)) for i in range(len(model))}
     return {k: v for k, v in loaded.items() if k not in skip}

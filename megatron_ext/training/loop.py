@@ -28,7 +28,6 @@ from megatron.core.num_microbatches_calculator import (
     update_num_microbatches,
 )
 from megatron.core.optimizer import MegatronOptimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
@@ -41,6 +40,7 @@ from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters
 from megatron_ext.training import checkpointing
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
 from megatron_ext.training.optim import build_optimizer, build_scheduler, run_length_samples, wrap_model
+from megatron_ext.training.schedules import ParamScheduler
 
 
 class TrainingStopped(RuntimeError):
@@ -70,7 +70,7 @@ class Trainer:
     config: TransformerConfig
     model: list[torch.nn.Module]
     optimizer: MegatronOptimizer
-    scheduler: OptimizerParamScheduler
+    scheduler: ParamScheduler
     train_data: list[MicroBatches]  # one iterator per model chunk (virtual pipeline stages read the same batches)
     valid_dataset: Any
     metrics: MetricsLogger
@@ -319,10 +319,11 @@ def setup(cfg: Config) -> Trainer:
     )
     state = TrainState()
     if cfg.checkpoint.load:
-        extra = checkpointing.load(cfg.checkpoint.load, model, optimizer, scheduler)
+        extra = checkpointing.load(cfg.checkpoint.load, model, optimizer)
         if extra is not None:
             state = TrainState(**extra["train_state"])
             metrics.print(f"resumed from {cfg.checkpoint.load} at iteration {state.iteration}")
+            metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"]))
 
     samples = run_length_samples(cfg)
     evals = (samples // t.global_batch_size) // cfg.logging.eval_interval + 1
@@ -342,6 +343,41 @@ def setup(cfg: Config) -> Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
     return tr
+
+
+def resume_schedule(
+    cfg: Config, scheduler: ParamScheduler, optimizer: MegatronOptimizer, saved_state: dict[str, Any]
+) -> str:
+    """Decides which schedule a resumed run follows, makes the optimizer use it, and says so.
+
+    The checkpoint's schedule is followed unless the command line differs; a difference needs an explicit
+    choice (--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler), and --restart-lr-schedule
+    starts the command line's schedule from position 0 here (rewarm, or a cooldown from this checkpoint).
+    """
+    sc = cfg.schedule
+    saved = scheduler.saved_config(saved_state)
+    differs = saved.diff(scheduler.config)
+    if sc.restart_lr_schedule:
+        note = "restarting the LR schedule at this checkpoint"
+    elif differs and sc.override_opt_param_scheduler:
+        scheduler.load_state_dict(saved_state, keep_config=True)
+        note = f"following the command line's schedule (differs from the checkpoint's in {', '.join(differs)})"
+    elif differs and not sc.use_checkpoint_opt_param_scheduler:
+        raise ConfigError(
+            f"the LR schedule differs from the checkpoint's in {', '.join(differs)}: pass "
+            "--override-opt_param-scheduler to follow the command line, --use-checkpoint-opt_param-scheduler to "
+            "keep the checkpoint's, or --restart-lr-schedule to start the new schedule here"
+        )
+    else:
+        scheduler.load_state_dict(saved_state)
+        note = "following the checkpoint's schedule"
+        if differs:
+            note += f" (the command line's {', '.join(differs)} ignored)"
+    # The optimizer's param groups came from the checkpoint with its peak/min LR; make them the followed ones.
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.config.lr, scheduler.config.min_lr
+    scheduler.step(0)
+    return f"{note}:\n{scheduler.describe()}"
 
 
 def main(argv: list[str] | None = None) -> int:

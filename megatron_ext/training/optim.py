@@ -6,11 +6,11 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext.config import Config
+from megatron_ext.config import LR_LENGTHS, Config, ConfigError
+from megatron_ext.training.schedules import ParamScheduler, ScheduleConfig, ScheduleError, resolve_lengths
 
 
 def wrap_model(cfg: Config, config: TransformerConfig, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
@@ -68,27 +68,41 @@ def run_length_samples(cfg: Config) -> int:
     return t.train_iters * t.global_batch_size
 
 
-def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
-    """Warmup then decay, counted in samples as Megatron-LM does."""
-    o, t = cfg.optimizer, cfg.training
+def schedule_config(cfg: Config) -> ScheduleConfig:
+    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples)."""
+    o, sc, t = cfg.optimizer, cfg.schedule, cfg.training
     assert t.global_batch_size is not None
-    total = run_length_samples(cfg)
-    decay = o.lr_decay_iters * t.global_batch_size if o.lr_decay_iters is not None else total
-    warmup = (
-        int(o.lr_warmup_fraction * decay)
-        if o.lr_warmup_fraction is not None
-        else o.lr_warmup_iters * t.global_batch_size
-    )
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=o.lr_warmup_init,
-        max_lr=o.lr,
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    if lengths["lr_decay"] is None:
+        lengths["lr_decay"] = (run_length_samples(cfg), "samples")
+    unit, values = resolve_lengths(lengths, global_batch_size=t.global_batch_size, seq_length=cfg.model.seq_length)
+    if sc.lr_warmup_fraction is not None:
+        values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
+    wd = o.weight_decay
+    return ScheduleConfig(
+        lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(decay, warmup + 1),
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=total,
-        wd_incr_style="constant",
+        lr_warmup_init=sc.lr_warmup_init,
+        lr_decay_style=sc.lr_decay_style,
+        unit=unit,
+        seq_length=cfg.model.seq_length,
+        lr_warmup=values.get("lr_warmup", 0),
+        lr_decay=values["lr_decay"],
+        lr_wsd_decay_style=sc.lr_wsd_decay_style,
+        lr_wsd_decay=values.get("lr_wsd_decay", 0),
+        constant_lr=sc.constant_lr,
+        lr_infinite_decay=values.get("lr_infinite_decay", 0),
+        lr_cooldown=values.get("lr_cooldown", 0),
+        lr_timescale=sc.lr_timescale,
+        start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
+        end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
+        weight_decay_incr_style=sc.weight_decay_incr_style,
     )
+
+
+def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler:
+    """LR and weight-decay schedule, advanced by samples each step (lengths in tokens are converted)."""
+    try:
+        return ParamScheduler(optimizer, schedule_config(cfg))
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from e
