@@ -1,0 +1,105 @@
+"""Resume rules: the checkpoint's schedule is followed, a different one needs an explicit flag and then really
+takes effect (also in the optimizer's param groups), and a schedule can restart (rewarm, cooldown-from)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.training.loop import resume_schedule
+from megatron_ext.training.optim import schedule_config
+from megatron_ext.training.schedules import ParamScheduler
+
+GBS, SEQ = 8, 64
+
+
+class FakeOptimizer:
+    """Param groups as megatron-core builds them: max_lr/min_lr copied from the optimizer config."""
+
+    def __init__(self, lr: float, min_lr: float) -> None:
+        self.param_groups = [{"lr": lr, "max_lr": lr, "min_lr": min_lr, "weight_decay": 0.0} for _ in range(2)]
+
+
+def _scheduler(flags: str) -> tuple:
+    cfg = parse_args(f"--global-batch-size {GBS} --micro-batch-size {GBS} --seq-length {SEQ} {flags}".split())
+    cfg.resolve_batch(1)
+    opt = FakeOptimizer(cfg.optimizer.lr, cfg.optimizer.min_lr)
+    return cfg, opt, ParamScheduler(opt, schedule_config(cfg))
+
+
+def _checkpoint(flags: str, iters: int) -> tuple[dict, FakeOptimizer]:
+    """The scheduler state and optimizer groups of a run that trained `iters` steps with `flags`."""
+    _, opt, sched = _scheduler(flags)
+    for _ in range(iters):
+        sched.step(GBS)
+    return sched.state_dict(), opt
+
+
+OLD = "--train-iters 100 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 10"
+
+
+def test_same_schedule_continues_at_the_saved_position() -> None:
+    state, _ = _checkpoint(OLD, 40)
+    cfg, opt, sched = _scheduler(OLD)
+    note = resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+    assert "checkpoint's schedule" in note and sched.num_steps == 40 * GBS
+    ref = _checkpoint(OLD, 40)[1]
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_a_different_schedule_needs_an_explicit_choice() -> None:
+    state, _ = _checkpoint(OLD, 40)
+    cfg, opt, sched = _scheduler(OLD.replace("--lr 1e-3", "--lr 5e-4"))
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in lr: pass --override-opt_param-scheduler"):
+        resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+
+
+def test_override_really_changes_the_lr_in_the_optimizer() -> None:
+    state, saved_opt = _checkpoint(OLD, 40)
+    new = OLD.replace("--lr 1e-3", "--lr 5e-4") + " --override-opt_param-scheduler"
+    cfg, opt, sched = _scheduler(new)
+    opt.param_groups = saved_opt.param_groups  # as after optimizer.load_state_dict: the old peak in every group
+    resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+    expected = _checkpoint(new.replace(" --override-opt_param-scheduler", ""), 40)[1].param_groups[0]["lr"]
+    assert all(g["lr"] == pytest.approx(expected, rel=1e-12) for g in opt.param_groups)
+    assert expected < saved_opt.param_groups[0]["max_lr"] == 5e-4  # max_lr rewritten to the new peak
+
+
+def test_use_checkpoint_keeps_the_saved_schedule() -> None:
+    state, saved_opt = _checkpoint(OLD, 40)
+    cfg, opt, sched = _scheduler(OLD.replace("--lr 1e-3", "--lr 5e-4") + " --use-checkpoint-opt_param-scheduler")
+    opt.param_groups = saved_opt.param_groups
+    lr_before = saved_opt.param_groups[0]["lr"]
+    resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+    assert sched.config.lr == 1e-3 and opt.param_groups[0]["lr"] == pytest.approx(lr_before, rel=1e-12)
+
+
+def test_rewarm_restarts_warmup_to_a_new_peak() -> None:
+    state, _ = _checkpoint(OLD, 100)  # a finished stage, LR at its minimum
+    stage2 = (
+        "--train-iters 50 --lr 6e-4 --min-lr 6e-5 --lr-decay-style cosine --lr-warmup-iters 5 --restart-lr-schedule"
+    )
+    cfg, opt, sched = _scheduler(stage2)
+    resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+    assert opt.param_groups[0]["lr"] == 0.0  # warmup starts again from --lr-warmup-init
+    for _ in range(5):
+        sched.step(GBS)
+    assert opt.param_groups[0]["lr"] == pytest.approx(6e-4)
+
+
+def test_cooldown_from_a_constant_lr_checkpoint() -> None:
+    """A constant-LR run, then T tokens of cooldown from any of its checkpoints."""
+    state, _ = _checkpoint("--train-iters 1000 --lr 1e-3 --lr-decay-style constant", 300)
+    tokens = 20 * GBS * SEQ
+    cool = (
+        f"--train-iters 20 --lr 1e-3 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear "
+        f"--lr-wsd-decay-tokens {tokens} --lr-decay-tokens {tokens} --restart-lr-schedule"
+    )
+    cfg, opt, sched = _scheduler(cool)
+    resume_schedule(cfg, sched, opt, state)  # type: ignore[arg-type]
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(20):
+        sched.step(GBS)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[10] == pytest.approx(5e-4) and lrs[-1] == 0.0
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
