@@ -2,9 +2,11 @@
 
 Both run in this process on the same data, alternating repeats (ours, plain, ours, plain, ...), fp32 with the
 same number of torch threads. The plain GPT has the identical shape and starts from a copy of our initial
-weights (checked: same per-token loss), uses scaled_dot_product_attention(is_causal=True), torch AdamW with the
-same hyper-parameters and weight-decay groups (none on biases and norms), the same cosine schedule, the same
-gradient clipping and the same micro batch / gradient accumulation with a per-token mean loss over the step.
+weights (checked: same per-token loss), uses scaled_dot_product_attention(is_causal=True), torch AdamW with our
+optimizer's hyper-parameters and weight-decay groups (none on biases and norms), at each step the learning rate
+our schedule gave our step of the same index, the same gradient clipping and the same micro batch / gradient
+accumulation with a per-token mean loss over the step. Same data, same weights and same schedule: the losses of
+both columns agree, which shows the two compute the same training step.
 Both read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
 data loading is included for both (its cost alone is printed too).
 
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -226,43 +228,50 @@ def copy_weights(ours: nn.Module, plain: PlainGPT) -> None:
 class PlainTrainer:
     model: PlainGPT
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     data: Iterator[Batch]
     accumulation: int
     clip: float
+    # (lr, weight decay) our optimizer used at each step, appended by `follow_schedule` before our step: the plain
+    # step k uses entry k, so both follow one schedule however it is configured.
+    schedule: list[tuple[float, float]] = field(default_factory=list)
+    steps: int = 0
+
+
+def _decay_group_values(tr: Trainer) -> tuple[float, float]:
+    """(lr, weight decay) of our optimizer's decayed parameter group now."""
+    groups = tr.optimizer.param_groups
+    decayed = max(groups, key=lambda g: g["weight_decay"])
+    return decayed["lr"], decayed["weight_decay"]
 
 
 def build_plain(cfg: Config, tr: Trainer) -> PlainTrainer:
-    """The plain model, optimizer, schedule and data, configured as our run is."""
+    """The plain model, optimizer and data, configured as our run is (hyper-parameters read from our optimizer)."""
     model = PlainGPT(Shape.from_config(cfg.model, tr.padded_vocab_size))
     copy_weights(tr.model[0].module, model)  # type: ignore[arg-type]
-    o = cfg.optimizer
+    group = tr.optimizer.param_groups[0]
+    lr, weight_decay = _decay_group_values(tr)
+    assert {g["weight_decay"] for g in tr.optimizer.param_groups} <= {0.0, weight_decay}
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias")]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.adam_beta1, o.adam_beta2),
-        eps=o.adam_eps,
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=group["betas"],
+        eps=group["eps"],
     )
-    # Our schedule: no warmup, cosine from lr to min_lr over the run (counted in samples, same thing here).
-    assert o.lr_warmup_iters == 0 and o.lr_warmup_fraction is None and o.lr_decay_style == "cosine"
-    iters = cfg.training.train_iters
-    assert iters is not None
-
-    def cosine(step: int) -> float:
-        ratio = min(step / iters, 1.0)
-        return (o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * ratio))) / o.lr
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     t = cfg.training
     assert t.global_batch_size is not None
     data = MicroBatches(tr.train_data[0].dataset, t.micro_batch_size, 0, 1)
-    return PlainTrainer(model, optimizer, scheduler, data, t.global_batch_size // t.micro_batch_size, o.clip_grad)
+    return PlainTrainer(model, optimizer, data, t.global_batch_size // t.micro_batch_size, cfg.optimizer.clip_grad)
 
 
 def plain_step(pt: PlainTrainer) -> dict[str, float]:
     """One optimizer step: per-token mean loss over the accumulated micro-batches, clip, AdamW (if finite)."""
+    if pt.steps < len(pt.schedule):
+        lr, weight_decay = pt.schedule[pt.steps]
+        for g in pt.optimizer.param_groups:
+            g["lr"] = lr
+            g["weight_decay"] = weight_decay if g["weight_decay"] else 0.0
     batches = [next(pt.data) for _ in range(pt.accumulation)]
     tokens = sum(b["loss_mask"].sum() for b in batches).clamp(min=1)  # type: ignore[union-attr]
     pt.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +286,7 @@ def plain_step(pt: PlainTrainer) -> dict[str, float]:
     loss_value = loss_sum.item()
     if math.isfinite(loss_value) and (pt.clip == 0 or math.isfinite(norm)):
         pt.optimizer.step()
-        pt.scheduler.step()
+    pt.steps += 1
     return {"lm_loss": loss_value, "grad_norm": norm}
 
 
@@ -414,6 +423,8 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     ours_params = sum(p.numel() for p in tr.model[0].module.parameters())  # type: ignore[union-attr]
     plain_params = sum(p.numel() for p in pt.model.parameters())
     formula = num_parameters(cfg, tr.padded_vocab_size)
+    group = tr.optimizer.param_groups[0]
+    lr, wd = _decay_group_values(tr)
     flavour = "llama (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias)"
     if not a.llama:
         flavour = "gpt (LayerNorm, GELU, learned positions, tied embeddings)"
@@ -427,8 +438,8 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     )
     print(
         f"  micro batch {t.micro_batch_size} x {t.global_batch_size // t.micro_batch_size} accumulation = global "
-        f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW lr {cfg.optimizer.lr} "
-        f"wd {cfg.optimizer.weight_decay} clip {cfg.optimizer.clip_grad}; cosine schedule"
+        f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW lr {lr:g} "
+        f"betas {group['betas']} eps {group['eps']:g} wd {wd:g} clip {cfg.optimizer.clip_grad:g}"
     )
     print(f"parameters: ours {ours_params:,}  plain {plain_params:,}  (num_parameters formula {formula:,})")
     assert ours_params == plain_params, "the plain model must have our parameter count"
@@ -438,6 +449,7 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     print(f"data: both read the built-in corpus through MicroBatches ({data_ms:.2f} ms per micro-batch, included)")
 
     def ours() -> dict[str, float]:
+        pt.schedule.append(_decay_group_values(tr))  # what this step uses; the plain step of the same index too
         return train_step(tr)
 
     def plain() -> dict[str, float]:

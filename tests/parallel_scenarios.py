@@ -29,7 +29,7 @@ STEPS = 5
 BASE = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --seq-length 64 "
     "--swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
-    "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 --lr 1e-3 "
+    "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 --lr 4e-3 "
     "--lr-decay-style constant --micro-batch-size 2 --global-batch-size 8 --eval-iters 0 --log-interval 1000 "
     "--make-vocab-size-divisible-by 1"
 ).split()
@@ -52,7 +52,7 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
     "dp2_distopt_overlap": (["--use-distributed-optimizer", "--overlap-grad-reduce"], "reference"),
     "recompute": (["--recompute-activations"], "reference"),
     "bf16": (["--bf16"], "reference"),
-    "fp16": (["--fp16", "--initial-loss-scale", "1024"], "reference"),
+    "fp16": (["--fp16", "--initial-loss-scale", "32"], "reference"),
 }
 
 

@@ -24,6 +24,7 @@ from megatron_ext.data.data_list import (
     ToolArgumentParser,
     corpus_table,
     format_corpus_table,
+    mix_lists,
     parse_data_list,
     token_counts,
     validate,
@@ -62,26 +63,8 @@ def parse_inputs(items: Sequence[str]) -> list[MixInput]:
 
 
 def mix(inputs: Sequence[MixInput]) -> list[DataEntry]:
-    """The combined list: entry weight x (W_i / sum W) / (sum of its list's weights), duplicates merged."""
-    total = math.fsum(m.weight for m in inputs)
-    merged: dict[str, DataEntry] = {}
-    for m in inputs:
-        share = m.weight / total
-        list_sum = math.fsum(e.weight for e in m.entries)  # > 0: validate() refused an all-zero list
-        for e in m.entries:
-            weight = share * (e.weight / list_sum)
-            key = os.path.normpath(os.path.abspath(e.prefix))
-            first = merged.get(key)
-            if first is None:
-                merged[key] = DataEntry(weight, e.prefix, e.corpus, e.source)
-            elif first.corpus != e.corpus:
-                raise DataListError(
-                    f"{e.source}: {e.prefix} is labelled {e.corpus!r} here but {first.corpus!r} at {first.source}; "
-                    "expected one corpus label per prefix"
-                )
-            else:
-                merged[key] = DataEntry(first.weight + weight, first.prefix, first.corpus, first.source)
-    return list(merged.values())
+    """The combined list (see :func:`mix_lists`): entry weight x (W_i / sum W) / (its list's sum), duplicates merged."""
+    return mix_lists([(m.weight, m.entries) for m in inputs])
 
 
 def plot_mixture(inputs: Sequence[MixInput], path: str) -> None:
@@ -98,9 +81,8 @@ def plot_mixture(inputs: Sequence[MixInput], path: str) -> None:
     left = [0.0] * len(corpora)
     for m in inputs:
         shares = [0.0] * len(corpora)
-        list_sum = math.fsum(e.weight for e in m.entries)
-        for e in m.entries:
-            shares[row[e.corpus]] += 100 * (m.weight / total) * (e.weight / list_sum)
+        for e in mix_lists([(1.0, m.entries)]) if m.entries else []:  # the list's own proportions, summing to 1
+            shares[row[e.corpus]] += 100 * (m.weight / total) * e.weight
         ax.barh(corpora, shares, left=left, label=f"{os.path.basename(m.path)} ({100 * m.weight / total:.3g}%)")
         left = [a + b for a, b in zip(left, shares)]
     for y, share in enumerate(left):

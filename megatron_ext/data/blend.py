@@ -348,10 +348,12 @@ def _build_blend(weights: np.ndarray, num_samples: int, out: Path) -> np.ndarray
     while done < num_samples:
         t += min(_BLEND_CHUNK, num_samples - done + nc)
         k_hi = np.maximum(np.ceil(t * w - 0.5).astype(np.int64), counts)
-        cid, k = _segments(k_hi - counts)
-        k += counts[cid]
+        # Small dtypes and per-corpus pieces: this loop is memory-bound.
+        cid = np.repeat(np.arange(nc, dtype=cid_dtype), k_hi - counts)
+        k = np.concatenate([np.arange(counts[c], k_hi[c], dtype=draw_dtype) for c in range(nc)])
+        times = np.concatenate([(np.arange(counts[c], k_hi[c]) + 0.5) / w[c] for c in range(nc)])
         # Stable sort: equal times keep corpus order; the input is nc sorted runs, which timsort merges fast.
-        order = np.argsort((k + 0.5) / w[cid], kind="stable")[: num_samples - done]
+        order = np.argsort(times, kind="stable")[: num_samples - done]
         cid, k = cid[order], k[order]
         cid_out[done : done + len(order)] = cid
         draw_out[done : done + len(order)] = k

@@ -285,6 +285,64 @@ def corpus_table(entries: Sequence[DataEntry], tokens: np.ndarray | None = None)
     return rows
 
 
+# ---- mixing -------------------------------------------------------------------------------------------------
+
+
+def prefix_key(prefix: str) -> str:
+    """The form in which two spellings of one dataset compare equal (``a/../b`` and ``b``, relative and absolute)."""
+    return os.path.normpath(os.path.abspath(prefix))
+
+
+def _list_name(entries: Sequence[DataEntry]) -> str:
+    """The file(s) the entries came from (``source`` minus ``:line``), for errors about a whole list."""
+    return ", ".join(sorted({e.source.rsplit(":", 1)[0] for e in entries}))
+
+
+def mix_lists(inputs: Sequence[tuple[float, Sequence[DataEntry]]]) -> list[DataEntry]:
+    """One mixture in which input i gets the share ``w_i / sum(w)`` of the samples, in its own proportions.
+
+    Each list's weights are divided by their own sum first, so lists written on different scales (token
+    counts, percentages) mix as their shares say. Weights stay full precision (a 1e-12 dataset keeps its tiny
+    share instead of vanishing), a prefix listed by several inputs becomes one entry with the weights added
+    (megatron-core would otherwise count it twice), and inputs with a zero share are left out.
+    """
+    for share, entries in inputs:
+        if not math.isfinite(share) or share < 0:
+            raise DataListError(f"{_list_name(entries) or 'mix'}: share {share!r} must be a finite number >= 0")
+        for e in entries:
+            if not math.isfinite(e.weight) or e.weight < 0:
+                raise DataListError(f"{e.source}: weight {e.weight!r} must be a finite number >= 0")
+        if entries and all(e.weight == 0 for e in entries):
+            raise DataListError(
+                f"{_list_name(entries)}: all {len(entries)} weights are zero; cannot renormalise the list"
+            )
+    total = math.fsum(share for share, _ in inputs)
+    if total <= 0:
+        raise DataListError("mix: every input has a zero share; expected at least one positive")
+    merged: dict[str, DataEntry] = {}
+    for share, entries in inputs:
+        if share == 0:
+            continue
+        if not entries:
+            raise DataListError(f"mix: an input with share {share!r} lists no datasets")
+        scale = share / total
+        list_sum = math.fsum(e.weight for e in entries)
+        for e in entries:
+            weight = scale * (e.weight / list_sum)
+            key = prefix_key(e.prefix)
+            first = merged.get(key)
+            if first is None:
+                merged[key] = DataEntry(weight, e.prefix, e.corpus, e.source)
+            elif first.corpus != e.corpus:
+                raise DataListError(
+                    f"{e.source}: {e.prefix} is labelled {e.corpus!r} here but {first.corpus!r} at {first.source}; "
+                    "expected one corpus label per prefix"
+                )
+            else:
+                merged[key] = DataEntry(first.weight + weight, first.prefix, first.corpus, first.source)
+    return list(merged.values())
+
+
 # ---- writing ------------------------------------------------------------------------------------------------
 
 

@@ -1,79 +1,64 @@
-"""Training and validation samples: megatron-core GPTDatasets over a blend, read in a resumable order.
+"""Training and validation samples for a run: data lists -> corpus blends -> this rank's micro-batches.
 
 Every rank reads its own micro-batches (tensor- and pipeline-parallel peers read the same indices), so no
-broadcast of batches is needed; megatron-core's builder writes index caches once (rank 0) and shares them.
+broadcast of batches is needed; blend index caches are built once by rank 0 in --data-cache-path and shared.
+
+The position in the data is the number of samples consumed since the current blend began, which does not depend
+on the data-parallel size. When the data list's weights change between a checkpoint and its resume (continual
+pre-training), a new blend starts where the old one stopped: each corpus continues from its own consumed count,
+so no sample of any corpus is seen twice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.config import Config, ConfigError
+from megatron_ext.data.blend import BlendSpec, CorpusBlend
 from megatron_ext.data.builtin_corpus import build_builtin_corpus
+from megatron_ext.data.data_list import DataEntry, parse_data_lists, parse_data_path, validate
 from megatron_ext.data.tokenizers import Tokenizer
 
+BUILTIN_CORPUS = "stdlib"
 
-def blend_from_config(cfg: Config, tokenizer: Tokenizer) -> tuple[list[str], list[float] | None]:
-    """(prefixes, weights) from --data-path, or the built-in corpus when none is given."""
-    paths = cfg.data.data_path
-    if not paths:
-        out = Path(cfg.data.data_cache_path) / "builtin"
-        return [build_builtin_corpus(out, tokenizer)], None
-    if len(paths) == 1:
-        prefixes, weights = paths, None
+
+def training_entries(cfg: Config, tokenizer: Tokenizer) -> list[DataEntry]:
+    """The training files: --data-file-list, --data-path, or the built-in corpus; validated (file:line errors)."""
+    if cfg.data.data_file_list:
+        entries = parse_data_lists(cfg.data.data_file_list)
+    elif cfg.data.data_path:
+        entries = parse_data_path(cfg.data.data_path)
     else:
-        prefixes, weights = paths[1::2], [float(w) for w in paths[0::2]]
-    for prefix in prefixes:
-        for ext in (".bin", ".idx"):
-            if not Path(prefix + ext).is_file():
-                raise ConfigError(f"--data-path: {prefix}{ext} does not exist")
-    return prefixes, weights
+        prefix = build_builtin_corpus(Path(cfg.data.data_cache_path) / "builtin", tokenizer)
+        entries = [DataEntry(1.0, prefix, BUILTIN_CORPUS, "built-in corpus")]
+    validate(entries)
+    return entries
 
 
-def build_datasets(
-    cfg: Config, tokenizer: Tokenizer, train_samples: int, valid_samples: int
-) -> tuple[GPTDataset, GPTDataset | None]:
-    """Train and validation datasets sized for the whole run (indices are built or loaded from the cache)."""
-    prefixes, weights = blend_from_config(cfg, tokenizer)
-    config = GPTDatasetConfig(
-        random_seed=cfg.training.seed,
-        sequence_length=cfg.model.seq_length,
-        blend=(prefixes, weights),
-        split=cfg.data.split,
-        path_to_cache=str(Path(cfg.data.data_cache_path) / "index"),
-        tokenizer=tokenizer,  # type: ignore[arg-type]
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
-    # Unused splits are dropped (keeping the boundaries of the others, as Megatron-LM's --split defines them):
-    # megatron-core's GPTDataset loops forever on a split that holds no document.
-    sizes = [train_samples, valid_samples, 0]
-    config.split_matrix = [rng if n > 0 else None for rng, n in zip(config.split_matrix, sizes)]
-    _check_splits_not_empty(prefixes, config.split_matrix, cfg.data.split)
-    train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    if train is None:
-        raise ConfigError(f"--split {cfg.data.split} leaves no training data")
-    return train, valid  # type: ignore[return-value]
+def _spec(cfg: Config, entries: list[DataEntry], split: str, split_index: int) -> BlendSpec:
+    files = tuple((e.weight, e.prefix, e.corpus) for e in entries)
+    return BlendSpec(files, cfg.model.seq_length, cfg.training.seed, split, split_index)
 
 
-def _check_splits_not_empty(prefixes: list[str], split_matrix: list, split: str) -> None:
-    for prefix in prefixes:
-        documents = len(IndexedDataset(prefix).document_indices) - 1
-        for name, rng in zip(("training", "validation"), split_matrix):
-            if rng is not None and round(rng[1] * documents) - round(rng[0] * documents) == 0:
-                raise ConfigError(
-                    f"--split {split} leaves no {name} document of the {documents} in {prefix}: "
-                    "change --split" + (" or set --eval-iters 0" if name == "validation" else "")
-                )
+def _signature(spec: BlendSpec) -> str:
+    """Identifies a mixture: the files, their weights and corpus labels."""
+    return hashlib.sha256(json.dumps(sorted(spec.files)).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DataState:
+    """Where the training data stands; saved in every checkpoint."""
+
+    signature: str = ""
+    segment_start: int = 0  # samples consumed (whole run) when the current blend began
+    start_offsets: dict[str, int] = field(default_factory=dict)  # per corpus, consumed before the current blend
+    consumed_per_corpus: dict[str, int] = field(default_factory=dict)  # at the checkpoint
 
 
 @dataclass
@@ -81,8 +66,8 @@ class MicroBatches:
     """Yields this data-parallel rank's micro-batches from a position in the global sample order.
 
     Global batch g covers samples [c, c + gbs) where c is the samples consumed before it; each micro-batch step
-    takes mbs x dp consecutive samples and rank r reads its slice [r x mbs, (r + 1) x mbs). The position is the
-    number of samples consumed, so the order does not depend on the data-parallel size.
+    takes mbs x dp consecutive samples and rank r reads its slice [r x mbs, (r + 1) x mbs). The position counts
+    samples, so the order does not depend on the data-parallel size.
     """
 
     dataset: torch.utils.data.Dataset
@@ -101,8 +86,67 @@ class MicroBatches:
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_samples": self.consumed_samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.consumed_samples = int(state["consumed_samples"])
+@dataclass
+class TrainData:
+    """The training blend and the bookkeeping that makes it resumable and re-weightable."""
+
+    blend: CorpusBlend
+    state: DataState
+    note: str = ""
+
+    def position(self, consumed_samples: int) -> int:
+        return consumed_samples - self.state.segment_start
+
+    def state_dict(self, consumed_samples: int) -> dict:
+        """The state to checkpoint once `consumed_samples` samples of the run have been used."""
+        consumed = self.blend.consumed_per_corpus(self.position(consumed_samples))
+        return asdict(DataState(self.state.signature, self.state.segment_start, self.state.start_offsets, consumed))
+
+
+def build_train_data(
+    cfg: Config, entries: list[DataEntry], run_samples: int, consumed_samples: int, saved: dict | None, eod: int
+) -> TrainData:
+    """The training blend for the rest of the run, continuing a checkpoint's data position if given."""
+    spec = _spec(cfg, entries, cfg.data.split, 0)
+    signature = _signature(spec)
+    note = ""
+    if saved is None:
+        state = DataState(signature)
+    elif saved["signature"] == signature:
+        state = DataState(**saved)
+    else:
+        state = DataState(signature, consumed_samples, dict(saved["consumed_per_corpus"]))
+        note = (
+            "the data mixture differs from the checkpoint's: each corpus continues after the samples it already "
+            f"gave ({', '.join(f'{c} {n}' for c, n in sorted(state.start_offsets.items()))})"
+        )
+    cache = Path(cfg.data.data_cache_path) / "blend"
+    try:
+        blend = CorpusBlend(spec, max(run_samples - state.segment_start, 1), cache, state.start_offsets, eod=eod)
+    except ValueError as e:
+        raise ConfigError(f"training data: {e}") from e
+    return TrainData(blend, state, note)
+
+
+def build_validation_sets(cfg: Config, train_entries: list[DataEntry], num_samples: int, eod: int) -> dict:
+    """One validation set per corpus: from --valid-data-file-list (whole files), else each training corpus's
+    validation split. A corpus whose split holds no document is left out."""
+    if cfg.data.valid_data_file_list:
+        entries, split = parse_data_lists(cfg.data.valid_data_file_list), "1,0,0"
+        validate(entries)
+        index = 0
+    else:
+        entries, split, index = train_entries, cfg.data.split, 1
+    sets: dict[str, CorpusBlend] = {}
+    cache = Path(cfg.data.data_cache_path) / "blend"
+    for corpus in sorted({e.corpus for e in entries}):
+        files = [e for e in entries if e.corpus == corpus and e.weight > 0]
+        if not files or num_samples == 0:
+            continue
+        try:
+            sets[corpus] = CorpusBlend(_spec(cfg, files, split, index), num_samples, cache, eod=eod)
+        except ValueError as e:  # e.g. a corpus too small to leave documents for the validation split
+            if cfg.data.valid_data_file_list:
+                raise ConfigError(f"--valid-data-file-list, corpus {corpus}: {e}") from e
+    return sets

@@ -45,8 +45,16 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
+def _layout() -> list[int]:
+    return [
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    ]
+
+
 def _rng_state() -> ShardedObject:
-    """This rank's RNG states, one object per (pipeline, tensor, data) rank."""
+    """This rank's RNG states, one object per (pipeline, tensor) rank: data-parallel replicas share their states
+    (Megatron seeds them alike), so a run can resume with another data-parallel size."""
     state = {
         "random": random.getstate(),
         "np": np.random.get_state(),
@@ -54,15 +62,10 @@ def _rng_state() -> ShardedObject:
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    ps = parallel_state
-    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())  # fmt: skip
-    offset = (
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_data_parallel_rank(),
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject(
+        "rng_state", state, tuple(_layout()), offset, replica_id=parallel_state.get_data_parallel_rank()
     )
-    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -84,7 +87,6 @@ def _sharded_state(
         state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()  # type: ignore[operator]
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
-    state["rng_state"] = _rng_state()
     return state
 
 
@@ -105,6 +107,8 @@ def save(
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
+    state["rng_state"] = _rng_state()
+    state["parallel_layout"] = _layout()
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state.update(extra)
@@ -131,12 +135,16 @@ def load(root: str | Path, model: list[torch.nn.Module], optimizer: MegatronOpti
     if not path.is_dir():
         raise FileNotFoundError(f"{Path(root) / TRACKER} names iteration {iteration} but {path} is missing")
     state = _sharded_state(model, optimizer, is_loading=True)
+    same_layout = dist_checkpointing.load_common_state_dict(str(path)).get("parallel_layout") == _layout()
+    if same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
+        state["rng_state"] = _rng_state()
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(path))
         for i, chunk in enumerate(model):
             chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-    _set_rng_state(loaded["rng_state"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
     skip = {"rng_state", "optimizer"} | {_model_key(i, len(model)) for i in range(len(model))}
     return {k: v for k, v in loaded.items() if k not in skip}

@@ -34,7 +34,14 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import distributed, platform
 from megatron_ext.config import Config, ConfigError, parse_args
-from megatron_ext.data.gpt_data import MicroBatches, build_datasets
+from megatron_ext.data.data_list import DataListError
+from megatron_ext.data.gpt_data import (
+    MicroBatches,
+    TrainData,
+    build_train_data,
+    build_validation_sets,
+    training_entries,
+)
 from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
 from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
 from megatron_ext.training import checkpointing
@@ -71,8 +78,9 @@ class Trainer:
     model: list[torch.nn.Module]
     optimizer: MegatronOptimizer
     scheduler: ParamScheduler
+    data: TrainData
     train_data: list[MicroBatches]  # one iterator per model chunk (virtual pipeline stages read the same batches)
-    valid_dataset: Any
+    valid_sets: dict[str, Any]  # corpus -> validation samples
     metrics: MetricsLogger
     state: TrainState = field(default_factory=TrainState)
     stop_requested: bool = False
@@ -174,34 +182,35 @@ def check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
         tr.metrics.print(f"iter {tr.state.iteration}: non-finite loss or gradient; step skipped")
 
 
-def evaluate(tr: Trainer) -> float | None:
-    """Mean per-token validation loss over --eval-iters global batches (same batches at every evaluation)."""
+def evaluate(tr: Trainer) -> dict[str, float]:
+    """Mean per-token validation loss of each corpus over --eval-iters global batches (the same batches at
+    every evaluation, so the numbers are comparable over the run)."""
     cfg = tr.cfg
-    if tr.valid_dataset is None or cfg.logging.eval_iters == 0:
-        return None
-    data = [
-        MicroBatches(tr.valid_dataset, cfg.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
-                     parallel_state.get_data_parallel_world_size())
-        for _ in tr.model
-    ]  # fmt: skip
-    num_microbatches = cfg.training.global_batch_size // (  # type: ignore[operator]
-        cfg.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
-    )
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)  # type: ignore[operator]
     for chunk in tr.model:
         chunk.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for _ in range(cfg.logging.eval_iters):
-            reports = _run_microbatches(tr, data, num_microbatches, forward_only=True)
-            total += _global_mean(reports, tr.device).cpu()
+    losses = {}
+    for corpus, dataset in tr.valid_sets.items():
+        data = [MicroBatches(dataset, cfg.training.micro_batch_size, dp_rank, dp_size) for _ in tr.model]
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(cfg.logging.eval_iters):
+                reports = _run_microbatches(tr, data, num_microbatches, forward_only=True)
+                total += _global_mean(reports, tr.device).cpu()
+        losses[corpus] = (total[0] / total[1].clamp(min=1)).item()
     for chunk in tr.model:
         chunk.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return losses
 
 
 def save_checkpoint(tr: Trainer) -> None:
     assert tr.cfg.checkpoint.save is not None
-    extra = {"train_state": asdict(tr.state), "config": tr.cfg.to_dict()}
+    extra = {
+        "train_state": asdict(tr.state),
+        "data_state": tr.data.state_dict(tr.state.consumed_samples),
+        "config": tr.cfg.to_dict(),
+    }
     start = time.perf_counter()
     path = checkpointing.save(tr.cfg.checkpoint.save, tr.state.iteration, tr.model, tr.optimizer, tr.scheduler, extra)
     seconds = time.perf_counter() - start
@@ -259,12 +268,12 @@ def train(tr: Trainer) -> TrainState:
 
 def _log_eval(tr: Trainer) -> None:
     start = time.perf_counter()
-    loss = evaluate(tr)
+    losses = evaluate(tr)
     tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
-    if loss is not None:
+    for corpus, loss in losses.items():
         ppl = math.exp(min(loss, 20))
-        tr.metrics.print(f"validation at iter {tr.state.iteration} | loss {loss:.4f} | ppl {ppl:.3f}")
-        tr.metrics.scalars(tr.state.iteration, {"lm_loss": loss, "ppl": ppl}, prefix="valid/")
+        tr.metrics.print(f"validation at iter {tr.state.iteration} | {corpus} | loss {loss:.4f} | ppl {ppl:.3f}")
+        tr.metrics.scalars(tr.state.iteration, {"lm_loss": loss, "ppl": ppl}, prefix=f"valid/{corpus}/")
 
 
 def setup(cfg: Config) -> Trainer:
@@ -317,7 +326,7 @@ def setup(cfg: Config) -> Trainer:
         tensorboard_dir=cfg.logging.tensorboard_dir,
         log_file=Path(run_dir) / "train.log" if run_dir else None,
     )
-    state = TrainState()
+    state, extra = TrainState(), None
     if cfg.checkpoint.load:
         extra = checkpointing.load(cfg.checkpoint.load, model, optimizer)
         if extra is not None:
@@ -325,15 +334,18 @@ def setup(cfg: Config) -> Trainer:
             metrics.print(f"resumed from {cfg.checkpoint.load} at iteration {state.iteration}")
             metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"]))
 
-    samples = run_length_samples(cfg)
-    evals = (samples // t.global_batch_size) // cfg.logging.eval_interval + 1
-    valid_samples = cfg.logging.eval_iters * t.global_batch_size * evals
-    train_ds, valid_ds = build_datasets(cfg, tokenizer, samples, valid_samples)
+    entries = training_entries(cfg, tokenizer)
+    saved_data = extra.get("data_state") if extra else None
+    data = build_train_data(cfg, entries, run_length_samples(cfg), state.consumed_samples, saved_data, tokenizer.eod)
+    if data.note:
+        metrics.print(data.note)
+    valid_sets = build_validation_sets(cfg, entries, cfg.logging.eval_iters * t.global_batch_size, tokenizer.eod)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    train_data = [MicroBatches(train_ds, t.micro_batch_size, dp_rank, dp_size, state.consumed_samples) for _ in model]
+    position = data.position(state.consumed_samples)
+    train_data = [MicroBatches(data.blend, t.micro_batch_size, dp_rank, dp_size, position) for _ in model]
     tr = Trainer(
-        cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, train_data, valid_ds,
-        metrics, state,
+        cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, data, train_data,
+        valid_sets, metrics, state,
     )  # fmt: skip
     if t.exit_signal_handler:
 
@@ -386,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         tr = setup(cfg)
-    except (ConfigError, platform.PlatformError, distributed.LaunchError, FileNotFoundError) as e:
+    except (ConfigError, DataListError, platform.PlatformError, distributed.LaunchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
