@@ -116,3 +116,17 @@ def test_resume_at_another_data_parallel_size_and_reweighting(lists: dict[str, P
         assert re.search(rf"^validation at iter 6 \| {corpus} \| loss [0-9.]+", resumed, re.M)
     reweighted = _run(["--data-file-list", str(lists["b"]), "--load", str(ckpt)], tmp_path)
     assert "each corpus continues after the samples it already gave" in reweighted
+
+
+def test_build_data_cache_ahead_of_time(lists: dict[str, Path], tmp_path: Path) -> None:
+    tool = [sys.executable, str(ROOT / "tools" / "build_data_cache.py")]
+    args = ["--data-file-list", str(lists["a"]), "--seq-length", str(SEQ), "--train-samples", "200",
+            "--data-cache-path", str(tmp_path)]  # fmt: skip
+    first = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=120)
+    second = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "built in" in first.stdout, first.stderr
+    assert second.returncode == 0 and "already present" in second.stdout, second.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0.5 missing/prefix web\n")
+    proc = subprocess.run([*tool, *args[:1], str(bad), *args[2:]], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}:1:") and proc.stderr.count("\n") == 1

@@ -103,3 +103,12 @@ def test_cooldown_from_a_constant_lr_checkpoint() -> None:
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(1e-3) and lrs[10] == pytest.approx(5e-4) and lrs[-1] == 0.0
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_restart_without_a_decay_length_decays_over_the_rest_of_the_run() -> None:
+    state, _ = _checkpoint(OLD, 100)
+    cfg, opt, sched = _scheduler("--train-iters 150 --lr 6e-4 --min-lr 0 --lr-decay-style linear --restart-lr-schedule")
+    resume_schedule(cfg, sched, opt, state, consumed_samples=100 * GBS)  # type: ignore[arg-type]
+    for _ in range(50):
+        sched.step(GBS)
+    assert opt.param_groups[0]["lr"] == 0.0  # reached at the run's end, 50 iterations after the restart

@@ -4,8 +4,7 @@
         --seed 1234 --split 969,30,1 --data-cache-path /scratch/cache [--valid-samples 10000]
     python tools/build_data_cache.py --data-path 0.7 /d/web/part0 0.3 /d/code/part0 ...
 
-A data-list line is ``weight prefix corpus``, or ``weight prefix`` with the corpus taken from the prefix's
-parent folder name; blank lines and ``#`` comments are skipped.  Prints each cache folder, its build time and
+Data lists are read and validated as in training (file:line errors).  Prints each cache folder, its build time and
 size.  Run with the same arguments as training: the cache key covers files (sizes, mtimes), weights, corpora,
 seq_length, seed, split, sample count and start offsets.
 """
@@ -20,44 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_ext.platform import quiet_optional_dependency_warnings  # noqa: E402
+
+quiet_optional_dependency_warnings()
+
 from megatron_ext.data.blend import BlendSpec, CorpusBlend  # noqa: E402
-
-
-def parse_data_list(path: str) -> list[tuple[float, str, str]]:
-    """Minimal data-list parser (to be replaced by megatron_ext.data.data_list): (weight, prefix, corpus)."""
-    entries = []
-    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) not in (2, 3):
-            raise SystemExit(f"{path}:{number}: expected 'weight prefix [corpus]', got {raw!r}")
-        try:
-            weight = float(parts[0])
-        except ValueError:
-            raise SystemExit(f"{path}:{number}: weight {parts[0]!r} is not a number") from None
-        corpus = parts[2] if len(parts) == 3 else Path(parts[1]).parent.name
-        entries.append((weight, parts[1], corpus))
-    return entries
-
-
-def _from_data_path(values: list[str]) -> list[tuple[float, str, str]]:
-    if len(values) == 1:
-        return [(1.0, values[0], Path(values[0]).parent.name)]
-    if len(values) % 2:
-        raise SystemExit("--data-path takes 'weight prefix' pairs (or a single prefix)")
-    return [(float(w), p, Path(p).parent.name) for w, p in zip(values[0::2], values[1::2])]
+from megatron_ext.data.data_list import DataListError, parse_data_lists, parse_data_path, validate  # noqa: E402
 
 
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data-file-list", help="file of 'weight prefix [corpus]' lines")
+    source.add_argument("--data-file-list", nargs="+", help="data list file(s): 'weight prefix [corpus]' lines")
     source.add_argument("--data-path", nargs="+", help="weight prefix pairs; corpus = parent folder name")
     parser.add_argument("--seq-length", type=int, required=True)
     run = parser.add_mutually_exclusive_group(required=True)
@@ -70,7 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start-offsets", help="JSON {corpus: samples consumed}, from consumed_per_corpus")
     args = parser.parse_args(argv)
 
-    files = parse_data_list(args.data_file_list) if args.data_file_list else _from_data_path(args.data_path)
+    try:
+        entries = parse_data_lists(args.data_file_list) if args.data_file_list else parse_data_path(args.data_path)
+        validate(entries)
+    except DataListError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = [(e.weight, e.prefix, e.corpus) for e in entries]
     samples = args.train_samples or -(-int(args.train_tokens) // args.seq_length)
     offsets = json.loads(args.start_offsets) if args.start_offsets else None
     corpora = sorted({c for _, _, c in files})
@@ -85,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {ds.cache_path}  {state}, {_size(ds.cache_path) / 2**20:,.1f} MiB")
         for corpus in ds.corpora:
             print(f"  {corpus:30} weight {ds.weights[corpus]:.4f}  samples {ds.meta['draws'][corpus]:,}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

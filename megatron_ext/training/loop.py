@@ -46,7 +46,13 @@ from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_voca
 from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
 from megatron_ext.training import checkpointing
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
-from megatron_ext.training.optim import build_optimizer, build_scheduler, run_length_samples, wrap_model
+from megatron_ext.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    run_length_samples,
+    schedule_config,
+    wrap_model,
+)
 from megatron_ext.training.schedules import ParamScheduler
 
 
@@ -332,7 +338,7 @@ def setup(cfg: Config) -> Trainer:
         if extra is not None:
             state = TrainState(**extra["train_state"])
             metrics.print(f"resumed from {cfg.checkpoint.load} at iteration {state.iteration}")
-            metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"]))
+            metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
 
     entries = training_entries(cfg, tokenizer)
     saved_data = extra.get("data_state") if extra else None
@@ -358,7 +364,11 @@ def setup(cfg: Config) -> Trainer:
 
 
 def resume_schedule(
-    cfg: Config, scheduler: ParamScheduler, optimizer: MegatronOptimizer, saved_state: dict[str, Any]
+    cfg: Config,
+    scheduler: ParamScheduler,
+    optimizer: MegatronOptimizer,
+    saved_state: dict[str, Any],
+    consumed_samples: int = 0,
 ) -> str:
     """Decides which schedule a resumed run follows, makes the optimizer use it, and says so.
 
@@ -370,6 +380,7 @@ def resume_schedule(
     saved = scheduler.saved_config(saved_state)
     differs = saved.diff(scheduler.config)
     if sc.restart_lr_schedule:
+        scheduler.config = schedule_config(cfg, start_samples=consumed_samples)
         note = "restarting the LR schedule at this checkpoint"
     elif differs and sc.override_opt_param_scheduler:
         scheduler.load_state_dict(saved_state, keep_config=True)

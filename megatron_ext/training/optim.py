@@ -68,13 +68,17 @@ def run_length_samples(cfg: Config) -> int:
     return t.train_iters * t.global_batch_size
 
 
-def schedule_config(cfg: Config) -> ScheduleConfig:
-    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples)."""
+def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
+    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples).
+
+    `start_samples`: where the schedule starts in the run (--restart-lr-schedule at a checkpoint); by default
+    the decay then ends with the run rather than a whole run length later.
+    """
     o, sc, t = cfg.optimizer, cfg.schedule, cfg.training
     assert t.global_batch_size is not None
     lengths = {name: sc.length(name) for name in LR_LENGTHS}
     if lengths["lr_decay"] is None:
-        lengths["lr_decay"] = (run_length_samples(cfg), "samples")
+        lengths["lr_decay"] = (max(run_length_samples(cfg) - start_samples, 1), "samples")
     unit, values = resolve_lengths(lengths, global_batch_size=t.global_batch_size, seq_length=cfg.model.seq_length)
     if sc.lr_warmup_fraction is not None:
         values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
