@@ -176,6 +176,9 @@ class TrainingConfig:
         None, "Save (when --save is set) and exit once the iteration is a multiple of this."
     )
     exit_signal_handler: bool = opt(False, "On SIGTERM/SIGUSR1 save a checkpoint at the step boundary and exit.")
+    exit_duration_in_mins: float | None = opt(
+        None, "Save (when --save is set) and exit once the job has run this long (set it below the walltime)."
+    )
     recompute_activations: bool = opt(False, "Recompute every layer's activations in backward (saves memory).")
     check_for_nan_in_loss_and_grad: bool = opt(
         True,
@@ -404,9 +407,21 @@ class CheckpointConfig:
     save: str | None = opt(None, "Folder to save checkpoints to.")
     load: str | None = opt(None, "Folder to load a checkpoint from (resumes when one exists).")
     save_interval: int | None = opt(None, "Save every N iterations (and always at the end when --save is set).")
+    keep_last_checkpoints: int | None = opt(
+        None, "Delete older checkpoints once a newer one is complete, keeping this many (default: keep all)."
+    )
+    finetune: bool = opt(
+        False, "Load only the weights from --load: iteration, optimizer, schedule and data position start afresh."
+    )
+    no_load_optim: bool = opt(False, "Do not load the optimizer state (moments) from --load.")
+    no_load_rng: bool = opt(False, "Do not load the random-number-generator states from --load.")
 
     def __post_init__(self) -> None:
         _check(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
+        _check(
+            self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
+            "--keep-last-checkpoints must be >= 1 (the newest complete checkpoint is never deleted)",
+        )
 
 
 @dataclass

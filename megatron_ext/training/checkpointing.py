@@ -1,14 +1,17 @@
 """Checkpoints in Megatron-LM's layout (`iter_%07d/` + `latest_checkpointed_iteration.txt`) via dist_checkpointing.
 
 A save goes to `iter_%07d.tmp/` and becomes visible by an atomic rename, then the tracker file is replaced: a job
-killed mid-save leaves the previous checkpoint as the latest.
+killed mid-save leaves the previous checkpoint as the latest. A manifest of file sizes, written last, lets a load
+detect a damaged checkpoint (truncated or missing files) and fall back to the newest good one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,13 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron_ext.training.schedules import ParamScheduler
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be resumed from; the message says what was found."""
+
+
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -90,6 +100,48 @@ def _sharded_state(
     return state
 
 
+def _write_manifest(folder: Path) -> None:
+    """Sizes of every file of a finished save, written last: a checkpoint whose files differ is damaged."""
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(sizes, indent=0))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None. Folders without our manifest (e.g. written by
+    Megatron-LM) are checked for dist_checkpointing's own metadata only."""
+    if not folder.is_dir():
+        return "missing"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        missing = [n for n in ("metadata.json", "common.pt") if not (folder / n).is_file()]
+        return f"incomplete: no {', '.join(missing)}" if missing else None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    for name, size in sizes.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    return None
+
+
+def _iterations(root: Path) -> list[int]:
+    """Every complete-looking iteration folder, newest first (temporary folders of unfinished saves excluded)."""
+    found = [int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def _retain(root: Path, keep: int) -> None:
+    """Deletes all but the newest `keep` checkpoints (called once the newest is complete)."""
+    for iteration in _iterations(root)[keep:]:
+        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+
+
 def save(
     root: str | Path,
     iteration: int,
@@ -97,13 +149,16 @@ def save(
     optimizer: MegatronOptimizer,
     scheduler: ParamScheduler,
     extra: dict[str, Any],
+    keep_last: int | None = None,
 ) -> Path:
     """Writes iter_%07d atomically and then points the tracker at it. Collective: every rank calls it."""
+    root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob("iter_*.tmp"):  # left by a job killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     state = _sharded_state(model, optimizer, is_loading=False)
@@ -115,28 +170,63 @@ def save(
     dist_checkpointing.save(state, str(tmp))
     torch.distributed.barrier()
     if rank0:
+        _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        tracker_tmp = Path(root) / (TRACKER + ".tmp")
+        tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, Path(root) / TRACKER)
+        os.replace(tracker_tmp, root / TRACKER)
+        if keep_last is not None:
+            _retain(root, keep_last)
     torch.distributed.barrier()
     return final
 
 
-def load(root: str | Path, model: list[torch.nn.Module], optimizer: MegatronOptimizer | None) -> dict[str, Any] | None:
-    """Restores model, optimizer and RNG from the latest checkpoint; returns its other entries (the schedule
-    under "scheduler": whether it is followed is the caller's decision)."""
-    iteration = latest_iteration(root)
-    if iteration is None:
+def find_loadable(root: str | Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: the tracker's, else (damaged or missing) the newest good one; and a line
+    for every checkpoint passed over."""
+    root = Path(root)
+    order = _iterations(root)
+    try:
+        named = latest_iteration(root)
+    except ValueError as e:
+        named, notes = None, [str(e)]
+    else:
+        notes = []
+    if named is not None:
+        order = [named] + [i for i in order if i != named]
+    for iteration in order:
+        problem = verify(iteration_dir(root, iteration))
+        if problem is None:
+            return iteration_dir(root, iteration), notes
+        notes.append(f"checkpoint {iteration_dir(root, iteration)} is unusable ({problem}); trying an older one")
+    return None, notes
+
+
+def load(
+    root: str | Path,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer | None,
+    load_rng: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Restores model, optimizer (unless None) and RNG from the newest good checkpoint; returns its other
+    entries (the schedule under "scheduler": whether it is followed is the caller's decision)."""
+    choice: list[Any] = [None, []]
+    if torch.distributed.get_rank() == 0:
+        choice = list(find_loadable(root))
+    torch.distributed.broadcast_object_list(choice, src=0)  # every rank loads the same checkpoint
+    path, notes = choice
+    for note in notes:
+        log(note)
+    if path is None:
+        if notes:
+            raise CheckpointError(f"--load {root}: no usable checkpoint ({notes[-1]})")
         return None
-    path = iteration_dir(root, iteration)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{Path(root) / TRACKER} names iteration {iteration} but {path} is missing")
     state = _sharded_state(model, optimizer, is_loading=True)
     same_layout = dist_checkpointing.load_common_state_dict(str(path)).get("parallel_layout") == _layout()
-    if same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
+    if load_rng and same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
         state["rng_state"] = _rng_state()
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(path))
@@ -144,7 +234,7 @@ def load(root: str | Path, model: list[torch.nn.Module], optimizer: MegatronOpti
             chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-    if same_layout:
+    if "rng_state" in state:
         _set_rng_state(loaded["rng_state"])
     skip = {"rng_state", "optimizer"} | {_model_key(i, len(model)) for i in range(len(model))}
-    return {k: v for k, v in loaded.items() if k not in skip}
+    return {"path": str(path), **{k: v for k, v in loaded.items() if k not in skip}}

@@ -90,6 +90,7 @@ class Trainer:
     metrics: MetricsLogger
     state: TrainState = field(default_factory=TrainState)
     stop_requested: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 def _is_loss_rank() -> bool:
@@ -218,7 +219,16 @@ def save_checkpoint(tr: Trainer) -> None:
         "config": tr.cfg.to_dict(),
     }
     start = time.perf_counter()
-    path = checkpointing.save(tr.cfg.checkpoint.save, tr.state.iteration, tr.model, tr.optimizer, tr.scheduler, extra)
+    ck = tr.cfg.checkpoint
+    path = checkpointing.save(
+        ck.save,
+        tr.state.iteration,
+        tr.model,
+        tr.optimizer,
+        tr.scheduler,
+        extra,
+        ck.keep_last_checkpoints,  # type: ignore[arg-type]
+    )
     seconds = time.perf_counter() - start
     tr.metrics.exclude(seconds)
     tr.metrics.print(f"saved checkpoint {path} in {seconds:.1f}s")
@@ -232,8 +242,10 @@ def _finished(tr: Trainer) -> bool:
 
 
 def _stop_now(tr: Trainer) -> bool:
-    """Exit interval reached or a signal seen on any rank (all ranks agree)."""
-    flag = torch.tensor([1.0 if tr.stop_requested else 0.0], device=tr.device)
+    """Exit interval or duration reached, or a signal seen, on any rank (all ranks agree)."""
+    limit = tr.cfg.training.exit_duration_in_mins
+    out_of_time = limit is not None and time.monotonic() - tr.started > 60 * limit
+    flag = torch.tensor([1.0 if tr.stop_requested or out_of_time else 0.0], device=tr.device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     exit_interval = tr.cfg.training.exit_interval
     return bool(flag.item()) or bool(exit_interval and tr.state.iteration % exit_interval == 0)
@@ -261,7 +273,7 @@ def train(tr: Trainer) -> TrainState:
         if cfg.checkpoint.save and (save_due or stop):
             save_checkpoint(tr)
         if stop:
-            tr.metrics.print(f"exiting at iteration {it} (exit interval or signal)")
+            tr.metrics.print(f"exiting at iteration {it} (exit interval, duration or signal)")
             return tr.state
     if cfg.logging.eval_interval and tr.state.iteration % cfg.logging.eval_interval != 0:
         _log_eval(tr)
@@ -333,11 +345,24 @@ def setup(cfg: Config) -> Trainer:
         log_file=Path(run_dir) / "train.log" if run_dir else None,
     )
     state, extra = TrainState(), None
-    if cfg.checkpoint.load:
-        extra = checkpointing.load(cfg.checkpoint.load, model, optimizer)
-        if extra is not None:
+    ck = cfg.checkpoint
+    if ck.load:
+        fresh_optimizer = ck.finetune or ck.no_load_optim
+        extra = checkpointing.load(
+            ck.load, model, None if fresh_optimizer else optimizer, load_rng=not (ck.finetune or ck.no_load_rng),
+            log=metrics.print,
+        )  # fmt: skip
+        if extra is None and ck.finetune:
+            raise ConfigError(f"--finetune: no checkpoint in --load {ck.load}")
+        if extra is not None and fresh_optimizer:
+            optimizer.reload_model_params()  # the fp32 master weights follow the loaded weights
+        if extra is not None and ck.finetune:
+            metrics.print(f"fine-tuning from the weights of {extra['path']}: iteration, optimizer, schedule and data "
+                          "position start afresh")  # fmt: skip
+            extra = None
+        elif extra is not None:
             state = TrainState(**extra["train_state"])
-            metrics.print(f"resumed from {cfg.checkpoint.load} at iteration {state.iteration}")
+            metrics.print(f"resumed from {extra['path']} at iteration {state.iteration}")
             metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
 
     entries = training_entries(cfg, tokenizer)
@@ -409,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         tr = setup(cfg)
-    except (ConfigError, DataListError, platform.PlatformError, distributed.LaunchError, FileNotFoundError) as e:
+    except (
+        ConfigError, DataListError, checkpointing.CheckpointError, platform.PlatformError, distributed.LaunchError,
+        FileNotFoundError,
+    ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
