@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -365,3 +367,45 @@ def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.startswith("error: WSD needs")
     code = plot_tool().main(["--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "x"])
     assert code == 2 and "expected a count" in capsys.readouterr().err
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "OMPI_COMM_WORLD_", "PMI_", "PALS_")
+
+
+def _single_process_env() -> dict[str, str]:
+    """This environment without launcher variables, so the child trains as one process on a free port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_VARS) and not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_plot_lr_from_checkpoint(tmp_path, capsys):
+    """A 10-iteration WSD run stopped and saved at iteration 3: plot its schedule with the checkpoint marked,
+    with a planned restart overlaid; a folder with no checkpoint is one error line."""
+    ckpt = tmp_path / "ckpt"
+    argv = [
+        sys.executable, str(ROOT / "pretrain_gpt.py"), "--num-layers", "2", "--hidden-size", "64",
+        "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "2", "--eval-iters", "0",
+        "--data-cache-path", str(tmp_path / "data"), "--lr", "1e-3", "--lr-decay-style", "WSD",
+        "--lr-warmup-iters", "2", "--lr-wsd-decay-iters", "4", "--train-iters", "10", "--exit-interval", "3",
+        "--save", str(ckpt),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_single_process_env(), timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (ckpt / "iter_0000003").is_dir()
+
+    out = tmp_path / "ckpt_lr.png"
+    planned = "--lr-decay-style constant --lr-warmup-iters 2 --train-iters 5"
+    assert plot_tool().main(["--load", str(ckpt), "--compare", planned, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[checkpoint ckpt] 10 iterations of 2 x 64 tokens" in text  # the saved run's batch, length and schedule
+    assert "iter_0000003: iteration 3, stable, lr 0.001" in text
+    assert f"[{planned}] 5 iterations of 2 x 64 tokens (iterations 3 -> 8)" in text  # drawn from the checkpoint
+
+    assert plot_tool().main(["--load", str(ckpt), "--iteration", "3", "--out", str(tmp_path / "it3.png")]) == 0
+    capsys.readouterr()
+    for bad in (["--load", str(tmp_path / "data")], ["--load", str(ckpt), "--iteration", "7"]):
+        assert plot_tool().main([*bad, "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --load ") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.png").exists()

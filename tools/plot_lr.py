@@ -7,12 +7,22 @@
         --compare "--lr-decay-style cosine" "--lr-decay-style WSD --lr-wsd-decay-tokens 4B" \\
                   "--lr-decay-style infinite-cosine --constant-lr 1e-4 --lr-infinite-decay-tokens 5B \\
                    --lr-cooldown-tokens 4B" --out compare.png
+    python tools/plot_lr.py --load ckpt/d0 [--iteration 40] --out d0_lr.png
+    python tools/plot_lr.py --load ckpt/d0 --compare "--lr-decay-style constant --lr-warmup-iters 5 --train-iters 30" \\
+        --out stage1_lr.png   # the checkpoint's schedule and a planned stage that restarts the schedule there
 
 Top panel: LR per iteration (the LR an iteration trains with, i.e. after that many scheduler steps) with the
 phases shaded and named, tokens on the upper axis. Bottom panel: LR against tokens, which is what stays
 comparable when runs differ in batch size. ``--compare`` strings are appended to the flags given outside them,
 so shared flags are written once. Lengths take iters, samples or tokens (counts such as 300B, 2T, 5e9). The
 schedule text (phases, spans, LR values) is printed too. Mistakes end in one ``error:`` line, exit status 2.
+
+``--load`` draws the schedule stored in a checkpoint (the one ``pretrain_gpt.py --load`` would resume, or
+``--iteration``'s) against the run's iterations, solid up to the checkpoint and dashed after it, with the
+checkpoint marked. Its global batch size, sequence length, peak and min LR become the defaults of the
+``--compare`` schedules, which are drawn from the checkpoint on (``--compare-as restart``: a new stage with
+``--restart-lr-schedule``; their lengths count from there) or from the checkpoint schedule's own origin
+(``--compare-as override``: ``--override-opt_param-scheduler``).
 """
 
 from __future__ import annotations
@@ -22,11 +32,12 @@ import math
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from megatron_ext.training.schedules import (
+    INFINITE_STYLES,
     LR_DECAY_STYLES,
     STYLE_ALIASES,
     WD_INCR_STYLES,
@@ -49,6 +60,7 @@ LENGTHS = {
 PHASE_COLORS = {"warmup": "tab:orange", "decay": "tab:blue", "stable": "tab:green", "cooldown": "tab:red"}
 PHASE_COLORS["final"] = "tab:gray"
 MAX_POINTS = 2000
+TRACKER = "latest_checkpointed_iteration.txt"  # checkpointing.TRACKER, spelled out: that module imports torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The schedule's own Megatron-style flags, plus the tool's output options."""
     p = _Parser(prog="plot_lr.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     styles = sorted(set(LR_DECAY_STYLES) | set(STYLE_ALIASES))
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4, or --load's)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end (default 0, or --load's)")
     p.add_argument("--lr-warmup-init", type=float, default=0.0, help="learning rate at the start of warmup")
     p.add_argument("--lr-decay-style", default="cosine", choices=styles, metavar="STYLE", help=", ".join(styles))
     p.add_argument("--lr-wsd-decay-style", default="exponential", choices=WSD_DECAY_STYLES)
@@ -84,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
             flag = f"--{stem.replace('_', '-')}-{unit}"
             g.add_argument(flag, type=parse_count, default=None, metavar="N", help=f"{what}, in {unit}")
     p.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay end")
-    p.add_argument("--global-batch-size", type=int, required=True, help="samples per iteration")
-    p.add_argument("--seq-length", type=int, default=256, help="tokens per sample")
+    p.add_argument("--global-batch-size", type=int, default=None, help="samples per iteration (default: --load's)")
+    p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default 256, or --load's)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="constant weight decay")
     p.add_argument("--start-weight-decay", type=float, default=None)
     p.add_argument("--end-weight-decay", type=float, default=None)
@@ -93,27 +105,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
     p.add_argument("--title", default=None)
     p.add_argument("--compare", nargs="+", default=None, metavar='"FLAGS"', help="overlay these flag sets")
+    p.add_argument("--load", metavar="CKPT_DIR", help="draw the schedule stored in this checkpoint folder")
+    p.add_argument("--iteration", type=int, default=None, help="with --load: this iteration, not the latest")
+    p.add_argument(
+        "--compare-as",
+        choices=("restart", "override"),
+        default="restart",
+        help="with --load: --compare schedules start at the checkpoint (restart) or at its schedule's origin",
+    )
     return p
 
 
 @dataclass(frozen=True)
 class Run:
-    """One schedule to draw: its config and how iterations map to its positions."""
+    """One schedule to draw: its config and how iterations map to its positions.
+
+    ``start`` is the run iteration where the schedule's position 0 lies (not 0 for a schedule restarted at a
+    checkpoint), ``start_tokens`` the run's tokens there, so schedules of one run line up on both axes.
+    """
 
     label: str
     config: ScheduleConfig
     global_batch_size: int
     seq_length: int
     train_iters: int
+    start: float = 0.0
+    start_tokens: float = 0.0
+
+    @property
+    def end(self) -> float:
+        """The last run iteration drawn."""
+        return self.start + self.train_iters
 
     def position(self, iteration: float) -> float:
-        """Schedule position after ``iteration`` scheduler steps."""
-        samples = iteration * self.global_batch_size
+        """Schedule position after run iteration ``iteration`` (``iteration - start`` scheduler steps)."""
+        samples = (iteration - self.start) * self.global_batch_size
         return samples * self.seq_length if self.config.unit == "tokens" else samples
 
     def iteration(self, position: float) -> float:
         """Inverse of :meth:`position`."""
-        return to_samples(self.config, position) / self.global_batch_size
+        return self.start + to_samples(self.config, position) / self.global_batch_size
+
+    def tokens(self, iteration: float) -> float:
+        """The run's tokens at ``iteration`` (constant batch size from ``start``)."""
+        return self.start_tokens + (iteration - self.start) * self.global_batch_size * self.seq_length
+
+
+@dataclass(frozen=True)
+class CheckpointMark:
+    """Where a checkpoint stands in its schedule, to mark and print it."""
+
+    path: Path
+    iteration: int
+    lr: float
+    tokens: float
+    phase: str
 
 
 def config_from_args(ns: argparse.Namespace, label: str = "") -> Run:
@@ -122,7 +168,9 @@ def config_from_args(ns: argparse.Namespace, label: str = "") -> Run:
     for stem in LENGTHS:
         given = [(getattr(ns, f"{stem}_{u}"), u) for u in ("iters", "samples", "tokens")]
         lengths[stem] = next(((v, u) for v, u in given if v is not None), None)
-    gbs, seq = ns.global_batch_size, ns.seq_length
+    gbs, seq = ns.global_batch_size, 256 if ns.seq_length is None else ns.seq_length
+    if gbs is None:
+        raise ScheduleError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
     if gbs <= 0 or seq <= 0:
         raise ScheduleError("--global-batch-size and --seq-length must be positive")
     unit, conv = resolve_lengths(lengths, global_batch_size=gbs, seq_length=seq)
@@ -171,14 +219,76 @@ def split_compare(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:i] + argv[j:], argv[i + 1 : j]
 
 
+def checkpoint_dir(root: Path, iteration: int | None) -> Path:
+    """The iteration folder to read: ``--iteration``'s, else the one the tracker names (as training's --load)."""
+    if not root.is_dir():
+        raise ScheduleError(f"--load {root}: no such folder")
+    if iteration is None:
+        tracker = root / TRACKER
+        if not tracker.is_file():
+            raise ScheduleError(f"--load {root}: no checkpoint there ({TRACKER} is missing)")
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise ScheduleError(f"{tracker}: expected an iteration number, found {text!r}")
+        iteration = int(text)
+    path = root / f"iter_{iteration:07d}"
+    if not path.is_dir():
+        raise ScheduleError(f"--load {root}: no checkpoint of iteration {iteration} ({path.name} is missing)")
+    return path
+
+
+def _phase_at(cfg: ScheduleConfig, position: float) -> str:
+    phases = cfg.phases()
+    return next((p for p in phases if p.end is None or position <= p.end), phases[-1]).name
+
+
+def load_checkpoint_run(root: Path, iteration: int | None) -> tuple[Run, CheckpointMark]:
+    """The schedule a checkpoint holds, placed on its run's iterations, and where the checkpoint is in it.
+
+    The run iteration of the schedule's origin is the checkpoint's iteration minus its position in steps (a
+    schedule restarted at an earlier checkpoint starts there); exact for a constant global batch size.
+    """
+    path = checkpoint_dir(root, iteration)
+    from megatron_ext import platform  # megatron-core (slow to import) only once there is a checkpoint to read
+
+    platform.quiet_optional_dependency_warnings()
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # whatever the reader raises for a damaged folder: one line for the user
+        raise ScheduleError(f"{path}: cannot read the checkpoint's common state ({type(e).__name__}: {e})") from e
+    state, run_cfg = common.get("scheduler"), common.get("config") or {}
+    if not isinstance(state, dict) or "config" not in state:
+        raise ScheduleError(f"{path}: no schedule in the checkpoint (expected pretrain_gpt.py's 'scheduler' state)")
+    cfg = ScheduleConfig.from_dict(state["config"])
+    training = run_cfg.get("training", {})
+    gbs = training.get("global_batch_size")
+    seq = cfg.seq_length or run_cfg.get("model", {}).get("seq_length")
+    if not gbs or not seq:
+        raise ScheduleError(f"{path}: the checkpoint's config lacks the global batch size or sequence length")
+    it = int(common.get("iteration", common.get("train_state", {}).get("iteration", 0)))
+    position = float(state["position"])
+    start = max(0.0, it - to_samples(cfg, position) / gbs)
+    total = training.get("train_iters") or math.ceil((training.get("train_samples") or 0) / gbs)
+    end = max(total, it, start + 1)
+    decays = cfg.lr_decay_style != "constant" and (cfg.lr_decay_style not in INFINITE_STYLES or cfg.lr_cooldown > 0)
+    if decays and cfg.lr_decay is not None:
+        end = max(end, math.ceil(start + to_samples(cfg, cfg.lr_decay) / gbs))  # show the whole decay
+    label = f"checkpoint {root.name}" + (f" (schedule restarted at iteration {start:g})" if start else "")
+    run = Run(label, cfg, gbs, seq, max(1, math.ceil(end - start)), start, start * gbs * seq)
+    mark = CheckpointMark(path, it, lr_at(cfg, position), run.tokens(it), _phase_at(cfg, position))
+    return run, mark
+
+
 def _iterations(run: Run) -> list[float]:
     """At most MAX_POINTS iterations, plus every phase boundary so corners are drawn sharp."""
     n = run.train_iters
     step = max(1, n // MAX_POINTS)
-    its = set(range(0, n + 1, step)) | {n}
+    its = {run.start + i for i in range(0, n + 1, step)} | {run.end}
     for p in run.config.phases():
         for pos in (p.start, p.end):
-            if pos is not None and 0 <= run.iteration(pos) <= n:
+            if pos is not None and run.start <= run.iteration(pos) <= run.end:
                 its.add(run.iteration(pos))
     return sorted(its)
 
@@ -190,8 +300,20 @@ def _fmt_count(x: float, _pos: object = None) -> str:
     return f"{x:.4g}"
 
 
-def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
-    """Two panels (LR vs iterations with shaded phases of the first run, LR vs tokens) written to ``out``."""
+def _mark_checkpoint(ax_it: Any, ax_tok: Any, mark: CheckpointMark) -> None:
+    """A dashed line and a dot where the checkpoint is, on both panels."""
+    text = f"checkpoint\niter {mark.iteration}\nlr {mark.lr:.3g}"
+    for ax, x in ((ax_it, mark.iteration), (ax_tok, mark.tokens)):
+        ax.axvline(x, color="black", ls="--", lw=1)
+        ax.plot([x], [mark.lr], "o", color="black", ms=6, zorder=5)
+        ax.annotate(text, (x, mark.lr), xytext=(6, -6), textcoords="offset points", va="top", fontsize=8)
+
+
+def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointMark | None = None) -> None:
+    """Two panels (LR vs iterations with shaded phases of the first run, LR vs tokens) written to ``out``.
+
+    With ``mark`` the first run is the checkpoint's schedule: solid up to the checkpoint, dashed after it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,28 +324,38 @@ def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
     first = runs[0]
     for k, run in enumerate(runs):
         its = _iterations(run)
-        lrs = [lr_at(run.config, run.position(i)) for i in its]
-        tokens = [i * run.global_batch_size * run.seq_length for i in its]
         color = f"C{k}"
-        ax_it.plot(its, lrs, color=color, lw=1.8, label=run.label)
-        ax_tok.plot(tokens, lrs, color=color, lw=1.8, label=run.label)
+        pieces = [(its, "-", run.label)]
+        if mark is not None and k == 0:  # the schedule's past solid, what a resume would follow dashed
+            its = sorted(set(its) | {mark.iteration})
+            after = [i for i in its if i >= mark.iteration]
+            pieces = [([i for i in its if i <= mark.iteration], "-", run.label), (after, "--", None)]
+        for xs, ls, label in pieces:
+            lrs = [lr_at(run.config, run.position(i)) for i in xs]
+            ax_it.plot(xs, lrs, color=color, lw=1.8, ls=ls, label=label)
+            ax_tok.plot([run.tokens(i) for i in xs], lrs, color=color, lw=1.8, ls=ls, label=label)
         if k > 0:  # only the first run is shaded; others mark their phase changes
             for p in run.config.phases()[1:]:
-                if run.iteration(p.start) <= run.train_iters:
+                if run.iteration(p.start) <= run.end:
                     ax_it.axvline(run.iteration(p.start), color=color, ls=":", lw=1)
     for p in first.config.phases():
         a = first.iteration(p.start)
-        b = first.train_iters if p.end is None else min(first.iteration(p.end), first.train_iters)
-        if a >= first.train_iters or b <= a:
+        b = first.end if p.end is None else min(first.iteration(p.end), first.end)
+        if a >= first.end or b <= a:
             continue
         color = PHASE_COLORS.get(p.name, "tab:purple")
         ax_it.axvspan(a, b, color=color, alpha=0.12, lw=0)
         if b - a >= 0.01 * first.train_iters:  # name only spans wide enough to read
             ax_it.text((a + b) / 2, 0.97, p.name, transform=ax_it.get_xaxis_transform(), ha="center", va="top")
-        tok = first.global_batch_size * first.seq_length
-        ax_tok.axvspan(a * tok, b * tok, color=color, alpha=0.08 if len(runs) > 1 else 0.12, lw=0)
+        ax_tok.axvspan(first.tokens(a), first.tokens(b), color=color, alpha=0.08 if len(runs) > 1 else 0.12, lw=0)
+    if mark is not None:
+        _mark_checkpoint(ax_it, ax_tok, mark)
     scale = first.global_batch_size * first.seq_length
-    top = ax_it.secondary_xaxis("top", functions=(lambda x: x * scale, lambda x: x / scale))
+
+    def to_iteration(tokens: Any) -> Any:
+        return first.start + (tokens - first.start_tokens) / scale
+
+    top = ax_it.secondary_xaxis("top", functions=(first.tokens, to_iteration))
     top.set_xlabel("tokens" + (f" ({first.label})" if len(runs) > 1 else ""))
     top.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
     ax_it.set_xlabel("iteration")
@@ -240,26 +372,50 @@ def plot(runs: list[Run], out: Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+def _build_runs(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[argparse.Namespace, list[Run], CheckpointMark | None]:
+    """The namespace, the runs to draw (the checkpoint's first with --load) and the checkpoint mark or None."""
+    base, compares = split_compare(argv)
+    ns = parser.parse_args(base)
+    if ns.load is None:
+        if ns.iteration is not None:
+            raise ScheduleError("--iteration needs --load")
+        runs = [config_from_args(parser.parse_args(base + shlex.split(c)), label=c.strip()) for c in compares]
+        return ns, runs or [config_from_args(ns)], None
+    ckpt, mark = load_checkpoint_run(Path(ns.load), ns.iteration)
+    # The checkpoint's run is what a planned schedule continues: its sizes and LRs are the defaults.
+    sizes = {"global_batch_size": ckpt.global_batch_size, "seq_length": ckpt.seq_length}
+    parser.set_defaults(**sizes, lr=ckpt.config.lr, min_lr=ckpt.config.min_lr)
+    runs = [ckpt]
+    for c in compares:
+        run = config_from_args(parser.parse_args(base + shlex.split(c)), label=c.strip())
+        if ns.compare_as == "restart":
+            run = replace(run, start=mark.iteration, start_tokens=mark.tokens)
+        else:
+            run = replace(run, start=ckpt.start, start_tokens=ckpt.start_tokens)
+        runs.append(run)
+    return ns, runs, mark
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, print each schedule's description, draw the PNG; 2 on a user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        base, compares = split_compare(argv)
-        ns = parser.parse_args(base)
-        if compares:
-            runs = [config_from_args(parser.parse_args(base + shlex.split(c)), label=c.strip()) for c in compares]
-        else:
-            runs = [config_from_args(ns)]
+        ns, runs, mark = _build_runs(parser, argv)
     except (ScheduleError, argparse.ArgumentTypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for run in runs:
-        print(f"[{run.label}] {run.train_iters} iterations of {run.global_batch_size} x {run.seq_length} tokens")
+        span = f" (iterations {run.start:g} -> {run.end:g})" if run.start else ""
+        print(f"[{run.label}] {run.train_iters} iterations of {run.global_batch_size} x {run.seq_length} tokens{span}")
         print(run.config.describe())
+    if mark is not None:
+        print(f"{mark.path}: iteration {mark.iteration}, {mark.phase}, lr {mark.lr:.4g}")
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(runs, out, ns.title)
+    plot(runs, out, ns.title, mark)
     print(f"wrote {out}")
     return 0
 

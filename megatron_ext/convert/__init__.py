@@ -1,0 +1,116 @@
+"""Checkpoint conversions (Hugging Face today; universal, reshard and DeepSpeed formats can sit beside it).
+
+Shared here, import-light (no megatron-core at import time), so that every converter finds checkpoints, reports
+user mistakes and writes its output the same way: a bad input is one `ConvertError` line raised before anything
+is written, and output appears under its final name only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM layout, as in megatron_ext.training.checkpointing
+COMMON_STATE = "common.pt"  # dist_checkpointing's non-sharded state (torch common backend)
+
+
+class ConvertError(ValueError):
+    """A user mistake (missing or unsupported input, existing output); the message is one line."""
+
+
+def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
+    """The iter_%07d folder to read: `iteration`, else the tracker's; `load` may also be that folder itself."""
+    root = Path(load)
+    if iteration is None and (root / COMMON_STATE).is_file():
+        return root
+    if not root.is_dir():
+        raise ConvertError(f"{root}: no such checkpoint folder")
+    if iteration is None:
+        tracker = root / TRACKER
+        if not tracker.is_file():
+            raise ConvertError(f"{root}: no checkpoint there ({TRACKER} is missing)")
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise ConvertError(f"{tracker}: expected an iteration number, found {text!r}")
+        iteration = 0 if text == "release" else int(text)
+    path = root / f"iter_{iteration:07d}"
+    if not (path / COMMON_STATE).is_file():
+        raise ConvertError(f"{root}: no checkpoint for iteration {iteration} ({path / COMMON_STATE} is missing)")
+    return path
+
+
+def read_common(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's common state, read as dist_checkpointing does but without importing megatron-core (slow)
+    so that unsupported checkpoints are refused at once."""
+    import torch
+
+    try:
+        common = torch.load(ckpt / COMMON_STATE, map_location="cpu")
+    except Exception as e:  # pickle/zip errors carry multi-line messages
+        raise ConvertError(f"{ckpt / COMMON_STATE}: unreadable common state ({type(e).__name__})") from e
+    if not isinstance(common, dict):
+        raise ConvertError(f"{ckpt / COMMON_STATE}: expected a dict, found {type(common).__name__}")
+    return common
+
+
+def saved_config(ckpt: Path, common: dict[str, Any]) -> dict[str, Any]:
+    """The run's Config as a dict: from the common state, else the run's config.json beside the checkpoint."""
+    saved = common.get("config")
+    if saved is None:
+        run_config = ckpt.parent / "config.json"
+        if not run_config.is_file():
+            raise ConvertError(f"{ckpt}: the checkpoint holds no config and {run_config} is missing")
+        saved = json.loads(run_config.read_text())
+    return json.loads(json.dumps(saved))  # a deep copy that also proves it is plain data
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Refuses an output folder that exists and is not empty (nothing is ever overwritten)."""
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConvertError(f"{path}: already exists and is not empty; choose a new output folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path) -> Iterator[Path]:
+    """A temporary sibling folder that becomes `out` only when the block succeeds (removed when it fails)."""
+    final = check_output_dir(out).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rmdir()  # empty, as checked
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[bool]:
+    """A one-process gloo group for dist_checkpointing (it asks for ranks even when reading alone); yields
+    whether it was started here. An existing group is reused and left alone."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ConvertError("conversions run in one process; start them outside torchrun/mpiexec")
+        yield False
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield True
+    finally:
+        if "megatron.core.parallel_state" in sys.modules:
+            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
+        dist.destroy_process_group()

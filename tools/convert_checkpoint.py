@@ -1,0 +1,165 @@
+"""Convert checkpoints between our Megatron layout and other formats.
+
+    python tools/convert_checkpoint.py to-hf   --load CKPT_DIR --save HF_DIR [--iteration N] [--dtype bfloat16]
+                                               [--keep-padded-vocab] [--tokenizer-model PATH] [--dry-run]
+    python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR [--dtype float32]
+                                               [--tokenizer-type T --tokenizer-model PATH] [--seq-length N] [--dry-run]
+
+Each subcommand is a thin parser over a function in megatron_ext.convert (more formats plug in the same way).
+Output is written to a temporary sibling folder and renamed when complete; user mistakes end in one
+`error: ...` line on stderr, exit status 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from megatron_ext.convert import ConvertError  # noqa: E402 - light import (no torch, no megatron-core)
+
+DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _print_mapping(rows: list, dry_run: bool, save: str) -> None:
+    if dry_run:
+        for row in rows:
+            print(row)
+        print(f"dry run: {len(rows)} tensors mapped, nothing written", file=sys.stderr)
+    else:
+        print(f"wrote {save} ({len(rows)} tensors)", file=sys.stderr)
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.hf import export_hf
+
+    rows = export_hf(
+        args.load,
+        args.save,
+        args.iteration,
+        args.dtype,
+        dry_run=args.dry_run,
+        keep_padded_vocab=args.keep_padded_vocab,
+        tokenizer_model=args.tokenizer_model,
+        progress=not args.no_progress,
+    )
+    _print_mapping(rows, args.dry_run, args.save)
+
+
+def from_hf(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.hf import import_hf
+
+    rows = import_hf(
+        args.load,
+        args.save,
+        dtype=args.dtype,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        seq_length=args.seq_length,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+    )
+    _print_mapping(rows, args.dry_run, args.save)
+    if not args.dry_run:
+        print(
+            f"generate with: python tools/generate.py --load {args.save}; the model flags for training are in "
+            f"{Path(args.save) / 'config.json'}",
+            file=sys.stderr,
+        )
+
+
+def _common(p: argparse.ArgumentParser, load_help: str, save_help: str) -> None:
+    p.add_argument("--load", required=True, help=load_help)
+    p.add_argument("--save", required=False, default=None, help=save_help)
+    p.add_argument("--dry-run", action="store_true", help="List the tensor mapping (source -> target); write nothing.")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="tools/convert_checkpoint.py",
+        description="Convert checkpoints between our Megatron layout and other formats.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    hf = sub.add_parser("to-hf", help="Our checkpoint -> Hugging Face Llama folder (Llama-like models only).")
+    _common(hf, "Our checkpoint folder (with latest_checkpointed_iteration.txt) or an iter_* folder.", "New folder.")
+    hf.add_argument("--iteration", type=int, default=None, help="Iteration to convert (default: the latest).")
+    hf.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype of the written tensors.")
+    hf.add_argument(
+        "--keep-padded-vocab",
+        action="store_true",
+        help="Keep megatron's padded vocabulary rows (default: cut to the tokenizer's size).",
+    )
+    hf.add_argument("--tokenizer-model", default=None, help="The tokenizer file/folder, if it moved since training.")
+    hf.set_defaults(func=to_hf)
+
+    fh = sub.add_parser("from-hf", help="Hugging Face Llama folder -> our checkpoint (weights only, iteration 0).")
+    _common(fh, "Hugging Face folder (config.json + *.safetensors).", "New checkpoint folder.")
+    fh.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="Parameter dtype of the checkpoint.")
+    fh.add_argument(
+        "--tokenizer-type",
+        default=None,
+        choices=["ByteTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"],
+        help="Our tokenizer type (default: from the folder's files).",
+    )
+    fh.add_argument("--tokenizer-model", default=None, help="Tokenizer file/folder (default: the HF folder).")
+    fh.add_argument("--seq-length", type=int, default=None, help="Saved --seq-length (default: max positions).")
+    fh.add_argument(
+        "--make-vocab-size-divisible-by", type=int, default=None, help="Vocabulary padding multiple (default 128)."
+    )
+    fh.set_defaults(func=from_hf)
+    return p
+
+
+def _user_error(e: Exception) -> bool:
+    """Mistakes in the input (ours, config checks, unreadable files, megatron-core's checkpoint errors)."""
+    checkpointing = sys.modules.get("megatron.core.dist_checkpointing.core")
+    known: tuple[type, ...] = (ConvertError, ValueError, OSError)
+    if checkpointing is not None:
+        known += (checkpointing.CheckpointingException,)
+    return isinstance(e, known)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse and dispatch to the subcommand's function; user mistakes end in one line and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.save is None and not args.dry_run:
+        parser.error(f"{args.command} needs --save DIR (or --dry-run)")
+    func: Callable[[argparse.Namespace], None] = args.func
+    from megatron_ext.platform import quiet_optional_dependency_warnings
+
+    quiet_optional_dependency_warnings()  # before megatron-core is imported
+    try:
+        func(args)
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
