@@ -3,7 +3,6 @@ newest, --no-load-optim / --finetune do exactly what they say, and SIGTERM saves
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launchers import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -21,10 +21,7 @@ TINY = (
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return {**clean_env(), "PYTHONPATH": str(ROOT)}
 
 
 def _argv(tmp: Path, *args: str) -> list[str]:

@@ -3,7 +3,6 @@ never repeats a sample of any corpus, and one validation loss per corpus."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launchers import clean_env
 
 from megatron_ext.config import parse_args
 from megatron_ext.data.data_list import parse_data_lists
@@ -82,9 +82,7 @@ def test_same_mixture_resumes_at_the_same_position(lists: dict[str, Path], tmp_p
 
 
 def _run(args: list[str], tmp: Path, nproc: int = 1) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc-per-node={nproc}"]  # fmt: skip
     tiny = (

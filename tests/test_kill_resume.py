@@ -5,7 +5,6 @@ CI runs two kills; `pytest -m slow tests/test_kill_resume.py` runs a longer seri
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from launchers import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERS = 8
@@ -25,10 +25,7 @@ TINY = (
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return {**clean_env(), "PYTHONPATH": str(ROOT)}
 
 
 def _argv(tmp: Path, *args: str) -> list[str]:

@@ -45,6 +45,7 @@ from megatron_ext.data.data_list import (  # noqa: E402
     parse_data_list,
     parse_data_lists,
     prefix_key,
+    run_tool,
     token_counts,
     validate,
     write_data_list,
@@ -257,15 +258,7 @@ def run(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; user mistakes end in one ``error:`` line on stderr and exit status 2."""
-    try:
-        return run(argv)
-    except DataListError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_ext.training import layout
+
 if TYPE_CHECKING:
     import torch
-
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM layout, as in megatron_ext.training.checkpointing
-COMMON_STATE = "common.pt"
 
 
 class GenerateError(ValueError):
@@ -112,29 +111,11 @@ def generate(
 
 
 def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
-    """The iter_%07d folder to read: `iteration`, else the tracker's; `load` may also be that folder itself.
-
-    Import-free (no megatron-core) so that a wrong --load fails in a moment rather than after the slow imports.
-    """
-    root = Path(load)
-    if iteration is None and (root / COMMON_STATE).is_file():
-        return root
-    if not root.is_dir():
-        raise GenerateError(f"--load {root}: no such folder")
-    if iteration is None:
-        tracker = root / TRACKER
-        if not tracker.is_file():
-            raise GenerateError(f"--load {root}: no checkpoint there ({TRACKER} is missing)")
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise GenerateError(f"{tracker}: expected an iteration number, found {text!r}")
-        iteration = 0 if text == "release" else int(text)
-    path = root / f"iter_{iteration:07d}"
-    if not (path / COMMON_STATE).is_file():
-        raise GenerateError(
-            f"--load {root}: no checkpoint for iteration {iteration} ({path / COMMON_STATE} is missing)"
-        )
-    return path
+    """The iter_%07d folder to read (import-free, so a wrong --load fails at once); a miss is a GenerateError."""
+    try:
+        return layout.find_checkpoint(load, iteration)
+    except layout.CheckpointNotFound as e:
+        raise GenerateError(str(e)) from None
 
 
 def single_process_config(saved: dict[str, Any]) -> tuple[Any, int]:

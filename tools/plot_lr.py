@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
     INFINITE_STYLES,
     LR_DECAY_STYLES,
@@ -60,7 +61,6 @@ LENGTHS = {
 PHASE_COLORS = {"warmup": "tab:orange", "decay": "tab:blue", "stable": "tab:green", "cooldown": "tab:red"}
 PHASE_COLORS["final"] = "tab:gray"
 MAX_POINTS = 2000
-TRACKER = "latest_checkpointed_iteration.txt"  # checkpointing.TRACKER, spelled out: that module imports torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -221,20 +221,10 @@ def split_compare(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def checkpoint_dir(root: Path, iteration: int | None) -> Path:
     """The iteration folder to read: ``--iteration``'s, else the one the tracker names (as training's --load)."""
-    if not root.is_dir():
-        raise ScheduleError(f"--load {root}: no such folder")
-    if iteration is None:
-        tracker = root / TRACKER
-        if not tracker.is_file():
-            raise ScheduleError(f"--load {root}: no checkpoint there ({TRACKER} is missing)")
-        text = tracker.read_text().strip()
-        if not text.isdigit():
-            raise ScheduleError(f"{tracker}: expected an iteration number, found {text!r}")
-        iteration = int(text)
-    path = root / f"iter_{iteration:07d}"
-    if not path.is_dir():
-        raise ScheduleError(f"--load {root}: no checkpoint of iteration {iteration} ({path.name} is missing)")
-    return path
+    try:
+        return layout.find_checkpoint(root, iteration)
+    except layout.CheckpointNotFound as e:
+        raise ScheduleError(str(e)) from None
 
 
 def _phase_at(cfg: ScheduleConfig, position: float) -> str:

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM layout, as in megatron_ext.training.checkpointing
-COMMON_STATE = "common.pt"  # dist_checkpointing's non-sharded state (torch common backend)
+from megatron_ext.training import layout
+from megatron_ext.training.layout import COMMON_STATE
 
 
 class ConvertError(ValueError):
@@ -25,24 +25,11 @@ class ConvertError(ValueError):
 
 
 def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
-    """The iter_%07d folder to read: `iteration`, else the tracker's; `load` may also be that folder itself."""
-    root = Path(load)
-    if iteration is None and (root / COMMON_STATE).is_file():
-        return root
-    if not root.is_dir():
-        raise ConvertError(f"{root}: no such checkpoint folder")
-    if iteration is None:
-        tracker = root / TRACKER
-        if not tracker.is_file():
-            raise ConvertError(f"{root}: no checkpoint there ({TRACKER} is missing)")
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise ConvertError(f"{tracker}: expected an iteration number, found {text!r}")
-        iteration = 0 if text == "release" else int(text)
-    path = root / f"iter_{iteration:07d}"
-    if not (path / COMMON_STATE).is_file():
-        raise ConvertError(f"{root}: no checkpoint for iteration {iteration} ({path / COMMON_STATE} is missing)")
-    return path
+    """The iter_%07d folder to read (see megatron_ext.training.layout); a miss is a ConvertError."""
+    try:
+        return layout.find_checkpoint(load, iteration)
+    except layout.CheckpointNotFound as e:
+        raise ConvertError(str(e)) from None
 
 
 def read_common(ckpt: Path) -> dict[str, Any]:

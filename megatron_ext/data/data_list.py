@@ -18,6 +18,7 @@ import math
 import os
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -417,3 +418,15 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise DataListError(f"{message} (see --help)")
+
+
+def run_tool(run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Runs a data tool's `run(argv)`; user mistakes end in one ``error:`` line on stderr and exit status 2."""
+    try:
+        return run(argv)
+    except DataListError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2

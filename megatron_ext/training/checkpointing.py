@@ -21,9 +21,9 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 
+from megatron_ext.training.layout import TRACKER, CheckpointNotFound, iteration_dir, latest_iteration
 from megatron_ext.training.schedules import ParamScheduler
 
-TRACKER = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 
 
@@ -32,23 +32,6 @@ class CheckpointError(RuntimeError):
 
 
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def iteration_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: str | Path) -> int | None:
-    """The iteration named by the tracker file, or None when there is no checkpoint."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return 0
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
 
 
 def _model_key(i: int, n: int) -> str:
@@ -190,7 +173,7 @@ def find_loadable(root: str | Path) -> tuple[Path | None, list[str]]:
     order = _iterations(root)
     try:
         named = latest_iteration(root)
-    except ValueError as e:
+    except CheckpointNotFound as e:
         named, notes = None, [str(e)]
     else:
         notes = []
