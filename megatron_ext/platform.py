@@ -22,6 +22,7 @@ megatron-core (so an upgrade that fixes or moves one fails loudly) and that it w
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import logging
@@ -103,6 +104,19 @@ def setup_device(platform: Platform, local_rank: int) -> None:
         torch.xpu.set_device(local_rank % torch.xpu.device_count())
     else:
         install_cpu_substitutes()
+        keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """glibc hands memory freed at the end of a step back to the system, and the next step takes it again page
+    fault by page fault (measured: tens of thousands per step, ~7% of a CPU step). Raise the mmap and trim
+    thresholds so the allocator keeps it (as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ would)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: large blocks from the heap, not fresh mappings
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: do not give the heap top back after every step
 
 
 # ---- CPU substitutes ----------------------------------------------------------------------------------------

@@ -266,6 +266,26 @@ def _encode_in_worker(batch: _Batch) -> _Encoded:
     return _WORKER_ENCODER(batch)
 
 
+@contextlib.contextmanager
+def _worker_pool(workers: int, initargs: tuple) -> Iterator[multiprocessing.pool.Pool]:
+    """A Pool that cannot hang on the way out of an error: Pool.terminate() can deadlock joining a task-feeder
+    thread blocked on a full pipe (seen under load), so the workers are killed first and the wait is bounded."""
+    pool = multiprocessing.Pool(workers, _init_worker, initargs)
+    try:
+        yield pool
+    except BaseException:
+        for process in getattr(pool, "_pool", []):
+            process.kill()
+        # terminate() reaps the workers and the pool's threads; it can still block in CPython's handler threads,
+        # so it runs aside and is given a bounded time: the error must reach the user either way.
+        closer = threading.Thread(target=pool.terminate, daemon=True)
+        closer.start()
+        closer.join(timeout=10)
+        raise
+    pool.close()
+    pool.join()
+
+
 def _pool_results(pool: multiprocessing.pool.Pool, batches: Iterator[_Batch]) -> Iterator[_Encoded]:
     """``imap`` results in order, failing (instead of hanging forever, as Pool does) if a worker dies."""
     workers = list(getattr(pool, "_pool", []))  # Pool replaces a dead worker silently and loses its task
@@ -361,9 +381,7 @@ def preprocess(
             encoder = _Encoder(tokenizer, keys, append_eod)
             results: Iterator[_Encoded] = map(encoder, batches)
         else:
-            pool = stack.enter_context(
-                multiprocessing.Pool(workers, _init_worker, (tokenizer_type, model, keys, append_eod))
-            )
+            pool = stack.enter_context(_worker_pool(workers, (tokenizer_type, model, keys, append_eod)))
             results = _pool_results(pool, batches)
         for enc in results:
             stats.bytes_read += enc.num_bytes

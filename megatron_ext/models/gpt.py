@@ -62,7 +62,7 @@ class SDPAttention(DotProductAttention):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention: packed sequences and attention bias need --attention-backend te")
         # [s, b, heads, dim] -> [b, heads, s, dim]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # faster kernels
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

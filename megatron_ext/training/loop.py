@@ -118,7 +118,8 @@ def _global_mean(reports: list[dict[str, torch.Tensor]], device: torch.device) -
     if _is_loss_rank():
         for r in reports:
             total += r["lm_loss"].to(torch.float64)
-    torch.distributed.all_reduce(total)
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(total)
     return total
 
 
