@@ -42,6 +42,7 @@ from megatron_ext.convert import (
     saved_config,
     world_of_one,
 )
+from megatron_ext.data.tokenizers import HF_TOKENIZER_FILES
 
 EMB = "embedding.word_embeddings.weight"
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
@@ -59,15 +60,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _ST_FROM_NAME = {v: k for k, v in _ST_DTYPES.items()}
 TOKENIZER_NOTE = "megatron_ext_tokenizer.json"  # says which of our tokenizers the folder's files stand for
-_HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 _BYTE_NOTE = (
     "Byte tokenizer (megatron_ext ByteTokenizer): ids 0-255 are the UTF-8 bytes of the text, 256 ends a document "
     "(eos), 257 pads. There is no tokenizer file: encode with list(text.encode('utf-8'))."
@@ -404,7 +396,7 @@ def _write_tokenizer(cfg: Config, tokenizer: Any, model_path: str | None, out: P
         note |= {"pad": tokenizer.pad, "note": _BYTE_NOTE}
     elif kind == "HuggingFaceTokenizer":
         src = Path(model_path or "")
-        files = [src / f for f in _HF_TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else [src]
+        files = [src / f for f in HF_TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else [src]
         for f in files:
             shutil.copyfile(f, out / ("tokenizer.json" if not src.is_dir() else f.name))
         if not (out / "tokenizer_config.json").is_file():  # a bare tokenizer.json does not say which id is eos
@@ -595,7 +587,7 @@ def _copy_tokenizer(kind: str, src: Path | None, out: Path) -> None:
         return
     out.mkdir()
     if kind == "HuggingFaceTokenizer":
-        files = [src / f for f in _HF_TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else [src]
+        files = [src / f for f in HF_TOKENIZER_FILES if (src / f).is_file()] if src.is_dir() else [src]
         for f in files:
             shutil.copyfile(f, out / f.name)
     else:

@@ -25,7 +25,7 @@ TOKENIZER_TYPES = (
 
 # Files that define a Hugging Face tokenizer; their bytes go into the tokenizer's name so that two
 # different tokenizers never share a cached dataset.
-_HF_TOKENIZER_FILES = (
+HF_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -167,7 +167,7 @@ class HuggingFaceTokenizer(Tokenizer):
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         if p.is_dir():
-            files = [p / f for f in _HF_TOKENIZER_FILES if (p / f).is_file()]
+            files = [p / f for f in HF_TOKENIZER_FILES if (p / f).is_file()]
             if (p / "tokenizer_config.json").is_file():
                 tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
             elif (p / "tokenizer.json").is_file():
