@@ -415,6 +415,12 @@ class CheckpointConfig:
     )
     no_load_optim: bool = opt(False, "Do not load the optimizer state (moments) from --load.")
     no_load_rng: bool = opt(False, "Do not load the random-number-generator states from --load.")
+    universal_checkpoint: bool = opt(
+        False,
+        "--load is a universal (parallelism-free) checkpoint. Optional: --load recognises one by itself; "
+        "accepted for Megatron-DeepSpeed scripts that pass it.",
+    )
+    ckpt_step: int | None = opt(None, "Load this iteration from --load instead of the latest.")
 
     def __post_init__(self) -> None:
         _check(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")
@@ -422,6 +428,7 @@ class CheckpointConfig:
             self.keep_last_checkpoints is None or self.keep_last_checkpoints >= 1,
             "--keep-last-checkpoints must be >= 1 (the newest complete checkpoint is never deleted)",
         )
+        _check(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
 
 
 @dataclass
@@ -655,9 +662,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m megatron_ext.config [flags]` prints the resolved configuration as JSON."""
+    """`python -m megatron_ext.config [flags]` prints the resolved configuration as JSON.
+
+    `--from-env [...] [-- flags]` resolves the train_alcf.sh variables (MODEL_ARCH, TP, TRAIN_TOKENS, ...) into
+    this schema instead: see megatron_ext.alcf_env.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--from-env"]:
+        from megatron_ext import alcf_env
+
+        sys.exit(alcf_env.main(args[1:]))
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(args)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))

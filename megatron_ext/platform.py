@@ -105,6 +105,35 @@ def setup_device(platform: Platform, local_rank: int) -> None:
     else:
         install_cpu_substitutes()
         keep_freed_memory()
+    keep_adam_step_on_load()
+
+
+def keep_adam_step_on_load() -> None:
+    """megatron-core's distributed optimizer, falling back to torch's AdamW (no Apex / Transformer Engine), keeps
+    Adam's `step` in each parameter's state. Its load (1) restores that step as ONE tensor shared by every
+    parameter, so each parameter's update advances all of them and Adam's bias correction drifts after a resume,
+    and (2) in the model-space ("fully_reshardable") format copies every state key from the checkpoint's tensors,
+    which carry no step: a KeyError. Give each parameter its own copy of the restored step. Idempotent; no-op
+    with Apex/TE (their step lives in the param groups)."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    cls = dopt.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if dopt.HAVE_APEX_OR_TE or getattr(original, "__megatron_ext_wrapped__", False):
+        return
+
+    def set_states(self: Any, model_param: torch.nn.Parameter, tensors: dict[str, torch.Tensor]) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if state.get("step") is not None:
+                state["step"] = state["step"].detach().clone()
+                tensors = {**tensors, "step": state["step"]}
+        original(self, model_param, tensors)
+
+    set_states.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
+    cls._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]
 
 
 def keep_freed_memory() -> None:

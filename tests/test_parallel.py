@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from megatron_ext.data.indexed import IndexedDatasetWriter
+from launchers import launch_scenarios, ngram_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "parallel_scenarios.py"
@@ -30,31 +24,13 @@ TWO_RANK = [
 ]
 
 
-def _launch(nproc: int, prefix: str, out: Path, names: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        cmd = [sys.executable, str(SCRIPT)]
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29518",
-               str(SCRIPT)]  # fmt: skip
-    proc = subprocess.run([*cmd, prefix, str(out), *names], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
-    prefix = str(tmp / "docs")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(prefix, vocab_size=256) as w:
-        for _ in range(200):  # learnable structure: repeated n-grams, so the loss moves within 5 steps
-            base = rng.integers(0, 16, size=8)
-            w.add_document(np.concatenate([np.tile(base, rng.integers(5, 30)), [256 - 1]]))
-        w.finalize()
-    ref = _launch(1, prefix, tmp / "ref.json", ["reference", "reference_tied", "recompute", "bf16", "fp16"])
-    two = _launch(2, prefix, tmp / "two.json", TWO_RANK)
+    prefix = ngram_corpus(str(tmp / "docs"))
+    ref_names = ["reference", "reference_tied", "recompute", "bf16", "fp16"]
+    ref = launch_scenarios(SCRIPT, 1, 29517, [prefix], tmp / "ref.json", ref_names)
+    two = launch_scenarios(SCRIPT, 2, 29518, [prefix], tmp / "two.json", TWO_RANK)
     return {**ref, **two}
 
 

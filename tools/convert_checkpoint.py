@@ -5,6 +5,14 @@
     python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR [--dtype float32]
                                                [--tokenizer-type T --tokenizer-model PATH] [--seq-length N] [--dry-run]
 
+    python tools/convert_checkpoint.py to-universal --load CKPT_DIR --save UNIV_DIR [--iteration N] [--dry-run]
+    python tools/convert_checkpoint.py from-universal --load UNIV_DIR --save CKPT_DIR [--target-tp N --target-pp N]
+    python tools/convert_checkpoint.py reshard --load CKPT_DIR --save CKPT_DIR [--iteration N] --target-tp N ...
+    python tools/convert_checkpoint.py from-deepspeed --load DS_UNIVERSAL_DIR --save UNIV_DIR [-- MODEL FLAGS]
+
+A universal folder loads directly with `pretrain_gpt.py --load UNIV_DIR` at any TP/PP/DP (optimizer moments
+included); `from-universal` and `reshard` write a regular checkpoint in a chosen layout.
+
 Each subcommand is a thin parser over a function in megatron_ext.convert (more formats plug in the same way).
 Output is written to a temporary sibling folder and renamed when complete; user mistakes end in one
 `error: ...` line on stderr, exit status 2, with nothing written.
@@ -16,7 +24,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere without installing the package
@@ -82,6 +90,69 @@ def from_hf(args: argparse.Namespace) -> None:
         )
 
 
+def to_universal(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.universal import to_universal as convert
+
+    rows = convert(
+        args.load,
+        args.save,
+        args.iteration,
+        dry_run=args.dry_run,
+        tokenizer_model=args.tokenizer_model,
+        progress=not args.no_progress,
+    )
+    _print_mapping(rows, args.dry_run, args.save)
+    if not args.dry_run:
+        print(f"resume at any layout with: pretrain_gpt.py --load {args.save} ...", file=sys.stderr)
+
+
+def _layout(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "tensor_model_parallel_size": args.target_tp,
+        "pipeline_model_parallel_size": args.target_pp,
+        "use_distributed_optimizer": args.use_distributed_optimizer,
+    }
+
+
+def from_universal(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.reshard import from_universal as convert
+
+    for line in convert(args.load, args.save, dry_run=args.dry_run, **_layout(args)):
+        print(line)
+    print("dry run: nothing written" if args.dry_run else f"wrote {args.save}", file=sys.stderr)
+
+
+def reshard(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.reshard import reshard as convert
+
+    rows = convert(
+        args.load, args.save, args.iteration, dry_run=args.dry_run, progress=not args.no_progress, **_layout(args)
+    )
+    for line in rows:
+        print(line)
+    print("dry run: nothing written" if args.dry_run else f"wrote {args.save}", file=sys.stderr)
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target-tp", type=int, default=None, help="Tensor-parallel size to write (default: as saved).")
+    p.add_argument("--target-pp", type=int, default=None, help="Pipeline-parallel size to write (default: as saved).")
+    p.add_argument(
+        "--use-distributed-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Write the distributed optimizer's state layout (default: as saved). Any data-parallel size loads it.",
+    )
+
+
+def from_deepspeed(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.deepspeed import import_deepspeed
+
+    rows = import_deepspeed(args.load, args.save, args.model_flags, dry_run=args.dry_run, progress=not args.no_progress)
+    _print_mapping(rows, args.dry_run, args.save)
+    if not args.dry_run:
+        print(f"continue with: pretrain_gpt.py --load {args.save} [--finetune] ...", file=sys.stderr)
+
+
 def _common(p: argparse.ArgumentParser, load_help: str, save_help: str) -> None:
     p.add_argument("--load", required=True, help=load_help)
     p.add_argument("--save", required=False, default=None, help=save_help)
@@ -108,6 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hf.add_argument("--tokenizer-model", default=None, help="The tokenizer file/folder, if it moved since training.")
     hf.set_defaults(func=to_hf)
+
+    tu = sub.add_parser("to-universal", help="Our checkpoint -> universal folder (full tensors + Adam moments).")
+    _common(tu, "Our checkpoint folder (with latest_checkpointed_iteration.txt) or an iter_* folder.", "New folder.")
+    tu.add_argument("--iteration", type=int, default=None, help="Iteration to convert (default: the latest).")
+    tu.add_argument("--tokenizer-model", default=None, help="The tokenizer file/folder, if it moved since training.")
+    tu.set_defaults(func=to_universal)
+
+    fu = sub.add_parser("from-universal", help="Universal folder -> our checkpoint in a chosen TP/PP layout.")
+    _common(fu, "A universal folder (with universal.json).", "New checkpoint folder.")
+    _layout_flags(fu)
+    fu.set_defaults(func=from_universal)
+
+    rs = sub.add_parser("reshard", help="Our checkpoint -> our checkpoint in another TP/PP layout (moments kept).")
+    _common(rs, "Our checkpoint folder (with latest_checkpointed_iteration.txt) or an iter_* folder.", "New folder.")
+    rs.add_argument("--iteration", type=int, default=None, help="Iteration to convert (default: the latest).")
+    _layout_flags(rs)
+    rs.set_defaults(func=reshard)
+
+    fd = sub.add_parser(
+        "from-deepspeed",
+        help="DeepSpeed universal checkpoint (Megatron-DeepSpeed GPT, after ds_to_universal) -> our universal folder.",
+    )
+    _common(fd, "The output folder of DeepSpeed's ds_to_universal (with zero/).", "New universal folder.")
+    fd.add_argument(
+        "model_flags",
+        nargs=argparse.REMAINDER,
+        help="After --: pretrain_gpt.py model flags completing or overriding the DeepSpeed run's saved args.",
+    )
+    fd.set_defaults(func=from_deepspeed)
 
     fh = sub.add_parser("from-hf", help="Hugging Face Llama folder -> our checkpoint (weights only, iteration 0).")
     _common(fh, "Hugging Face folder (config.json + *.safetensors).", "New checkpoint folder.")

@@ -1,4 +1,4 @@
-"""Checkpoint conversions (Hugging Face today; universal, reshard and DeepSpeed formats can sit beside it).
+"""Checkpoint conversions: Hugging Face (hf), the universal parallelism-free format (universal), DeepSpeed (deepspeed).
 
 Shared here, import-light (no megatron-core at import time), so that every converter finds checkpoints, reports
 user mistakes and writes its output the same way: a bad input is one `ConvertError` line raised before anything
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,47 @@ def world_of_one() -> Iterator[bool]:
         if "megatron.core.parallel_state" in sys.modules:
             sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar on stderr (converters keep stdout for their listing)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled, leave=False)
+
+
+def saved_tokenizer(kind: str, model: str | None) -> Any:
+    """The run's tokenizer (for its true vocabulary size); a missing model file is a ConvertError."""
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    try:
+        return build_tokenizer(kind, model)
+    except (ValueError, OSError) as e:
+        raise ConvertError(f"tokenizer {kind}: {e} (pass the tokenizer model path)") from e
+
+
+def tensor_metadata(ckpt: Path) -> dict[str, Any]:
+    """Every tensor key of a dist_checkpointing folder with its global shape and dtype (in a world of one)."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_tensors_metadata(str(ckpt)))
+
+
+def read_tensors(ckpt: Path, wanted: list[tuple[str, int | None]], meta: dict[str, Any]) -> dict:
+    """The requested tensors (whole, or one layer of a stacked key) in one dist_checkpointing read."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    request = {}
+    for i, (key, layer) in enumerate(wanted):
+        md = meta[key]
+        # One layer as a [1, ...] slice at offset `layer` of axis 0. Not with prepend_axis_num: that takes
+        # megatron-core's legacy path, which in a world of one counts the other layers as local shards too.
+        shape = md.global_shape if layer is None else (1, *md.global_shape[1:])
+        offsets = () if layer is None else ((0, layer, md.global_shape[0]),)
+        request[f"t{i}"] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=md.dtype), *offsets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor deprecation notes
+        loaded = dist_checkpointing.load(request, str(ckpt), validate_access_integrity=False)
+    return {w: loaded[f"t{i}"] if w[1] is None else loaded[f"t{i}"][0] for i, w in enumerate(wanted)}

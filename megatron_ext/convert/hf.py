@@ -38,8 +38,11 @@ from megatron_ext.convert import (
     atomic_output_dir,
     check_output_dir,
     find_checkpoint,
+    progress_bar,
     read_common,
+    read_tensors,
     saved_config,
+    saved_tokenizer,
     world_of_one,
 )
 from megatron_ext.data.tokenizers import HF_TOKENIZER_FILES
@@ -332,45 +335,11 @@ class SafetensorsFolder:
 # ---- export -----------------------------------------------------------------------------------------------
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not enabled, leave=False)
-
-
 def _load_config(saved: dict[str, Any]) -> Config:
     try:
         return Config.from_dict(saved)
     except ConfigError as e:
         raise ConvertError(f"the checkpoint's config does not load: {e}") from e
-
-
-def _tokenizer(kind: str, model: str | None) -> Any:
-    from megatron_ext.data.tokenizers import build_tokenizer
-
-    try:
-        return build_tokenizer(kind, model)
-    except (ValueError, OSError) as e:
-        raise ConvertError(f"tokenizer {kind}: {e} (pass the tokenizer model path)") from e
-
-
-def _read_sources(ckpt: Path, wanted: list[tuple[str, int | None]], meta: dict[str, Any]) -> dict:
-    """The requested tensors (whole, or one layer of a stacked key) in one dist_checkpointing read."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    request = {}
-    for i, (key, layer) in enumerate(wanted):
-        md = meta[key]
-        # One layer as a [1, ...] slice at offset `layer` of axis 0. Not with prepend_axis_num: that takes
-        # megatron-core's legacy path, which in a world of one counts the other layers as local shards too.
-        shape = md.global_shape if layer is None else (1, *md.global_shape[1:])
-        offsets = () if layer is None else ((0, layer, md.global_shape[0]),)
-        request[f"t{i}"] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=md.dtype), *offsets)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor deprecation notes
-        loaded = dist_checkpointing.load(request, str(ckpt), validate_access_integrity=False)
-    return {w: loaded[f"t{i}"] if w[1] is None else loaded[f"t{i}"][0] for i, w in enumerate(wanted)}
 
 
 def _stream(ckpt: Path, plan: list[_Entry], meta: dict[str, Any], key_of: dict[str, str]) -> Iterator[torch.Tensor]:
@@ -381,7 +350,7 @@ def _stream(ckpt: Path, plan: list[_Entry], meta: dict[str, Any], key_of: dict[s
         while j < len(plan) and plan[j].layer == plan[i].layer:
             j += 1
         wanted = list(dict.fromkeys((key_of[e.source], e.layer) for e in plan[i:j]))
-        sources = _read_sources(ckpt, wanted, meta)
+        sources = read_tensors(ckpt, wanted, meta)
         for e in plan[i:j]:
             yield e.take(sources[(key_of[e.source], e.layer)])
         del sources
@@ -436,7 +405,7 @@ def export_hf(
     cfg = _load_config(saved_config(ckpt, read_common(ckpt)))
     _refuse(llama_blockers(cfg.model), f"{ckpt}")
     model_path = tokenizer_model or cfg.data.tokenizer_model
-    tokenizer = _tokenizer(cfg.data.tokenizer_type, model_path)
+    tokenizer = saved_tokenizer(cfg.data.tokenizer_type, model_path)
     if not dry_run:
         if out_dir is None:
             raise ConvertError("the export needs an output folder")
@@ -463,7 +432,7 @@ def export_hf(
             _write_tokenizer(cfg, tokenizer, model_path, tmp)
             if sys.byteorder != "little":
                 raise ConvertError("safetensors is little-endian; export on a little-endian machine")
-            with (tmp / "model.safetensors").open("wb") as fh, _progress(len(plan), "to-hf", progress) as bar:
+            with (tmp / "model.safetensors").open("wb") as fh, progress_bar(len(plan), "to-hf", progress) as bar:
                 fh.write(_safetensors_header([(e.target, e.target_shape) for e in plan], target))
                 for e, t in zip(plan, _stream(ckpt, plan, meta, key_of)):
                     assert tuple(t.shape) == e.target_shape, (e.target, t.shape)
@@ -616,7 +585,7 @@ def import_hf(
     c = json.loads((hf / "config.json").read_text())
     _refuse(_hf_blockers(c), str(hf))
     kind, tok_src = _hf_tokenizer_source(hf, tokenizer_type, tokenizer_model)
-    tokens = _tokenizer(kind, str(tok_src) if tok_src else None).vocab_size
+    tokens = saved_tokenizer(kind, str(tok_src) if tok_src else None).vocab_size
     tensors = SafetensorsFolder(hf)
     shapes = tensors.shapes()
     rows = shapes.get("model.embed_tokens.weight", (0,))[0]
@@ -654,7 +623,7 @@ def import_hf(
         return mapped
 
     full: dict[str, torch.Tensor] = {}
-    with _progress(len(plan), "from-hf read", progress) as bar:
+    with progress_bar(len(plan), "from-hf read", progress) as bar:
         for key, sources, combine in plan:
             full[key] = combine([tensors.get(n) for n in sources])
             bar.update(1)

@@ -1,5 +1,9 @@
 """Checkpoints in Megatron-LM's layout (`iter_%07d/` + `latest_checkpointed_iteration.txt`) via dist_checkpointing.
 
+The optimizer state is saved in model space (one tensor per parameter and state, keyed by the parameter's global
+key; the distributed optimizer's "fully_reshardable" format), so a checkpoint loads at another TP/PP/DP and
+converts to the universal format without the run's layout. `--load` also takes a universal checkpoint folder.
+
 A save goes to `iter_%07d.tmp/` and becomes visible by an atomic rename, then the tracker file is replaced: a job
 killed mid-save leaves the previous checkpoint as the latest. A manifest of file sizes, written last, lets a load
 detect a damaged checkpoint (truncated or missing files) and fall back to the newest good one.
@@ -21,6 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 
+from megatron_ext.convert import ConvertError, universal
 from megatron_ext.training.layout import TRACKER, CheckpointNotFound, iteration_dir, latest_iteration
 from megatron_ext.training.schedules import ParamScheduler
 
@@ -31,7 +36,11 @@ class CheckpointError(RuntimeError):
     """No checkpoint can be resumed from; the message says what was found."""
 
 
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Gathered over data-parallel ranks through the gloo groups (megatron-core's NCCL variant needs CUDA).
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
 
 
 def _model_key(i: int, n: int) -> str:
@@ -70,6 +79,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    chained = getattr(optimizer, "chained_optimizers", None)
+    inner = chained if chained is not None else [optimizer]
+    return [o.optimizer for o in inner if getattr(o, "optimizer", None) is not None]
+
+
+def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
+    """Gives every Adam parameter zero moments and step 0 before a load, as a first step would: megatron-core's
+    distributed optimizer cannot describe (or load into) an optimizer that has never stepped when it falls back to
+    torch's AdamW (no Apex / Transformer Engine). Step 0 with zero moments is exactly a fresh Adam."""
+    for opt in _torch_optimizers(optimizer):
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 def _sharded_state(
     model: list[torch.nn.Module],
     optimizer: MegatronOptimizer | None,
@@ -79,6 +110,8 @@ def _sharded_state(
     for i, chunk in enumerate(model):
         state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()  # type: ignore[operator]
     if optimizer is not None:
+        if is_loading:
+            _allocate_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return state
 
@@ -166,10 +199,17 @@ def save(
     return final
 
 
-def find_loadable(root: str | Path) -> tuple[Path | None, list[str]]:
+def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from: the tracker's, else (damaged or missing) the newest good one; and a line
-    for every checkpoint passed over."""
+    for every checkpoint passed over. A requested iteration (--ckpt-step) is that one or none."""
     root = Path(root)
+    if universal.is_universal(root):
+        return root, []
+    if iteration is not None:
+        problem = verify(iteration_dir(root, iteration))
+        if problem is None:
+            return iteration_dir(root, iteration), []
+        return None, [f"--ckpt-step {iteration}: checkpoint {iteration_dir(root, iteration)} is unusable ({problem})"]
     order = _iterations(root)
     try:
         named = latest_iteration(root)
@@ -193,12 +233,14 @@ def load(
     optimizer: MegatronOptimizer | None,
     load_rng: bool = True,
     log: Callable[[str], None] = print,
+    iteration: int | None = None,
 ) -> dict[str, Any] | None:
-    """Restores model, optimizer (unless None) and RNG from the newest good checkpoint; returns its other
-    entries (the schedule under "scheduler": whether it is followed is the caller's decision)."""
+    """Restores model, optimizer (unless None) and RNG from the newest good checkpoint (or `iteration`), or from
+    a universal checkpoint folder; returns its other entries (the schedule under "scheduler": whether it is
+    followed is the caller's decision)."""
     choice: list[Any] = [None, []]
     if torch.distributed.get_rank() == 0:
-        choice = list(find_loadable(root))
+        choice = list(find_loadable(root, iteration))
     torch.distributed.broadcast_object_list(choice, src=0)  # every rank loads the same checkpoint
     path, notes = choice
     for note in notes:
@@ -207,6 +249,8 @@ def load(
         if notes:
             raise CheckpointError(f"--load {root}: no usable checkpoint ({notes[-1]})")
         return None
+    if universal.is_universal(path):
+        return _load_universal(Path(path), model, optimizer, log)
     state = _sharded_state(model, optimizer, is_loading=True)
     same_layout = dist_checkpointing.load_common_state_dict(str(path)).get("parallel_layout") == _layout()
     if load_rng and same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
@@ -221,3 +265,35 @@ def load(
         _set_rng_state(loaded["rng_state"])
     skip = {"rng_state", "optimizer"} | {_model_key(i, len(model)) for i in range(len(model))}
     return {"path": str(path), **{k: v for k, v in loaded.items() if k not in skip}}
+
+
+def _load_universal(
+    path: Path, model: list[torch.nn.Module], optimizer: MegatronOptimizer | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Fills this rank's shards of the model (and optimizer) from a universal checkpoint: any TP/PP/DP layout.
+    RNG states are layout-bound and not part of the format; the run's seed starts them."""
+    try:
+        meta = universal.read_meta(path)
+        state = _sharded_state(model, optimizer, is_loading=True)
+        with torch.no_grad():
+            loaded = universal.load_into(path, state)
+    except ConvertError as e:
+        raise CheckpointError(f"--load {path}: {e}") from e
+    with torch.no_grad():
+        for i, chunk in enumerate(model):
+            chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
+        if optimizer is not None:
+            if meta.get("optimizer_step") is None:
+                raise CheckpointError(f"--load {path}: the universal checkpoint holds no optimizer step; "
+                                      "pass --no-load-optim or --finetune")  # fmt: skip
+            universal.set_optimizer_step(loaded["optimizer"], meta["optimizer_step"])
+            optimizer.load_state_dict(loaded["optimizer"])
+    source = meta["source_layout"]
+    log(
+        f"loaded universal checkpoint {path} (iteration {meta['iteration']}, saved at TP="
+        f"{source['tensor_model_parallel_size']} PP={source['pipeline_model_parallel_size']}); "
+        f"{'with' if optimizer is not None else 'without'} optimizer moments"
+    )
+    train_state = meta.get("train_state") or {"iteration": meta["iteration"]}
+    restored = {"scheduler": meta.get("scheduler"), "data_state": meta.get("data_state"), "config": meta["config"]}
+    return {"path": str(path), "iteration": meta["iteration"], "train_state": train_state, **restored}

@@ -34,6 +34,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import distributed, platform
 from megatron_ext.config import Config, ConfigError, parse_args
+from megatron_ext.convert import universal
 from megatron_ext.data.data_list import DataListError
 from megatron_ext.data.gpt_data import (
     MicroBatches,
@@ -218,6 +219,7 @@ def save_checkpoint(tr: Trainer) -> None:
         "train_state": asdict(tr.state),
         "data_state": tr.data.state_dict(tr.state.consumed_samples),
         "config": tr.cfg.to_dict(),
+        "vocab_size": tr.tokenizer.vocab_size,  # the universal format keeps only these embedding rows
     }
     start = time.perf_counter()
     ck = tr.cfg.checkpoint
@@ -351,8 +353,10 @@ def setup(cfg: Config) -> Trainer:
         fresh_optimizer = ck.finetune or ck.no_load_optim
         extra = checkpointing.load(
             ck.load, model, None if fresh_optimizer else optimizer, load_rng=not (ck.finetune or ck.no_load_rng),
-            log=metrics.print,
+            log=metrics.print, iteration=ck.ckpt_step,
         )  # fmt: skip
+        if ck.universal_checkpoint and extra is not None and not universal.is_universal(extra["path"]):
+            metrics.print(f"--universal-checkpoint: {extra['path']} is a regular checkpoint and loads as one")
         if extra is None and ck.finetune:
             raise ConfigError(f"--finetune: no checkpoint in --load {ck.load}")
         if extra is not None and fresh_optimizer:
@@ -364,7 +368,12 @@ def setup(cfg: Config) -> Trainer:
         elif extra is not None:
             state = TrainState(**extra["train_state"])
             metrics.print(f"resumed from {extra['path']} at iteration {state.iteration}")
-            metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
+            if extra.get("scheduler") is None:  # e.g. imported from DeepSpeed
+                scheduler.step(state.consumed_samples)
+                metrics.print(f"no LR schedule state in {extra['path']}: the command line's schedule at "
+                              f"{state.consumed_samples} samples:\n{scheduler.describe()}")  # fmt: skip
+            else:
+                metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
 
     entries = training_entries(cfg, tokenizer)
     saved_data = extra.get("data_state") if extra else None

@@ -1,0 +1,129 @@
+"""Exact resume in every layout and resharding through the universal format, optimizer moments included.
+
+A reference run (1 process) saves at step 3 and converts that checkpoint to the universal format. Loading the
+universal folder at (TP,PP,DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2 with the distributed optimizer) must continue
+the reference's loss curve within 1e-6 (the steps after the first depend on the restored Adam moments), and each
+layout's own checkpoint must resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launchers import ROOT, clean_env, launch_scenarios, ngram_corpus
+
+SCRIPT = ROOT / "tests" / "checkpoint_scenarios.py"
+LAYOUTS = ["univ1", "tp2", "pp2", "dp2_distopt"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("universal")
+    prefix = ngram_corpus(str(work / "docs"))
+    one = ["reference", "resume", "univ1", "univ1_resume", "univ1_no_moments"]
+    two = [name for layout in LAYOUTS[1:] for name in (layout, f"{layout}_resume")]
+    found = launch_scenarios(SCRIPT, 1, 29521, [prefix, str(work)], work / "one.json", one)
+    found |= launch_scenarios(SCRIPT, 2, 29522, [prefix, str(work)], work / "two.json", two)
+    return found, work
+
+
+def _save_at(found: dict) -> int:
+    return found["settings"]["save_at"]
+
+
+def test_resume_is_bit_exact(results: tuple[dict, Path]) -> None:
+    found, _ = results
+    assert found["resume"] == found["reference"][_save_at(found) :]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_universal_reshards_with_moments(results: tuple[dict, Path], layout: str) -> None:
+    found, _ = results
+    assert found[layout] == pytest.approx(found["reference"][_save_at(found) :], rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_in_layout_is_bit_exact(results: tuple[dict, Path], layout: str) -> None:
+    found, _ = results
+    assert found[f"{layout}_resume"] == found[layout][1:]
+
+
+def test_moments_matter(results: tuple[dict, Path]) -> None:
+    """Control: without the universal folder's moments the curve leaves the reference after one step."""
+    found, _ = results
+    fresh, ref = found["univ1_no_moments"], found["reference"][_save_at(found) :]
+    assert fresh[0] == pytest.approx(ref[0], rel=1e-6)  # the weights alone decide the first loss
+    assert abs(fresh[1] - ref[1]) > 1e-4
+
+
+def test_universal_folder_layout(results: tuple[dict, Path]) -> None:
+    found, work = results
+    univ, save_at = work / "universal", _save_at(found)
+    meta = json.loads((univ / "universal.json").read_text())
+    assert meta["format"] == "megatron_ext.universal/1" and meta["iteration"] == save_at
+    assert meta["optimizer_step"] == save_at and meta["train_state"]["consumed_samples"] == save_at * 8
+    qkv = univ / "zero" / "decoder.layers.3.self_attention.linear_qkv.weight"
+    assert sorted(p.name for p in qkv.iterdir()) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt", "step.pt"]
+    import torch
+
+    t = torch.load(qkv / "fp32.pt", weights_only=True)["param"]
+    assert tuple(t.shape) == ((4 + 2 * 2) * 16, 64) and t.dtype == torch.float32
+
+
+def test_dry_run_lists_and_writes_nothing(results: tuple[dict, Path], tmp_path: Path) -> None:
+    _, work = results
+    cmd = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "to-universal", "--load"]
+    proc = subprocess.run([*cmd, str(work / "reference"), "--dry-run"], capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "decoder.layers.self_attention.linear_qkv.weight[3] -> zero/decoder.layers.3." in proc.stdout
+    assert "{fp32,exp_avg,exp_avg_sq}" in proc.stdout and "nothing written" in proc.stderr
+
+
+def test_damaged_universal_file_is_one_clear_error(results: tuple[dict, Path], tmp_path: Path) -> None:
+    import shutil
+
+    found, work = results
+    damaged = tmp_path / "damaged"
+    shutil.copytree(work / "universal", damaged)
+    victim = damaged / "zero" / "output_layer.weight" / "exp_avg.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    argv = [*found["settings"]["base"], "--data-path", str(work / "docs"), "--data-cache-path", str(work / "cache")]
+    argv += ["--load", str(damaged)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), *argv],
+        capture_output=True, text=True, env={**clean_env(), "PYTHONPATH": str(ROOT)}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "output_layer.weight/exp_avg.pt: unreadable" in errors[0] and "damaged" in errors[0]
+
+
+def test_reshard_tool_keeps_every_tensor(results: tuple[dict, Path], tmp_path: Path) -> None:
+    """reshard to TP=2 with the distributed optimizer, back to universal: every weight and moment is unchanged."""
+    import torch
+
+    _, work = results
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    out, back = tmp_path / "tp2", tmp_path / "back"
+    args = ["--load", str(work / "reference"), "--save", str(out), "--target-tp", "2", "--use-distributed-optimizer"]
+    proc = subprocess.run([*tool, "reshard", *args, "--no-progress"], capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TP=2 PP=1 (2 processes), distributed optimizer, with Adam moments" in proc.stdout
+    saved = json.loads((out / "config.json").read_text())["parallel"]
+    assert saved["tensor_model_parallel_size"] == 2 and saved["use_distributed_optimizer"]
+    proc = subprocess.run([*tool, "to-universal", "--load", str(out), "--save", str(back), "--no-progress"],
+                          capture_output=True, text=True, env=clean_env())  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original = sorted((work / "universal" / "zero").rglob("*.pt"))
+    assert [f.relative_to(work / "universal") for f in original] == [
+        f.relative_to(back) for f in sorted((back / "zero").rglob("*.pt"))
+    ]
+    for f in original:
+        a = torch.load(f, weights_only=True)
+        b = torch.load(back / f.relative_to(work / "universal"), weights_only=True)
+        a, b = (x["param"] if isinstance(x, dict) else x for x in (a, b))
+        assert torch.equal(a, b), f
