@@ -421,6 +421,11 @@ class CheckpointConfig:
         "accepted for Megatron-DeepSpeed scripts that pass it.",
     )
     ckpt_step: int | None = opt(None, "Load this iteration from --load instead of the latest.")
+    async_save: bool = opt(
+        False,
+        "On GPU, write checkpoints from a background process while training goes on (the checkpoint appears, "
+        "atomically, once complete). CPU runs save synchronously: the writer would compete for the same cores.",
+    )
 
     def __post_init__(self) -> None:
         _check(self.save_interval is None or self.save_interval > 0, "--save-interval must be positive")

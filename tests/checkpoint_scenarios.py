@@ -9,6 +9,8 @@ paid twice. All runs train the same model for STEPS steps on the same data:
   (reshard), steps SAVE_AT+1..STEPS, saving at SAVE_AT+1; then `<layout>_resume`: --load of that save in the same
   layout, steps SAVE_AT+2..STEPS (exact resume in the layout).
 * `<layout>_no_moments`: as `<layout>` with --no-load-optim (a control: the moments matter).
+* `async` / `async_resume`: the reference run saving through megatron-core's background writer (what
+  --async-save does on GPU), then a resume from that checkpoint.
 
 usage: checkpoint_scenarios.py DATA_PREFIX WORKDIR OUT_JSON SCENARIO [SCENARIO ...]
 """
@@ -25,9 +27,10 @@ quiet_optional_dependency_warnings()
 
 import torch  # noqa: E402
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue  # noqa: E402
 
 from megatron_ext.config import parse_args  # noqa: E402
-from megatron_ext.training.loop import save_checkpoint, setup, train_step  # noqa: E402
+from megatron_ext.training.loop import finish_saves, save_checkpoint, setup, train_step  # noqa: E402
 
 STEPS, SAVE_AT = 6, 3
 BASE = (
@@ -45,13 +48,21 @@ LAYOUTS = {
 }
 
 
-def _run(argv: list[str], save_at: int | None = None) -> list[float]:
+def _run(argv: list[str], save_at: int | None = None, background: Path | None = None) -> list[float]:
+    """Steps to STEPS (saving at `save_at`); with `background`, saves go through the async writer as with
+    --async-save on GPU, and a checkpoint visible before its finalization is recorded as a failure."""
     tr = setup(parse_args(argv))
+    if background is not None:
+        tr.async_saves = AsyncCallsQueue()
     losses = []
     while tr.state.iteration < STEPS:
         losses.append(train_step(tr)["lm_loss"])
+        finish_saves(tr, blocking=False)
         if tr.state.iteration == save_at:
             save_checkpoint(tr)
+            if background is not None and (background / "latest_checkpointed_iteration.txt").exists():
+                losses.append(float("nan"))  # published before the writer was finalized
+    finish_saves(tr)
     parallel_state.destroy_model_parallel()
     return losses
 
@@ -67,6 +78,10 @@ def run(name: str, common: list[str], work: Path) -> list[float]:
         return losses
     if name == "resume":
         return _run([*common, "--load", str(work / "reference")])
+    if name == "async":
+        return _run([*common, "--save", str(work / "async")], save_at=SAVE_AT, background=work / "async")
+    if name == "async_resume":
+        return _run([*common, "--load", str(work / "async")])
     layout = name.removesuffix("_resume").removesuffix("_no_moments")
     flags = [*common, *LAYOUTS[layout]]
     if name.endswith("_resume"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,10 @@ def test_slurm_hosts_and_tasks(tmp_path: Path) -> None:
            "SLURM_CPUS_PER_TASK": "32"}  # fmt: skip
     plan = _plan(tmp_path, env, launcher="srun")
     assert plan.derived["WORLD_SIZE"] == "12" and plan.values["CPUS_PER_RANK"][0] == "32"
-    assert plan.command[:11] == ["srun", "--nodes", "3", "--ntasks", "12", "--ntasks-per-node", "4",
-                                 "--cpus-per-task", "32", "--kill-on-bad-exit=1", plan.command[10]]  # fmt: skip
+    assert plan.command[:12] == ["srun", "--nodes", "3", "--ntasks", "12", "--ntasks-per-node", "4",
+                                 "--cpus-per-task", "32", "--kill-on-bad-exit=1", sys.executable,
+                                 str(ROOT / "pretrain_gpt.py")]  # fmt: skip
+    assert plan.signal == "USR1"  # srun forwards it to the tasks; SIGTERM would end the step
 
 
 def test_variables_map_to_schema_settings(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_compare_identical_and_differing(ckpt: Path, capsys: pytest.CaptureFixtu
     assert all(d["max_abs"] > 0 and 0 < d["rel"] for d in c["diffs"] if d["name"].endswith(".weight"))
 
 
-def _write_universal(ckpt: Path, out: Path, cut_vocab: bool = True, skip: str | None = None) -> dict:
+def _write_universal(ckpt: Path, out: Path, skip: str | None = None) -> dict:
     """A universal folder by hand from the checkpoint's tensors, following the format's description (not the
     converter): per-layer names, fp32 = the model weight of this fp32 run, vocabulary rows cut to the tokenizer's."""
     tensors = _torch_read(ckpt / "iter_0000004")
@@ -133,7 +133,7 @@ def _write_universal(ckpt: Path, out: Path, cut_vocab: bool = True, skip: str | 
         if name.startswith("decoder.layers."):  # layer i of decoder.layers.X is decoder.layers.i.X
             pieces = [(name.replace("layers.", f"layers.{i}.", 1), t[i]) for i in range(t.shape[0])]
         for per_layer, value in pieces:
-            if cut_vocab and per_layer == "embedding.word_embeddings.weight":
+            if per_layer == "embedding.word_embeddings.weight":
                 value = value[:VOCAB]
             if per_layer == skip:
                 continue

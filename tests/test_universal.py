@@ -9,6 +9,7 @@ layout's own checkpoint must resume bit-exactly.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ LAYOUTS = ["univ1", "tp2", "pp2", "dp2_distopt"]
 def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     work = tmp_path_factory.mktemp("universal")
     prefix = ngram_corpus(str(work / "docs"))
-    one = ["reference", "resume", "univ1", "univ1_resume", "univ1_no_moments"]
+    one = ["reference", "resume", "univ1", "univ1_resume", "univ1_no_moments", "async", "async_resume"]
     two = [name for layout in LAYOUTS[1:] for name in (layout, f"{layout}_resume")]
     found = launch_scenarios(SCRIPT, 1, 29521, [prefix, str(work)], work / "one.json", one)
     found |= launch_scenarios(SCRIPT, 2, 29522, [prefix, str(work)], work / "two.json", two)
@@ -38,6 +39,12 @@ def _save_at(found: dict) -> int:
 def test_resume_is_bit_exact(results: tuple[dict, Path]) -> None:
     found, _ = results
     assert found["resume"] == found["reference"][_save_at(found) :]
+
+
+def test_background_save_publishes_when_complete_and_resumes_exactly(results: tuple[dict, Path]) -> None:
+    found, _ = results
+    assert found["async"] == found["reference"]  # no NaN: nothing was visible before the writer finished
+    assert found["async_resume"] == found["reference"][_save_at(found) :]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -127,3 +134,34 @@ def test_reshard_tool_keeps_every_tensor(results: tuple[dict, Path], tmp_path: P
         b = torch.load(back / f.relative_to(work / "universal"), weights_only=True)
         a, b = (x["param"] if isinstance(x, dict) else x for x in (a, b))
         assert torch.equal(a, b), f
+
+
+def test_megatron_lm_checkpoint_loads(results: tuple[dict, Path], tmp_path: Path) -> None:
+    """A checkpoint as Megatron-LM's training writes it (same megatron-core model; its own common state: `args`,
+    `checkpoint_version`, `opt_param_scheduler`; no manifest) resumes: weights, moments and consumed samples."""
+    import argparse
+    import shutil
+
+    import torch
+
+    found, work = results
+    save_at = _save_at(found)
+    mlm = tmp_path / "megatron_lm"
+    shutil.copytree(work / "reference" / f"iter_{save_at:07d}", mlm / f"iter_{save_at:07d}")
+    (mlm / "latest_checkpointed_iteration.txt").write_text(str(save_at))
+    (mlm / f"iter_{save_at:07d}" / "manifest.json").unlink()
+    common_file = mlm / f"iter_{save_at:07d}" / "common.pt"
+    ours = torch.load(common_file, weights_only=False)
+    args = argparse.Namespace(consumed_train_samples=save_at * 8, seq_length=64, num_layers=4)
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": save_at, "optimizer": ours["optimizer"]}
+    common |= {"opt_param_scheduler": {"max_lr": 4e-3, "num_steps": save_at * 8}, "rng_state": None}
+    torch.save(common, common_file)
+    argv = [*found["settings"]["base"], "--data-path", str(work / "docs"), "--data-cache-path", str(work / "cache")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), *argv, "--load", str(mlm), "--log-interval", "1"],
+        capture_output=True, text=True, env={**clean_env(), "PYTHONPATH": str(ROOT)}, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Megatron-LM checkpoint (version 3.0): iteration 3, 24 samples consumed" in proc.stdout
+    losses = [float(x) for x in re.findall(r"^iter \d+/\d+ \| loss ([0-9.]+)", proc.stdout, re.M)]
+    assert losses == pytest.approx(found["reference"][save_at:], abs=1e-4)  # printed with 4 decimals

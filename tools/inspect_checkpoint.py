@@ -626,12 +626,14 @@ def _bar(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=not show, leave=False)
 
 
-def norm(src: Source, e: Entry) -> float:
+def norm(src: Source, e: Entry, bar: Any = None) -> float:
     """L2 norm in float64, one block of rows at a time."""
     total = 0.0
     for lo, hi in _blocks(e, e.rows):
         x = src.read_rows(e, lo, hi).reshape(-1).double()
         total += float(torch.dot(x, x))
+        if bar is not None:
+            bar.update((hi - lo) * e.row_bytes if e.shape else e.nbytes)
     return math.sqrt(total)
 
 
@@ -749,8 +751,7 @@ def tensor_rows(src: Source, read: bool, progress: bool) -> Iterator[dict[str, A
     entries = _sorted(src.entries)
     with _bar(sum(e.nbytes for e in entries) if read else 0, progress, "norms") as bar:
         for e in entries:
-            value = norm(src, e) if read else None
-            bar.update(e.nbytes)
+            value = norm(src, e, bar) if read else None
             yield {
                 "name": e.name,
                 "state": e.state,
@@ -781,6 +782,13 @@ def _print_header(h: dict[str, Any], label: str = "") -> None:
         print(f"  {'lr schedule' if i == 0 else '':11} {line}")
 
 
+def _emit(line: str) -> None:
+    """A table row, printed above the progress bar (on stderr) rather than through it."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.6g}"
 
@@ -790,7 +798,7 @@ def _print_tensors(src: Source, rows: Iterator[dict[str, Any]]) -> None:
     print(f"\n{'tensor':{width}}  {'state':10} {'shape':20} {'dtype':9} {'norm':>14}", flush=True)
     n = values = 0
     for r in rows:
-        print(f"{r['name']:{width}}  {r['state']:10} {str(r['shape']):20} {r['dtype']:9} {_fmt(r['norm']):>14}")
+        _emit(f"{r['name']:{width}}  {r['state']:10} {str(r['shape']):20} {r['dtype']:9} {_fmt(r['norm']):>14}")
         n, values = n + 1, values + math.prod(r["shape"])
     print(f"{n} tensors, {values:,} values")
 
@@ -803,7 +811,7 @@ def _print_compare(a: Source, b: Source, p: Pairing, read: bool, progress: bool,
         diffs.append(d)
         shape = str(list(d.shape_a)) if d.shape_a == d.shape_b else f"{list(d.shape_a)}/{list(d.shape_b)}"
         note = d.note + (f"{'; ' if d.note else ''}dtype {d.dtype_a}/{d.dtype_b}" if d.dtype_a != d.dtype_b else "")
-        print(f"{d.name:{width}}  {d.state:10} {shape:20} {_fmt(d.max_abs):>12} {_fmt(d.rel):>12}  {note}")
+        _emit(f"{d.name:{width}}  {d.state:10} {shape:20} {_fmt(d.max_abs):>12} {_fmt(d.rel):>12}  {note}")
     for label, names in (("A", p.only_a), ("B", p.only_b)):
         if names:
             print(f"\nonly in {label} ({len(names)}):")

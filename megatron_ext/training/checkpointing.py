@@ -16,13 +16,16 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import MegatronOptimizer
 
 from megatron_ext.convert import ConvertError, universal
@@ -166,13 +169,18 @@ def save(
     scheduler: ParamScheduler,
     extra: dict[str, Any],
     keep_last: int | None = None,
+    async_queue: AsyncCallsQueue | None = None,
 ) -> Path:
-    """Writes iter_%07d atomically and then points the tracker at it. Collective: every rank calls it."""
+    """Writes iter_%07d atomically and then points the tracker at it. Collective: every rank calls it.
+
+    With `async_queue` the files are written by megatron-core's background writer while training goes on; the
+    rename and the tracker follow when the queue finalizes the save (the caller finalizes before the next save
+    and before exiting), so a crash in between leaves the previous checkpoint as the latest.
+    """
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    rank0 = torch.distributed.get_rank() == 0
-    if rank0:
+    if torch.distributed.get_rank() == 0:
         for stale in root.glob("iter_*.tmp"):  # left by a job killed while saving
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -183,9 +191,23 @@ def save(
     state["scheduler"] = scheduler.state_dict()
     state["iteration"] = iteration
     state.update(extra)
-    dist_checkpointing.save(state, str(tmp))
+    publish = partial(_publish, root, tmp, iteration, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        assert request is not None
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> None:
+    """Once every rank's files are written: manifest, atomic rename, tracker, retention (rank 0)."""
     torch.distributed.barrier()
-    if rank0:
+    if torch.distributed.get_rank() == 0:
+        final = iteration_dir(root, iteration)
         _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -196,7 +218,6 @@ def save(
         if keep_last is not None:
             _retain(root, keep_last)
     torch.distributed.barrier()
-    return final
 
 
 def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path | None, list[str]]:
@@ -256,7 +277,11 @@ def load(
     if load_rng and same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
         state["rng_state"] = _rng_state()
     with torch.no_grad():
-        loaded = dist_checkpointing.load(state, str(path))
+        try:
+            loaded = dist_checkpointing.load(state, str(path))
+        except CheckpointingException as e:
+            hint = "; without its optimizer state: --no-load-optim" if optimizer is not None else ""
+            raise CheckpointError(f"--load {path}: {_first_line(e)} (another model or layout{hint})") from e
         for i, chunk in enumerate(model):
             chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
         if optimizer is not None:
@@ -264,7 +289,27 @@ def load(
     if "rng_state" in state:
         _set_rng_state(loaded["rng_state"])
     skip = {"rng_state", "optimizer"} | {_model_key(i, len(model)) for i in range(len(model))}
-    return {"path": str(path), **{k: v for k, v in loaded.items() if k not in skip}}
+    rest = {k: v for k, v in loaded.items() if k not in skip}
+    if "train_state" not in rest:
+        rest.update(_megatron_lm_state(rest, log))
+    return {"path": str(path), **rest}
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _megatron_lm_state(common: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """Progress of a checkpoint written by Megatron-LM's training (its `args` and `iteration`): the position in the
+    data and the schedule follow from the consumed samples; its RNG, data order and scheduler are not ours."""
+    args = common.get("args")
+    samples = int(getattr(args, "consumed_train_samples", 0) or 0)
+    seq = int(getattr(args, "seq_length", 0) or 0)
+    iteration = int(common.get("iteration", 0) or 0)
+    log(f"Megatron-LM checkpoint (version {common.get('checkpoint_version')}): iteration {iteration}, "
+        f"{samples} samples consumed; its LR schedule and data order are not carried over")  # fmt: skip
+    train_state = {"iteration": iteration, "consumed_samples": samples, "consumed_tokens": samples * seq}
+    return {"train_state": train_state, "scheduler": None, "data_state": None}
 
 
 def _load_universal(

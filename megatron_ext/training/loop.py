@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
@@ -92,6 +93,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     stop_requested: bool = False
     started: float = field(default_factory=time.monotonic)
+    async_saves: AsyncCallsQueue | None = None  # --async-save on GPU: checkpoints being written in the background
 
 
 def _is_loss_rank() -> bool:
@@ -222,6 +224,7 @@ def save_checkpoint(tr: Trainer) -> None:
         "vocab_size": tr.tokenizer.vocab_size,  # the universal format keeps only these embedding rows
     }
     start = time.perf_counter()
+    finish_saves(tr)  # one save in flight at a time: the next one clears unfinished folders
     ck = tr.cfg.checkpoint
     path = checkpointing.save(
         ck.save,
@@ -231,10 +234,18 @@ def save_checkpoint(tr: Trainer) -> None:
         tr.scheduler,
         extra,
         ck.keep_last_checkpoints,  # type: ignore[arg-type]
+        tr.async_saves,
     )
     seconds = time.perf_counter() - start
     tr.metrics.exclude(seconds)
-    tr.metrics.print(f"saved checkpoint {path} in {seconds:.1f}s")
+    done = "handed to the background writer" if tr.async_saves else "saved"
+    tr.metrics.print(f"{done} checkpoint {path} in {seconds:.1f}s")
+
+
+def finish_saves(tr: Trainer, blocking: bool = True) -> None:
+    """Publishes background saves that are complete (all of them when blocking). Collective."""
+    if tr.async_saves is not None:
+        tr.async_saves.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _finished(tr: Trainer) -> bool:
@@ -271,11 +282,13 @@ def train(tr: Trainer) -> TrainState:
             tr.metrics.step(it, total_iters, values)
         if it % cfg.logging.eval_interval == 0:
             _log_eval(tr)
+        finish_saves(tr, blocking=False)
         save_due = cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0
         stop = _stop_now(tr)
         if cfg.checkpoint.save and (save_due or stop):
             save_checkpoint(tr)
         if stop:
+            finish_saves(tr)
             tr.metrics.print(f"exiting at iteration {it} (exit interval, duration or signal)")
             return tr.state
     if cfg.logging.eval_interval and tr.state.iteration % cfg.logging.eval_interval != 0:
@@ -284,6 +297,7 @@ def train(tr: Trainer) -> TrainState:
         cfg.checkpoint.save_interval and tr.state.iteration % cfg.checkpoint.save_interval == 0
     ):
         save_checkpoint(tr)
+    finish_saves(tr)
     return tr.state
 
 
@@ -388,6 +402,10 @@ def setup(cfg: Config) -> Trainer:
         cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, data, train_data,
         valid_sets, metrics, state,
     )  # fmt: skip
+    if ck.async_save and plat.device_type == "cuda":
+        tr.async_saves = AsyncCallsQueue()
+    elif ck.async_save:
+        metrics.print("--async-save: CPU runs save synchronously (a background writer would share the cores)")
     if t.exit_signal_handler:
 
         def request_stop(signum: int, frame: object) -> None:
@@ -456,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        if tr.async_saves is not None:
+            tr.async_saves.close()  # waits for and publishes a save still being written
         tr.metrics.close()
         distributed.destroy()
     return 0
