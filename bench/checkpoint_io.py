@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from megatron_ext import distributed
     from megatron_ext.config import parse_args
-    from megatron_ext.training import checkpointing
+    from megatron_ext.training import checkpointing, loop
     from megatron_ext.training.loop import save_checkpoint, setup, train_step
 
     if a.threads:
@@ -256,13 +256,18 @@ def main(argv: list[str] | None = None) -> None:
 
     buf = memoryview(bytearray(os.urandom(1 << 20)) * (BLOCK >> 20))
     read_buf = bytearray(BLOCK)
-    results: dict[str, list[float]] = {k: [] for k in ("save", "write", "load_warm", "read_warm", "load", "read")}
+    keys = ("save", "save_blocking", "write", "load_warm", "read_warm", "load", "read")
+    results: dict[str, list[float]] = {k: [] for k in keys}
+    background = getattr(tr, "async_saves", None) is not None  # --async-save (GPU): finished by finish_saves
     nbytes = nfiles = 0
     for r in range(a.repeats):
         tr.state.iteration = r + 1
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             save_checkpoint(tr)  # what training calls
+            results["save_blocking"].append(time.perf_counter() - t0)
+            if background:
+                loop.finish_saves(tr)  # the save is complete (published) only then
         results["save"].append(time.perf_counter() - t0)
         folder = checkpointing.iteration_dir(root, r + 1)
         nbytes, nfiles = _size(folder), len(_files(folder))
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"checkpoint: {nbytes / 1e9:.3f} GB in {nfiles} files; largest tensor {biggest[0]} {biggest[1] / 1e6:.1f} MB")
     print(f"\n{'':34} {'seconds per run':>20} {'best GB/s':>9}")
     print(_row("save (save_checkpoint, fsync)", results["save"], nbytes, results["write"]))
+    if background:
+        print(_row("  of which training waits (async)", results["save_blocking"], nbytes))
     print(_row("raw write + fsync (the limit)", results["write"], nbytes))
     print(_row("load warm (page cache)", results["load_warm"], nbytes, results["read_warm"]))
     print(_row("raw read warm", results["read_warm"], nbytes))
@@ -335,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
             "note: cold reads are not much slower than warm ones: the disk (or its host) caches, so load figures "
             "are close to deserialisation speed, not disk speed"
         )
+    if background:
+        tr.async_saves.close()
     distributed.destroy()
 
     if a.no_conversion:

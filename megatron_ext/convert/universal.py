@@ -107,10 +107,12 @@ def read_state(root: Path, name: str, state: str) -> Any:
 
 
 def _save_tensor(path: Path, tensor: Any) -> None:
+    """torch.save writes a view's whole storage: copy only views of larger tensors."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"param": tensor.contiguous().clone()}, path)
+    own = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    torch.save({"param": tensor if own else tensor.contiguous().clone()}, path)
 
 
 # ---- our checkpoint -> universal ----------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def to_universal(
 ) -> list[str]:
     """Writes the universal form of one of our checkpoints; returns one line per parameter (what --dry-run lists).
 
-    Memory: one layer of one parameter with its fp32 copy and moments at a time.
+    Memory: one tensor (one layer of one parameter or of one of its optimizer states) at a time.
     """
     ckpt = find_checkpoint(ckpt_dir, iteration)
     common = read_common(ckpt)
@@ -176,7 +178,7 @@ def to_universal(
             shape = list(meta[key].global_shape[1:] if layer is not None else meta[key].global_shape)
             states = ["fp32", *(m for m in MOMENTS if f"{OPTIMIZER_PREFIX}{m}.{key}" in meta)]
             name = layer_name(key, layer)
-            params[name] = {"shape": shape, "states": states}
+            params[name] = {"shape": shape, "dtype": "float32", "states": states}
             lines.append(f"{key}{'' if layer is None else f'[{layer}]'} -> zero/{name}/{{{','.join(states)}}} {shape}")
         if dry_run:
             return lines
@@ -188,14 +190,14 @@ def to_universal(
                 mains = [f"{OPTIMIZER_PREFIX}{s}.{key}" for s in MAIN_STATES]
                 main = next((m for m in mains if m in meta), key)
                 sources = {"fp32": main} | {m: f"{OPTIMIZER_PREFIX}{m}.{key}" for m in params[name]["states"][1:]}
-                loaded = read_tensors(ckpt, [(src, layer) for src in sources.values()], meta)
-                for state, src in sources.items():
-                    _save_tensor(state_file(tmp, name, state), loaded[(src, layer)].float())
+                for state, src in sources.items():  # one tensor in memory at a time
+                    tensor = read_tensors(ckpt, [(src, layer)], meta)[(src, layer)]
+                    _save_tensor(state_file(tmp, name, state), tensor.float())
+                    del tensor
                 if step is not None:
                     import torch
 
                     torch.save(torch.tensor(float(step)), state_file(tmp, name, "step"))
-                del loaded
                 bar.update(1)
             _write_meta(tmp, common, config, vocab, step, params, source=str(ckpt))
     return lines
@@ -330,7 +332,7 @@ def write_renamed(
     with atomic_output_dir(out) as tmp, progress_bar(total, "universal", progress) as bar:
         for name, state, tensor in tensors:
             _save_tensor(state_file(tmp, name, state), tensor.float())
-            entry = params.setdefault(name, {"shape": list(tensor.shape), "states": []})
+            entry = params.setdefault(name, {"shape": list(tensor.shape), "dtype": "float32", "states": []})
             entry["states"].append(state)
             bar.update(1)
         if step is not None:

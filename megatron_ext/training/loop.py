@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -361,33 +362,7 @@ def setup(cfg: Config) -> Trainer:
         tensorboard_dir=cfg.logging.tensorboard_dir,
         log_file=Path(run_dir) / "train.log" if run_dir else None,
     )
-    state, extra = TrainState(), None
-    ck = cfg.checkpoint
-    if ck.load:
-        fresh_optimizer = ck.finetune or ck.no_load_optim
-        extra = checkpointing.load(
-            ck.load, model, None if fresh_optimizer else optimizer, load_rng=not (ck.finetune or ck.no_load_rng),
-            log=metrics.print, iteration=ck.ckpt_step,
-        )  # fmt: skip
-        if ck.universal_checkpoint and extra is not None and not universal.is_universal(extra["path"]):
-            metrics.print(f"--universal-checkpoint: {extra['path']} is a regular checkpoint and loads as one")
-        if extra is None and ck.finetune:
-            raise ConfigError(f"--finetune: no checkpoint in --load {ck.load}")
-        if extra is not None and fresh_optimizer:
-            optimizer.reload_model_params()  # the fp32 master weights follow the loaded weights
-        if extra is not None and ck.finetune:
-            metrics.print(f"fine-tuning from the weights of {extra['path']}: iteration, optimizer, schedule and data "
-                          "position start afresh")  # fmt: skip
-            extra = None
-        elif extra is not None:
-            state = TrainState(**extra["train_state"])
-            metrics.print(f"resumed from {extra['path']} at iteration {state.iteration}")
-            if extra.get("scheduler") is None:  # e.g. imported from DeepSpeed
-                scheduler.step(state.consumed_samples)
-                metrics.print(f"no LR schedule state in {extra['path']}: the command line's schedule at "
-                              f"{state.consumed_samples} samples:\n{scheduler.describe()}")  # fmt: skip
-            else:
-                metrics.print(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
+    state, extra = _resume(cfg, model, optimizer, scheduler, metrics.print)
 
     entries = training_entries(cfg, tokenizer)
     saved_data = extra.get("data_state") if extra else None
@@ -402,9 +377,9 @@ def setup(cfg: Config) -> Trainer:
         cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, data, train_data,
         valid_sets, metrics, state,
     )  # fmt: skip
-    if ck.async_save and plat.device_type == "cuda":
+    if cfg.checkpoint.async_save and plat.device_type == "cuda":
         tr.async_saves = AsyncCallsQueue()
-    elif ck.async_save:
+    elif cfg.checkpoint.async_save:
         metrics.print("--async-save: CPU runs save synchronously (a background writer would share the cores)")
     if t.exit_signal_handler:
 
@@ -414,6 +389,47 @@ def setup(cfg: Config) -> Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, request_stop)
     return tr
+
+
+def _resume(
+    cfg: Config,
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: ParamScheduler,
+    log: Callable[[str], None],
+) -> tuple[TrainState, dict[str, Any] | None]:
+    """Loads --load as the checkpoint flags say; returns the progress to continue from and the checkpoint's other
+    entries (None when starting afresh, --finetune included)."""
+    ck = cfg.checkpoint
+    if not ck.load:
+        return TrainState(), None
+    fresh_optimizer = ck.finetune or ck.no_load_optim
+    extra = checkpointing.load(
+        ck.load, model, None if fresh_optimizer else optimizer, load_rng=not (ck.finetune or ck.no_load_rng),
+        log=log, iteration=ck.ckpt_step,
+    )  # fmt: skip
+    if extra is None:
+        if ck.finetune:
+            raise ConfigError(f"--finetune: no checkpoint in --load {ck.load}")
+        log(f"no checkpoint in --load {ck.load} yet: starting from iteration 0")
+        return TrainState(), None
+    if ck.universal_checkpoint and not universal.is_universal(extra["path"]):
+        log(f"--universal-checkpoint: {extra['path']} is a regular checkpoint and loads as one")
+    if fresh_optimizer:
+        optimizer.reload_model_params()  # the fp32 master weights follow the loaded weights
+    if ck.finetune:
+        log(f"fine-tuning from the weights of {extra['path']}: iteration, optimizer, schedule and data position "
+            "start afresh")  # fmt: skip
+        return TrainState(), None
+    state = TrainState(**extra["train_state"])
+    log(f"resumed from {extra['path']} at iteration {state.iteration}")
+    if extra.get("scheduler") is None:  # imported from DeepSpeed or Megatron-LM
+        scheduler.step(state.consumed_samples)
+        log(f"no LR schedule state in {extra['path']}: the command line's schedule at {state.consumed_samples} "
+            f"samples:\n{scheduler.describe()}")  # fmt: skip
+    else:
+        log(resume_schedule(cfg, scheduler, optimizer, extra["scheduler"], state.consumed_samples))
+    return state, extra
 
 
 def resume_schedule(
