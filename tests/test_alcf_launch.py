@@ -193,7 +193,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
 def test_default_run_end_to_end(default_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     tmp, proc = default_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(_losses(proc.stdout)) == list(range(1, 51))
+    assert sorted(_losses(proc.stdout)) == list(range(1, 51)), proc.stdout[-3000:] + proc.stderr[-2000:]
     runs = list((tmp / "runs" / "alcf").iterdir())
     assert len(runs) == 1
     run = runs[0]
@@ -229,10 +229,11 @@ def test_cpt_command_universal_checkpoint_finetune(
                NGPU_PER_HOST="2", RUN_DIR="run")  # fmt: skip
     proc = _bash(tmp_path, env, "--universal-checkpoint", "--finetune", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    assert "TRAIN_ITERS=10 = ceil(TRAIN_TOKENS 10,240 / (SEQ 128 x GLOBAL_BATCH 8))" in out  # 2 x 2 x DP 2
-    assert "fine-tuning from the weights of" in out and sorted(_losses(out)) == list(range(1, 11))
-    assert _losses(out)[1] < _losses(first.stdout)[1] - 0.3  # starts from the trained weights, not from scratch
+    out, tail = proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "TRAIN_ITERS=10 = ceil(TRAIN_TOKENS 10,240 / (SEQ 128 x GLOBAL_BATCH 8))" in out, tail  # 2 x 2 x DP 2
+    assert "fine-tuning from the weights of" in out and sorted(_losses(out)) == list(range(1, 11)), tail
+    fresh, tuned = _losses(first.stdout)[1], _losses(out)[1]
+    assert tuned < fresh - 0.3, (tuned, fresh)  # starts from the trained weights, not from scratch
     saved = tmp_path / "checkpoints" / "tiny_nl2_hs64_seq128_mix"
     assert (saved / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
     cfg = (tmp_path / "run" / "config.json").read_text()
@@ -269,7 +270,8 @@ def test_cpt_under_mpirun_stops_cleanly_on_the_walltime_signal(
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     command = _command(out)
     assert command[:7] == ["mpiexec", "-np", "2", "--map-by", "ppr:2:node", "--hostfile", env["PBS_NODEFILE"]]
-    assert "caught SIGUSR1; sending SIGUSR1 to the launcher" in out and "fine-tuning from the weights of" in out
+    assert "caught SIGUSR1; sending SIGUSR1 to the launcher" in out, out[-3000:] + err[-2000:]
+    assert "fine-tuning from the weights of" in out and "exiting at iteration" in out, out[-3000:] + err[-2000:]
     stopped = int(re.search(r"exiting at iteration (\d+)", out).group(1))  # type: ignore[union-attr]
     assert stopped >= 3
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_ext.convert import ConvertError, read_common  # noqa: E402
+from megatron_ext.convert.universal import common_step  # noqa: E402
 from megatron_ext.training import layout  # noqa: E402
 
 BLOCK_BYTES = 32 << 20  # rows read at a time per tensor (and per side when comparing)
@@ -282,7 +283,7 @@ class DistCheckpoint:
             "train_state": _plain(c.get("train_state")),
             "data_state": _plain(c.get("data_state")),
             "layout": dict(zip(LAYOUT_KEYS, (tp, pp))),
-            "optimizer_step": _optimizer_step(c.get("optimizer")),
+            "optimizer_step": common_step(c.get("optimizer")),
             "vocab_size": c.get("vocab_size"),
             "config": _plain(c.get("config")) or _run_config(self.path),
             "scheduler": _plain(c.get("scheduler")),
@@ -356,20 +357,10 @@ class DistCheckpoint:
 
 def _manifest_check(folder: Path) -> str:
     """'ok', 'no manifest', or what differs from the sizes our save recorded (a damaged checkpoint)."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
+    if not (folder / layout.MANIFEST).is_file():
         return "no manifest"
-    try:
-        sizes = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return "manifest.json unreadable"
-    for name, size in sizes.items():
-        f = folder / name
-        if not f.is_file():
-            return f"DAMAGED: {name} is missing"
-        if f.stat().st_size != size:
-            return f"DAMAGED: {name} has {f.stat().st_size} bytes, {size} were written"
-    return "ok (file sizes match manifest.json)"
+    problem = layout.verify(folder)
+    return f"DAMAGED: {problem}" if problem else "ok (file sizes match manifest.json)"
 
 
 def _run_config(folder: Path) -> dict[str, Any] | None:
@@ -510,19 +501,6 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
-
-
-def _optimizer_step(opt: Any) -> int | None:
-    """The Adam step in the common state: `common_step`, or a param group's `step`, wherever it is nested."""
-    if not isinstance(opt, dict):
-        return None
-    state = opt.get("state")
-    if isinstance(state, dict) and "common_step" in state:
-        return int(state["common_step"])
-    for group in opt.get("param_groups", []):
-        if isinstance(group, dict) and group.get("step") is not None:
-            return int(group["step"])
-    return next((s for v in opt.values() if (s := _optimizer_step(v)) is not None), None)
 
 
 def _count(n: float) -> str:

@@ -118,7 +118,7 @@ def _save_tensor(path: Path, tensor: Any) -> None:
 # ---- our checkpoint -> universal ----------------------------------------------------------------------------
 
 
-def _common_step(optimizer_common: Any) -> int | None:
+def common_step(optimizer_common: Any) -> int | None:
     """The optimizer step saved in the common state (`common_step`, or the param groups' `step`)."""
     if isinstance(optimizer_common, dict):
         state = optimizer_common.get("state")
@@ -128,7 +128,7 @@ def _common_step(optimizer_common: Any) -> int | None:
             if isinstance(group, dict) and group.get("step") is not None:
                 return int(group["step"])
         for value in optimizer_common.values():
-            found = _common_step(value)
+            found = common_step(value)
             if found is not None:
                 return found
     return None
@@ -182,7 +182,7 @@ def to_universal(
             lines.append(f"{key}{'' if layer is None else f'[{layer}]'} -> zero/{name}/{{{','.join(states)}}} {shape}")
         if dry_run:
             return lines
-        step = _common_step(common.get("optimizer"))
+        step = common_step(common.get("optimizer"))
         assert out_dir is not None
         with atomic_output_dir(out_dir) as tmp, progress_bar(len(plan), "to-universal", progress) as bar:
             for key, layer in plan:

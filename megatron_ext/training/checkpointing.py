@@ -11,7 +11,6 @@ detect a damaged checkpoint (truncated or missing files) and fall back to the ne
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -29,10 +28,15 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.optimizer import MegatronOptimizer
 
 from megatron_ext.convert import ConvertError, universal
-from megatron_ext.training.layout import TRACKER, CheckpointNotFound, iteration_dir, latest_iteration
+from megatron_ext.training.layout import (
+    TRACKER,
+    CheckpointNotFound,
+    iteration_dir,
+    latest_iteration,
+    verify,
+    write_manifest,
+)
 from megatron_ext.training.schedules import ParamScheduler
-
-MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -119,36 +123,6 @@ def _sharded_state(
     return state
 
 
-def _write_manifest(folder: Path) -> None:
-    """Sizes of every file of a finished save, written last: a checkpoint whose files differ is damaged."""
-    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(sizes, indent=0))
-    os.replace(tmp, folder / MANIFEST)
-
-
-def verify(folder: Path) -> str | None:
-    """What is wrong with a checkpoint folder, or None. Folders without our manifest (e.g. written by
-    Megatron-LM) are checked for dist_checkpointing's own metadata only."""
-    if not folder.is_dir():
-        return "missing"
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        missing = [n for n in ("metadata.json", "common.pt") if not (folder / n).is_file()]
-        return f"incomplete: no {', '.join(missing)}" if missing else None
-    try:
-        sizes = json.loads(manifest.read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable {MANIFEST}: {e}"
-    for name, size in sizes.items():
-        f = folder / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
-    return None
-
-
 def _iterations(root: Path) -> list[int]:
     """Every complete-looking iteration folder, newest first (temporary folders of unfinished saves excluded)."""
     found = [int(p.name[5:]) for p in root.glob("iter_*") if p.is_dir() and p.name[5:].isdigit()]
@@ -208,7 +182,7 @@ def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> No
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         final = iteration_dir(root, iteration)
-        _write_manifest(tmp)
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -3,10 +3,13 @@ latest. Import-free (no torch, no megatron-core), so tools can reject a wrong --
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON_STATE = "common.pt"  # dist_checkpointing's non-sharded state: config, schedule, counters
+MANIFEST = "manifest.json"  # our file sizes of a finished save, written last
 
 
 class CheckpointNotFound(ValueError):
@@ -47,3 +50,33 @@ def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
             f"--load {root}: no checkpoint for iteration {iteration} ({path / COMMON_STATE} is missing)"
         )
     return path
+
+
+def write_manifest(folder: Path) -> None:
+    """Sizes of every file of a finished save, written last: a checkpoint whose files differ is damaged."""
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(sizes, indent=0))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None. Folders without our manifest (e.g. written by
+    Megatron-LM) are checked for dist_checkpointing's own metadata only."""
+    if not folder.is_dir():
+        return "missing"
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        missing = [n for n in ("metadata.json", "common.pt") if not (folder / n).is_file()]
+        return f"incomplete: no {', '.join(missing)}" if missing else None
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    for name, size in sizes.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    return None
