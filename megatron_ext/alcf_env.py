@@ -239,8 +239,8 @@ def _schema_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
         cls = section.default_factory  # type: ignore[misc]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            kind, _ = schema._base_type(hints[f.name])
-            for flag in (schema._flag(f), *f.metadata.get("aliases", ())):
+            kind, _ = schema.base_type(hints[f.name])
+            for flag in (schema.flag_of(f), *f.metadata.get("aliases", ())):
                 out[flag] = (f"{section.name}.{f.name}", f, kind)
     return out
 
@@ -418,7 +418,7 @@ def _given_dests(extra: Sequence[str]) -> set[str]:
     for action in parser._actions:  # set_defaults() would put the SUPPRESS marker into the namespace
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(list(extra))))
-    for alias, (section, name, _) in schema._VALUE_ALIASES.items():
+    for alias, (section, name, _) in schema.VALUE_ALIASES.items():
         if f"_alias{alias}" in given and section:
             given.add(f"{section}.{name}")
     return {g for g in given if not g.startswith("_alias")}

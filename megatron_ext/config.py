@@ -579,11 +579,11 @@ class Config:
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
-def _flag(f: dataclasses.Field) -> str:
+def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
+def base_type(annotation: Any) -> tuple[type, bool]:
     """(element type, is_list) of an annotation such as `int | None` or `list[str] | None`."""
     hint = annotation
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -594,7 +594,7 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
 
 
 # Megatron-DeepSpeed spellings that set a value rather than name a field.
-_VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
+VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
     "--use-rotary-position-embeddings": ("model", "position_embedding_type", "rope"),
     "--use-flash-attn": ("model", "attention_backend", "sdpa"),
     "--use-flash-attn-v2": ("model", "attention_backend", "sdpa"),
@@ -624,12 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
             dest = f"{section}.{f.name}"
-            names = [_flag(f), *f.metadata.get("aliases", ())]
-            kind, is_list = _base_type(hints[section][f.name])
+            names = [flag_of(f), *f.metadata.get("aliases", ())]
+            kind, is_list = base_type(hints[section][f.name])
             help_text = f.metadata["help"]
             if kind is bool:
                 group.add_argument(*names, dest=dest, action="store_true", default=f.default, help=help_text)
-                negative = "--no-" + _flag(f)[2:]
+                negative = "--no-" + flag_of(f)[2:]
                 group.add_argument(negative, dest=dest, action="store_false", help=argparse.SUPPRESS)
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help=help_text,
             )
     compat = parser.add_argument_group("compatibility", "Megatron-DeepSpeed spellings.")
-    for alias, (section, name, value) in _VALUE_ALIASES.items():
+    for alias, (section, name, value) in VALUE_ALIASES.items():
         target = f"--{name.replace('_', '-')} {value}" if section else "ignored"
         compat.add_argument(alias, dest=f"_alias{alias}", action="store_true", help=f"= {target}")
     return parser
@@ -657,7 +657,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     for key, value in ns.items():
         if key.startswith("_alias"):
-            section, name, target = _VALUE_ALIASES[key[len("_alias") :]]
+            section, name, target = VALUE_ALIASES[key[len("_alias") :]]
             if value and section:
                 values[section][name] = target
             continue

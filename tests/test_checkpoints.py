@@ -90,3 +90,12 @@ def test_sigterm_saves_at_the_step_boundary_and_exits(tmp_path: Path) -> None:
     stopped = int(re.search(r"exiting at iteration (\d+)", out).group(1))  # type: ignore[union-attr]
     assert stopped >= 2 and (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
     assert (ckpt / f"iter_{stopped:07d}" / "manifest.json").is_file()
+
+
+def test_exit_duration_saves_and_exits(tmp_path: Path) -> None:
+    """--exit-duration-in-mins: the job's own clock, for batch systems that send no warning signal."""
+    ckpt = tmp_path / "ckpt"
+    out = _train(tmp_path, "--train-iters", "100000", "--save", str(ckpt), "--exit-duration-in-mins", "0.0001")
+    assert "exiting at iteration 1 " in out
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert (ckpt / "iter_0000001" / "manifest.json").is_file()
