@@ -22,6 +22,7 @@ padding resumes exactly; another padding gets its extra rows as zeros or drops r
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,7 +157,8 @@ def to_universal(
 ) -> list[str]:
     """Writes the universal form of one of our checkpoints; returns one line per parameter (what --dry-run lists).
 
-    Memory: one tensor (one layer of one parameter or of one of its optimizer states) at a time.
+    Memory: tensors are read in groups no larger than the largest one (one layer of one parameter or state), so
+    about twice the largest tensor is held at a time; small layers share a read (fewer, faster reads).
     """
     ckpt = find_checkpoint(ckpt_dir, iteration)
     common = read_common(ckpt)
@@ -184,23 +186,42 @@ def to_universal(
             return lines
         step = common_step(common.get("optimizer"))
         assert out_dir is not None
-        with atomic_output_dir(out_dir) as tmp, progress_bar(len(plan), "to-universal", progress) as bar:
-            for key, layer in plan:
-                name = layer_name(key, layer)
-                mains = [f"{OPTIMIZER_PREFIX}{s}.{key}" for s in MAIN_STATES]
-                main = next((m for m in mains if m in meta), key)
-                sources = {"fp32": main} | {m: f"{OPTIMIZER_PREFIX}{m}.{key}" for m in params[name]["states"][1:]}
-                for state, src in sources.items():  # one tensor in memory at a time
-                    tensor = read_tensors(ckpt, [(src, layer)], meta)[(src, layer)]
-                    _save_tensor(state_file(tmp, name, state), tensor.float())
-                    del tensor
-                if step is not None:
-                    import torch
+        reads = []  # (parameter name, state, source key, layer, bytes)
+        for key, layer in plan:
+            name = layer_name(key, layer)
+            main = next((m for m in (f"{OPTIMIZER_PREFIX}{s}.{key}" for s in MAIN_STATES) if m in meta), key)
+            sources = {"fp32": main} | {m: f"{OPTIMIZER_PREFIX}{m}.{key}" for m in params[name]["states"][1:]}
+            size = 4 * math.prod(params[name]["shape"])
+            reads += [(name, state, src, layer, size) for state, src in sources.items()]
+        with atomic_output_dir(out_dir) as tmp, progress_bar(len(reads), "to-universal", progress) as bar:
+            for batch in _batches(reads, budget=max(r[4] for r in reads)):
+                loaded = read_tensors(ckpt, [(src, layer) for _, _, src, layer, _ in batch], meta)
+                for name, state, src, layer, _ in batch:
+                    _save_tensor(state_file(tmp, name, state), loaded.pop((src, layer)).float())
+                    bar.update(1)
+                del loaded
+            if step is not None:
+                import torch
 
+                for name in params:
                     torch.save(torch.tensor(float(step)), state_file(tmp, name, "step"))
-                bar.update(1)
             _write_meta(tmp, common, config, vocab, step, params, source=str(ckpt))
     return lines
+
+
+def _batches(reads: list[tuple], budget: int) -> Iterator[list[tuple]]:
+    """Consecutive reads whose tensors together stay within `budget` bytes (the largest tensor): few
+    dist_checkpointing reads for small layers, one tensor at a time for the largest."""
+    batch: list[tuple] = []
+    held = 0
+    for read in reads:
+        if batch and held + read[-1] > budget:
+            yield batch
+            batch, held = [], 0
+        batch.append(read)
+        held += read[-1]
+    if batch:
+        yield batch
 
 
 def _write_meta(
