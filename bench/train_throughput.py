@@ -9,6 +9,9 @@ accumulation with a per-token mean loss over the step. Same data, same weights a
 both columns agree, which shows the two compute the same training step.
 Both read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
 data loading is included for both (its cost alone is printed too).
+Our trainer steps with torch's fused AdamW on CPU (see `megatron_ext.training.optim.use_fused_adam_on_cpu`); the
+plain model keeps torch's default AdamW (the for-loop implementation) unless `--plain-fused-adam`, which shows how
+much of the difference is the optimizer kernel alone.
 
 The default shape is FEASIBILITY.md's ~9M-parameter GPT (12 layers, hidden 256, 8 heads, seq 256, micro batch 8,
 vocabulary 258 padded to 384: 9.6M parameters; `--num-layers 6` gives 4.9M). Both run with fixed glibc malloc
@@ -252,8 +255,9 @@ def _decay_group_values(tr: Trainer) -> tuple[float, float]:
     return decayed["lr"], decayed["weight_decay"]
 
 
-def build_plain(cfg: Config, tr: Trainer) -> PlainTrainer:
-    """The plain model, optimizer and data, configured as our run is (hyper-parameters read from our optimizer)."""
+def build_plain(cfg: Config, tr: Trainer, fused_adam: bool = False) -> PlainTrainer:
+    """The plain model, optimizer and data, configured as our run is (hyper-parameters read from our optimizer);
+    `fused_adam`: torch's fused AdamW instead of its default."""
     model = PlainGPT(Shape.from_config(cfg.model, tr.padded_vocab_size))
     copy_weights(tr.model[0].module, model)  # type: ignore[arg-type]
     group = tr.optimizer.param_groups[0]
@@ -266,6 +270,7 @@ def build_plain(cfg: Config, tr: Trainer) -> PlainTrainer:
         lr=lr,
         betas=group["betas"],
         eps=group["eps"],
+        fused=fused_adam or None,
     )
     t = cfg.training
     assert t.global_batch_size is not None
@@ -299,6 +304,10 @@ def plain_step(pt: PlainTrainer) -> dict[str, float]:
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------
+
+
+def _adam_kind(groups: list[dict]) -> str:
+    return "fused" if all(g.get("fused") for g in groups) else "for-loop"
 
 
 def _free_port() -> str:
@@ -431,6 +440,7 @@ def parse_bench_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--plain-fused-adam", action="store_true", help="torch's fused AdamW for the plain model too")
     p.add_argument(
         "--malloc-tune",
         action=argparse.BooleanOptionalAction,
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_args(megatron_flags(a, cache))
         tr = setup(cfg)
         stack.callback(distributed.destroy)
-        pt = build_plain(cfg, tr)
+        pt = build_plain(cfg, tr, fused_adam=a.plain_fused_adam)
         run(a, cfg, tr, pt)
 
 
@@ -485,7 +495,8 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     )
     print(
         f"  micro batch {t.micro_batch_size} x {t.global_batch_size // t.micro_batch_size} accumulation = global "
-        f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW lr {lr:g} "
+        f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW (ours "
+        f"{_adam_kind(tr.optimizer.param_groups)}, plain {_adam_kind(pt.optimizer.param_groups)}) lr {lr:g} "
         f"betas {group['betas']} eps {group['eps']:g} wd {wd:g} clip {cfg.optimizer.clip_grad:g}"
     )
     print(f"parameters: ours {ours_params:,}  plain {plain_params:,}  (num_parameters formula {formula:,})")

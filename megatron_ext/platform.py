@@ -13,7 +13,11 @@ On CPU we substitute, in this module only:
 3. `Tensor.cuda()` and `Tensor.type()` are answered as on a GPU, but only during the few megatron-core calls
    that use them (optimizer construction, gradient clipping, tying embeddings across pipeline stages);
 4. the RNG tracker's warning "CPU RNG state changed within GPU RNG context" is filtered: on CPU the tracked
-   "GPU" state is the CPU generator, so the change is the expected effect of dropout, not a bug.
+   "GPU" state is the CPU generator, so the change is the expected effect of dropout, not a bug;
+5. for speed only, with bit-identical results: gradient clipping's fallbacks for Apex's multi-tensor kernels
+   (`local_multi_tensor_l2_norm`, `local_multi_tensor_scale`) use torch's foreach ops (no Python float per
+   gradient tensor, no scaled copy of every gradient), and the unfused rotary embedding skips its final copy
+   (`torch.cat` with an empty pass-through part) when it rotates whole heads.
 
 Nothing is changed on CUDA or XPU. `tests/test_platform.py` checks that each substituted spot still exists in
 megatron-core (so an upgrade that fixes or moves one fails loudly) and that it works on CPU.
@@ -338,7 +342,87 @@ def install_cpu_substitutes() -> None:
     _wrap_in_cuda_look(LanguageModule, "setup_embeddings_and_output_layer")
     _wrap_in_cuda_look(sys.modules["megatron.core.optimizer.optimizer"], "clip_grad_by_total_norm_fp32")
     logging.getLogger(random.__name__).addFilter(_drop_rng_context_warning)
+    _use_foreach_clipping()
+    _use_rope_without_copy()
     _installed = True
+
+
+def _foreach_l2_norm(
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args: Any
+) -> tuple[torch.Tensor, None]:
+    """megatron-core's `local_multi_tensor_l2_norm` (the norm of all per-tensor norms, shape [1], float32)
+    without its Python round trip: it converts every per-tensor norm to a float, one synchronising `.item()`
+    per gradient tensor."""
+    tensors = [t for tensors in tensor_lists for t in tensors]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float), None
+    norms = torch.stack(torch._foreach_norm(tensors))  # in the gradients' dtype, as megatron-core's
+    return torch.linalg.vector_norm(norms).reshape(1).float(), None
+
+
+def _foreach_scale(
+    chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list[torch.Tensor]], scale: float
+) -> None:
+    """megatron-core's `local_multi_tensor_scale` (dst = src * scale): in place when src is dst, as in gradient
+    clipping, instead of a scaled copy of each gradient copied back."""
+    src, dst = tensor_lists
+    if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+        if all(d.dtype == torch.float32 for d in dst):
+            torch._foreach_mul_(dst, scale)
+        else:  # foreach rounds half-precision products differently from `src * scale`
+            for d in dst:
+                d.mul_(scale)
+        return
+    for s, d in zip(src, dst):
+        d.copy_(s * scale)
+
+
+def _use_foreach_clipping() -> None:
+    """Gradient clipping through `_foreach_l2_norm`/`_foreach_scale` where megatron-core fell back to its local
+    implementations (no Apex / Transformer Engine)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
+
+
+def _rope_without_copy(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """megatron-core's unfused rotary embedding (`_apply_rotary_pos_emb_bshd`) ends with
+    `torch.cat((rotated, t_pass))`, a copy of every query and key even when `t_pass` (the dimensions past
+    rotary_percent) is empty. Whole heads rotated: the same arithmetic without that copy."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    @functools.wraps(original)
+    def apply(
+        t: torch.Tensor,
+        freqs: torch.Tensor,
+        rotary_interleaved: bool = False,
+        multi_latent_attention: bool = False,
+        mscale: float = 1.0,
+    ) -> torch.Tensor:
+        if multi_latent_attention or freqs.shape[-1] != t.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos_ = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
+        return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
+
+    apply.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
+    return apply
+
+
+def _use_rope_without_copy() -> None:
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(original, "__megatron_ext_wrapped__", False):
+        return
+    apply = _rope_without_copy(original)
+    for module in (rope_utils, rotary_pos_embedding):
+        if getattr(module, "_apply_rotary_pos_emb_bshd", None) is original:
+            module._apply_rotary_pos_emb_bshd = apply  # type: ignore[attr-defined]
 
 
 def _drop_rng_context_warning(record: logging.LogRecord) -> bool:

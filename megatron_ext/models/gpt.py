@@ -1,10 +1,12 @@
 """GPT model provider: megatron-core's GPTModel with the Llama options, built per pipeline stage.
 
-The local (pure megatron-core) spec is used unless Transformer Engine is installed on a GPU. Two modules are
-added to it: `TorchNorm` (torch LayerNorm/RMSNorm that, unlike megatron-core's WrappedTorchNorm, supports
-sequence parallelism by marking its parameters for the tensor-parallel gradient all-reduce) and
-`SDPAttention` (core attention through `torch.nn.functional.scaled_dot_product_attention`: flash/memory-efficient
-kernels on GPU without the flash-attn package, and fewer copies than the unfused path on CPU).
+The local (pure megatron-core) spec is used unless Transformer Engine is installed on a GPU. Modules added to
+it: `TorchNorm` (torch LayerNorm/RMSNorm that, unlike megatron-core's WrappedTorchNorm, supports sequence
+parallelism by marking its parameters for the tensor-parallel gradient all-reduce), `SDPAttention` (core
+attention through `torch.nn.functional.scaled_dot_product_attention`: flash/memory-efficient kernels on GPU
+without the flash-attn package, and fewer copies than the unfused path on CPU) and, on CPU, `NativeColumnLinear`
+/ `NativeRowLinear` (the transformer layers' linears without tensor parallelism as one `F.linear`: bias added
+inside the matmul, autograd in C++).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -64,7 +67,10 @@ class SDPAttention(DotProductAttention):
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # faster kernels
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if groups > 1:
+        # Grouped-query attention: the CPU kernels read each key/value head for its query heads (enable_gqa);
+        # elsewhere the heads are repeated (not every GPU kernel takes enable_gqa).
+        gqa = groups > 1 and q.device.type == "cpu"
+        if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
@@ -78,10 +84,65 @@ class SDPAttention(DotProductAttention):
         )
         with rng:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa
             )
         # [b, heads, s, dim] -> [s, b, heads * dim]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
+
+
+def _native_linear_applies(layer: ColumnParallelLinear | RowParallelLinear) -> bool:
+    """Whether `layer` is a plain linear: no tensor-parallel group to talk to and no megatron-core feature that
+    needs its own autograd function (weight-gradient fusion, deferred embedding wgrad, expert communication,
+    activation offloading). Checked per call: a layer outside these cases runs megatron-core's forward."""
+    config = layer.config
+    return (
+        layer.tp_group.size() == 1
+        and not layer.sequence_parallel
+        and not layer.explicit_expert_comm
+        and not layer.gradient_accumulation_fusion
+        and not config.defer_embedding_wgrad_compute
+        and config._cpu_offloading_context is None
+    )
+
+
+def _native_linear(
+    layer: ColumnParallelLinear | RowParallelLinear, input_: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, bias left to the caller) as megatron-core returns them, computed by one `F.linear`.
+
+    megatron-core computes `matmul` and adds the bias in a separate pass, in its own Python autograd function,
+    and with `skip_bias_add` (attention output, both MLP linears) leaves the addition to the bias-activation /
+    bias-dropout-add fusions. Where those fusions are off (CPU) the bias is folded into the matmul (addmm), as
+    `torch.nn.Linear` does: the same sums up to fp32 rounding, one pass and two autograd functions fewer.
+    """
+    config = layer.config
+    fold = not layer.skip_bias_add or not (config.bias_activation_fusion or config.bias_dropout_fusion)
+    if fold:
+        return F.linear(input_, weight, layer.bias), None
+    return F.linear(input_, weight), layer.bias
+
+
+class NativeColumnLinear(ColumnParallelLinear):
+    """ColumnParallelLinear that runs as `F.linear` without tensor parallelism (see `_native_linear`)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if weight is not None or self.weight is None or not _native_linear_applies(self):
+            return super().forward(input_, weight, runtime_gather_output)
+        return _native_linear(self, input_, self.weight)
+
+
+class NativeRowLinear(RowParallelLinear):
+    """RowParallelLinear that runs as `F.linear` without tensor parallelism (see `_native_linear`)."""
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        if not _native_linear_applies(self):
+            return super().forward(input_)
+        return _native_linear(self, input_, self.weight)
 
 
 def resolve_attention_backend(requested: str, platform: Platform) -> str:
@@ -138,8 +199,11 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
     )
 
 
-def layer_spec(cfg: Config, config: TransformerConfig, backend: str, vp_stage: int | None) -> object:
-    """The block spec: local or TE layers, our norm, and the chosen core attention."""
+def layer_spec(
+    cfg: Config, config: TransformerConfig, backend: str, vp_stage: int | None, native_linears: bool = False
+) -> object:
+    """The block spec: local or TE layers, our norm, the chosen core attention and (`native_linears`, used on
+    CPU) our linears."""
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(normalization=cfg.model.normalization)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=cfg.model.normalization))
@@ -148,6 +212,10 @@ def layer_spec(cfg: Config, config: TransformerConfig, backend: str, vp_stage: i
     spec.submodules.pre_mlp_layernorm = norm
     if backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if native_linears:
+        attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+        attention.linear_qkv, attention.linear_proj = NativeColumnLinear, NativeRowLinear
+        mlp.linear_fc1, mlp.linear_fc2 = NativeColumnLinear, NativeRowLinear
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=norm)
 
@@ -163,7 +231,7 @@ def build_model(
     backend = resolve_attention_backend(cfg.model.attention_backend, platform)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage),  # type: ignore[arg-type]
+        transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage, platform.is_cpu),  # type: ignore[arg-type]
         vocab_size=padded_vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -56,7 +56,52 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]) -> Megatr
         hysteresis=prec.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, model)  # type: ignore[arg-type]
+    optimizer = get_megatron_optimizer(config, model)  # type: ignore[arg-type]
+    use_fused_adam_on_cpu(optimizer)
+    return optimizer
+
+
+def _torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer for o in chained if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer)]
+
+
+def use_fused_adam_on_cpu(optimizer: MegatronOptimizer) -> None:
+    """Adam/AdamW on CPU through torch's fused kernel (one pass per tensor instead of about ten).
+
+    Without Apex or Transformer Engine, megatron-core steps with torch's Adam/AdamW as constructed by default:
+    on CPU a Python loop of about ten element-wise passes per parameter. megatron-core uses a fused Adam where it
+    has one (Apex/TE on GPU); `fused=True` is torch's on CPU: the same update up to fp32 rounding (measured with
+    the benchmark model's parameter shapes: within 3e-7 after 30 steps). Only the live parameter groups are
+    switched: a saved state dict keeps the groups as megatron-core built them (no `fused` entry to carry to
+    another device) and loading one switches back.
+    """
+    for opt in _torch_optimizers(optimizer):
+        if not isinstance(opt, torch.optim.Adam):  # AdamW subclasses Adam
+            continue
+        params = [p for group in opt.param_groups for p in group["params"]]
+        if not params or any(p.device.type != "cpu" or not p.dtype.is_floating_point for p in params):
+            continue
+        if any(group.get("foreach") or group.get("differentiable") for group in opt.param_groups):
+            continue
+        _set_fused(opt, True)
+        opt.register_state_dict_post_hook(_saved_as_built)
+        opt.register_load_state_dict_post_hook(lambda o: _set_fused(o, True))
+
+
+def _set_fused(opt: torch.optim.Optimizer, fused: bool | None) -> None:
+    """Sets `fused` where torch's Adam reads it at each step (and for groups added later)."""
+    opt.defaults["fused"] = fused
+    for group in opt.param_groups:
+        group["fused"] = fused
+
+
+def _saved_as_built(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """State-dict post-hook: the saved groups say `fused: None`, as megatron-core built them."""
+    for group in state_dict.get("param_groups", []):
+        if group.get("fused"):
+            group["fused"] = None
+    return state_dict
 
 
 def run_length_samples(cfg: Config) -> int:
