@@ -9,9 +9,10 @@ accumulation with a per-token mean loss over the step. Same data, same weights a
 both columns agree, which shows the two compute the same training step.
 Both read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
 data loading is included for both (its cost alone is printed too).
-Our trainer steps with torch's fused AdamW on CPU (see `megatron_ext.training.optim.use_fused_adam_on_cpu`); the
-plain model keeps torch's default AdamW (the for-loop implementation) unless `--plain-fused-adam`, which shows how
-much of the difference is the optimizer kernel alone.
+Our trainer steps with torch's fused AdamW on CPU (see `megatron_ext.training.optim.use_fused_adam_on_cpu`). Two
+plain models run beside it: one with AdamW as plain PyTorch constructs it (`torch.optim.AdamW(...)`: the for-loop
+implementation on CPU) and one with `fused=True`, the same kernel as ours, so the table separates what the
+optimizer kernel gives from what the rest of the step costs.
 
 The default shape is FEASIBILITY.md's ~9M-parameter GPT (12 layers, hidden 256, 8 heads, seq 256, micro batch 8,
 vocabulary 258 padded to 384: 9.6M parameters; `--num-layers 6` gives 4.9M). Both run with fixed glibc malloc
@@ -42,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -440,7 +442,6 @@ def parse_bench_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--plain-fused-adam", action="store_true", help="torch's fused AdamW for the plain model too")
     p.add_argument(
         "--malloc-tune",
         action=argparse.BooleanOptionalAction,
@@ -470,11 +471,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_args(megatron_flags(a, cache))
         tr = setup(cfg)
         stack.callback(distributed.destroy)
-        pt = build_plain(cfg, tr, fused_adam=a.plain_fused_adam)
-        run(a, cfg, tr, pt)
+        run(a, cfg, tr, build_plain(cfg, tr), build_plain(cfg, tr, fused_adam=True))
 
 
-def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> None:
+def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused: PlainTrainer) -> None:
+    """Times ours, plain (torch's default AdamW) and plain with fused AdamW, alternating."""
     m, t = cfg.model, cfg.training
     assert t.global_batch_size is not None
     ours_params = sum(p.numel() for p in tr.model[0].module.parameters())  # type: ignore[union-attr]
@@ -496,7 +497,8 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     print(
         f"  micro batch {t.micro_batch_size} x {t.global_batch_size // t.micro_batch_size} accumulation = global "
         f"{t.global_batch_size} ({t.global_batch_size * m.seq_length} tokens/step); AdamW (ours "
-        f"{_adam_kind(tr.optimizer.param_groups)}, plain {_adam_kind(pt.optimizer.param_groups)}) lr {lr:g} "
+        f"{_adam_kind(tr.optimizer.param_groups)}, plain {_adam_kind(pt.optimizer.param_groups)}, plain+fused "
+        f"{_adam_kind(fused.optimizer.param_groups)}) lr {lr:g} "
         f"betas {group['betas']} eps {group['eps']:g} wd {wd:g} clip {cfg.optimizer.clip_grad:g}"
     )
     print(f"parameters: ours {ours_params:,}  plain {plain_params:,}  (num_parameters formula {formula:,})")
@@ -507,58 +509,68 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer) -> No
     print(f"data: both read the built-in corpus through MicroBatches ({data_ms:.2f} ms per micro-batch, included)")
 
     def ours() -> dict[str, float]:
-        pt.schedule.append(_decay_group_values(tr))  # what this step uses; the plain step of the same index too
+        for plain in (pt, fused):  # what this step uses; the plain steps of the same index too
+            plain.schedule.append(_decay_group_values(tr))
         return train_step(tr)
 
-    def plain() -> dict[str, float]:
-        return plain_step(pt)
-
+    runs: dict[str, Callable[[], dict[str, float]]] = {
+        "ours": ours,
+        "plain": partial(plain_step, pt),
+        "plain+fused": partial(plain_step, fused),
+    }
     tokens_per_step = t.global_batch_size * m.seq_length
     warm_start = time.perf_counter()
     for _ in range(a.warmup):
-        ours()
-        plain()
+        for step in runs.values():
+            step()
     print(f"warmup: {a.warmup} steps of each in {time.perf_counter() - warm_start:.1f}s")
     print(f"load average before the timed repeats: {_load()}")
     print(
-        "\ntokens/s: tokens / wall seconds (perf_counter); cpu ratio: plain CPU seconds / ours (process_time, less "
-        "sensitive to other processes); faults: minor page faults per step"
+        "\ntokens/s: tokens / wall seconds (perf_counter); ours/x: tokens/s ratio; cpu: the same ratio in CPU seconds "
+        "(process_time, less sensitive to other processes); faults: minor page faults per step of ours"
     )
     print(
-        f"{'repeat':>6} | {'ours tok/s':>10} | {'plain tok/s':>11} | {'ours/plain':>10} | {'cpu ratio':>9} | "
-        f"{'faults ours':>11} | {'plain':>6} | {'loss ours':>9} | {'plain':>7}"
+        f"{'repeat':>6} | {'ours tok/s':>10} | {'plain':>6} | {'+fused':>6} | {'ours/plain':>10} | {'cpu':>5} | "
+        f"{'ours/+fused':>11} | {'cpu':>5} | {'faults':>6} | {'loss ours':>9} | {'plain':>7} | {'+fused':>7}"
     )
-    ours_tps: list[float] = []
-    plain_tps: list[float] = []
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
-    fastest = [math.inf, math.inf]
+    tps: dict[str, list[float]] = {name: [] for name in runs}
+    ratios: dict[str, list[float]] = {"plain": [], "plain+fused": []}
+    cpu_ratios: dict[str, list[float]] = {"plain": [], "plain+fused": []}
+    fastest = dict.fromkeys(runs, math.inf)
     for r in range(a.repeats):
-        o = time_steps(ours, a.steps)
-        p = time_steps(plain, a.steps)
-        fastest = [min(fastest[0], o.fastest_s), min(fastest[1], p.fastest_s)]
-        ours_tps.append(a.steps * tokens_per_step / o.wall_s)
-        plain_tps.append(a.steps * tokens_per_step / p.wall_s)
-        ratios.append(ours_tps[-1] / plain_tps[-1])
-        cpu_ratios.append(p.cpu_s / o.cpu_s)
+        timed = {name: time_steps(step, a.steps) for name, step in runs.items()}
+        for name, tm in timed.items():
+            fastest[name] = min(fastest[name], tm.fastest_s)
+            tps[name].append(a.steps * tokens_per_step / tm.wall_s)
+        for name in ratios:
+            ratios[name].append(tps["ours"][-1] / tps[name][-1])
+            cpu_ratios[name].append(timed[name].cpu_s / timed["ours"].cpu_s)
+        o, p, f = timed["ours"], timed["plain"], timed["plain+fused"]
         print(
-            f"{r:>6} | {ours_tps[-1]:>10.0f} | {plain_tps[-1]:>11.0f} | {ratios[-1]:>10.3f} | {cpu_ratios[-1]:>9.3f} | "
-            f"{o.faults // a.steps:>11} | {p.faults // a.steps:>6} | {o.loss:>9.4f} | {p.loss:>7.4f}"
+            f"{r:>6} | {tps['ours'][-1]:>10.0f} | {tps['plain'][-1]:>6.0f} | {tps['plain+fused'][-1]:>6.0f} | "
+            f"{ratios['plain'][-1]:>10.3f} | {cpu_ratios['plain'][-1]:>5.3f} | {ratios['plain+fused'][-1]:>11.3f} | "
+            f"{cpu_ratios['plain+fused'][-1]:>5.3f} | {o.faults // a.steps:>6} | {o.loss:>9.4f} | {p.loss:>7.4f} | "
+            f"{f.loss:>7.4f}"
         )
     print(f"load average after: {_load()}")
     print(
-        f"\nmedian tokens/s: ours {statistics.median(ours_tps):.0f}, plain {statistics.median(plain_tps):.0f}; "
-        f"median ratio ours/plain {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}; "
-        f"median cpu-time ratio {statistics.median(cpu_ratios):.3f}; {a.repeats} repeats x {a.steps} steps)"
+        "\nmedian tokens/s: "
+        + ", ".join(f"{name} {statistics.median(values):.0f}" for name, values in tps.items())
+        + f" ({a.repeats} repeats x {a.steps} steps)"
     )
+    for name, adam in (("plain", "torch's default AdamW"), ("plain+fused", "fused AdamW, as ours")):
+        print(
+            f"median ratio ours/{name} ({adam}): {statistics.median(ratios[name]):.3f} (min {min(ratios[name]):.3f}, "
+            f"max {max(ratios[name]):.3f}; cpu-time {statistics.median(cpu_ratios[name]):.3f}; fastest single steps "
+            f"{fastest[name] / fastest['ours']:.3f})"
+        )
     print(
-        f"fastest single step: ours {1000 * fastest[0]:.0f} ms ({tokens_per_step / fastest[0]:.0f} tokens/s), plain "
-        f"{1000 * fastest[1]:.0f} ms ({tokens_per_step / fastest[1]:.0f} tokens/s); ratio ours/plain "
-        f"{fastest[1] / fastest[0]:.3f} (the steps least disturbed by other processes)"
+        "fastest single step (the least disturbed by other processes): "
+        + ", ".join(f"{name} {1000 * value:.0f} ms" for name, value in fastest.items())
     )
     if a.profile:
-        profile("ours", ours, a.profile, a.profile_rows)
-        profile("plain", plain, a.profile, a.profile_rows)
+        for name, step in runs.items():
+            profile(name, step, a.profile, a.profile_rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from megatron_ext.training.layout import (
     verify,
     write_manifest,
 )
+from megatron_ext.training.optim import torch_optimizers
 from megatron_ext.training.schedules import ParamScheduler
 
 
@@ -86,17 +88,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
-    chained = getattr(optimizer, "chained_optimizers", None)
-    inner = chained if chained is not None else [optimizer]
-    return [o.optimizer for o in inner if getattr(o, "optimizer", None) is not None]
-
-
 def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
     """Gives every Adam parameter zero moments and step 0 before a load, as a first step would: megatron-core's
     distributed optimizer cannot describe (or load into) an optimizer that has never stepped when it falls back to
     torch's AdamW (no Apex / Transformer Engine). Step 0 with zero moments is exactly a fresh Adam."""
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
             continue
         for group in opt.param_groups:
@@ -166,15 +162,34 @@ def save(
     state["iteration"] = iteration
     state.update(extra)
     publish = partial(_publish, root, tmp, iteration, keep_last)
+    with _without_record_crc():  # the writer processes are forked inside: they inherit the setting
+        if async_queue is None:
+            dist_checkpointing.save(state, str(tmp))
+        else:
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            assert request is not None
+            request.add_finalize_fn(publish)
+            async_queue.schedule_async_request(request)
     if async_queue is None:
-        dist_checkpointing.save(state, str(tmp))
         publish()
-    else:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-        assert request is not None
-        request.add_finalize_fn(publish)
-        async_queue.schedule_async_request(request)
     return final
+
+
+@contextmanager
+def _without_record_crc() -> Iterator[None]:
+    """torch.save without its per-record CRC32, which costs a third of the write time and that nothing reads.
+
+    dist_checkpointing's torch_dist files are tensors written one after another by torch.save, read back by
+    offset with torch.load, which does not verify the checksum (torch's `set_crc32_options` note); damage is
+    caught by the manifest's file sizes and dist_checkpointing's metadata instead. Measured: 512 MB tensor,
+    write + fsync 0.47-0.57 s without the CRC against 0.68-1.1 s with it, raw write 0.45-0.55 s.
+    """
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> None:

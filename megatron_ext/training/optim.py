@@ -61,7 +61,8 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]) -> Megatr
     return optimizer
 
 
-def _torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+def torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron-core optimizer (chained or not)."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [o.optimizer for o in chained if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer)]
 
@@ -76,7 +77,7 @@ def use_fused_adam_on_cpu(optimizer: MegatronOptimizer) -> None:
     switched: a saved state dict keeps the groups as megatron-core built them (no `fused` entry to carry to
     another device) and loading one switches back.
     """
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam):  # AdamW subclasses Adam
             continue
         params = [p for group in opt.param_groups for p in group["params"]]
