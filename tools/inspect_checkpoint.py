@@ -191,6 +191,25 @@ class _Window(io.RawIOBase):
         return got
 
 
+def _member_offset(window: _Window, info: zipfile.ZipInfo) -> int:
+    """Offset in `window` of a stored (uncompressed) zip member's bytes, read from its local header."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Unsupported("compressed record")
+    window.seek(info.header_offset)
+    head = window.read(30)
+    if head[:4] != b"PK\x03\x04":
+        raise _Unsupported("local header")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _member_bytes(window: _Window, info: zipfile.ZipInfo) -> bytes:
+    """A stored member's bytes without zipfile's CRC check: checkpoints are saved without record CRCs
+    (see `megatron_ext.training.checkpointing._without_record_crc`), as torch.load reads them."""
+    window.seek(_member_offset(window, info))
+    return window.read(info.file_size)
+
+
 def _locate(path: Path, start: int, length: int) -> tuple[int, _TensorSpec]:
     """(file offset of the tensor's bytes, its spec) for the torch.save zip at [start, start + length) of `path`."""
     with open(path, "rb") as f:
@@ -200,24 +219,19 @@ def _locate(path: Path, start: int, length: int) -> tuple[int, _TensorSpec]:
         except zipfile.BadZipFile as e:
             raise _Unsupported(str(e)) from None
         with z:
-            pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            names = z.namelist()
+            pkl = next((n for n in names if n.endswith("data.pkl")), None)
             if pkl is None:
                 raise _Unsupported("no data.pkl")
             prefix = pkl[: -len("data.pkl")]
-            if f"{prefix}byteorder" in z.namelist() and z.read(f"{prefix}byteorder") != sys.byteorder.encode():
+            order = f"{prefix}byteorder"
+            if order in names and _member_bytes(window, z.getinfo(order)) != sys.byteorder.encode():
                 raise _Unsupported("byte order")
-            spec = _SpecUnpickler(io.BytesIO(z.read(pkl))).load()
+            spec = _SpecUnpickler(io.BytesIO(_member_bytes(window, z.getinfo(pkl)))).load()
             if not isinstance(spec, _TensorSpec):
                 raise _Unsupported(type(spec).__name__)
-            info = z.getinfo(f"{prefix}data/{spec.key}")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _Unsupported("compressed record")
-            window.seek(info.header_offset)
-            head = window.read(30)
-            if head[:4] != b"PK\x03\x04":
-                raise _Unsupported("local header")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return start + info.header_offset + 30 + name_len + extra_len, spec
+            offset = _member_offset(window, z.getinfo(f"{prefix}data/{spec.key}"))
+    return start + offset, spec
 
 
 class DistCheckpoint:
