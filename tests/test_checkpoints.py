@@ -99,3 +99,18 @@ def test_exit_duration_saves_and_exits(tmp_path: Path) -> None:
     assert "exiting at iteration 1 " in out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (ckpt / "iter_0000001" / "manifest.json").is_file()
+
+
+def test_record_crc_is_off_only_while_saving() -> None:
+    """Checkpoint writes skip torch.save's record CRC (nothing reads it); every other torch.save keeps it."""
+    import torch
+
+    from megatron_ext.training import checkpointing
+
+    assert torch.serialization.get_crc32_options()
+    with checkpointing._without_record_crc():
+        assert not torch.serialization.get_crc32_options()
+    assert torch.serialization.get_crc32_options()
+    with pytest.raises(RuntimeError), checkpointing._without_record_crc():
+        raise RuntimeError("a failed save")
+    assert torch.serialization.get_crc32_options()
