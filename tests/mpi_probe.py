@@ -67,7 +67,9 @@ def main() -> None:
         record.update(_mpi_checks(info))
     distributed.destroy()
     distributed.destroy()  # safe twice
-    print("PROBE " + json.dumps(record), flush=True)
+    # One write of one whole line: mpirun forwards both ranks' output through one stream.
+    sys.stdout.write("PROBE " + json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

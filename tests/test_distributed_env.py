@@ -345,7 +345,9 @@ def _run_probe(cmd: list[str], env: dict[str, str]) -> list[dict]:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     detail = f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, detail
-    records = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    # Each record is one JSON object after "PROBE "; a launcher may join the ranks' lines.
+    decoder = json.JSONDecoder()
+    records = [decoder.raw_decode(part)[0] for part in proc.stdout.split("PROBE ")[1:]]
     assert len(records) == 2, detail
     return sorted(records, key=lambda r: r["rank"])
 
