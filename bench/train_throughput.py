@@ -1,14 +1,14 @@
 """Training throughput of our step (megatron-core GPTModel + DDP + optimizer) against a plain-PyTorch GPT.
 
-Both run in this process on the same data, alternating repeats (ours, plain, ours, plain, ...), fp32 with the
-same number of torch threads. The plain GPT has the identical shape and starts from a copy of our initial
+All run in this process on the same data, alternating repeats (ours, plain, plain+fused, ours, ...), fp32 with
+the same number of torch threads. The plain GPT has the identical shape and starts from a copy of our initial
 weights (checked: same per-token loss), uses scaled_dot_product_attention(is_causal=True), torch AdamW with our
 optimizer's hyper-parameters and weight-decay groups (none on biases and norms), at each step the learning rate
 our schedule gave our step of the same index, the same gradient clipping and the same micro batch / gradient
 accumulation with a per-token mean loss over the step. Same data, same weights and same schedule: the losses of
-both columns agree, which shows the two compute the same training step.
-Both read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
-data loading is included for both (its cost alone is printed too).
+the loss columns agree, which shows they compute the same training step.
+All read their micro-batches from the same megatron-core GPTDataset through the same `MicroBatches` reader, so
+data loading is included for each (its cost alone is printed too).
 Our trainer steps with torch's fused AdamW on CPU (see `megatron_ext.training.optim.use_fused_adam_on_cpu`). Two
 plain models run beside it: one with AdamW as plain PyTorch constructs it (`torch.optim.AdamW(...)`: the for-loop
 implementation on CPU) and one with `fused=True`, the same kernel as ours, so the table separates what the
@@ -509,8 +509,9 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused
     print(f"data: both read the built-in corpus through MicroBatches ({data_ms:.2f} ms per micro-batch, included)")
 
     def ours() -> dict[str, float]:
-        for plain in (pt, fused):  # what this step uses; the plain steps of the same index too
-            plain.schedule.append(_decay_group_values(tr))
+        values = _decay_group_values(tr)  # what this step uses; the plain steps of the same index too
+        pt.schedule.append(values)
+        fused.schedule.append(values)
         return train_step(tr)
 
     runs: dict[str, Callable[[], dict[str, float]]] = {

@@ -163,15 +163,14 @@ def save(
     state.update(extra)
     publish = partial(_publish, root, tmp, iteration, keep_last)
     with _without_record_crc():  # the writer processes are forked inside: they inherit the setting
-        if async_queue is None:
-            dist_checkpointing.save(state, str(tmp))
-        else:
+        if async_queue is not None:
             request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
             assert request is not None
             request.add_finalize_fn(publish)
             async_queue.schedule_async_request(request)
-    if async_queue is None:
-        publish()
+            return final
+        dist_checkpointing.save(state, str(tmp))
+    publish()
     return final
 
 
