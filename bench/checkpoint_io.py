@@ -9,6 +9,12 @@ trained one step (so that the Adam moments exist) and then, --repeats times, alt
 * written as one file of the same size, sequentially from a 64 MiB buffer, then fsync'd: the limit for the save;
 * read back sequentially into a 64 MiB buffer: the limit for the load.
 
+Memory: on a virtual machine whose free memory goes back to the host (virtio-balloon free page reporting, DAMON),
+writing into page-cache memory that has been free for a few seconds costs a host fault per page, and freshly freed
+memory does not. On the development VM a new 2 GiB file took 8.9-10.7 s after 10 s idle and 1.5-4.6 s right after
+a file of the same size was deleted (`--probe-vm` repeats this). So each write, ours and raw, starts right after
+its predecessor of the same size is deleted; the first round, with nothing freed before it, is slow for both.
+
 Reads are measured warm (right after the write: the files are in the page cache, so this is memory-speed
 deserialisation) and "cold" (after posix_fadvise(DONTNEED) on every file, which evicts clean pages without root;
 a virtual disk may still be cached by its host, so cold reads can stay fast). The fixed cost of a save is measured
@@ -96,6 +102,18 @@ def raw_write(path: Path, nbytes: int, buf: memoryview) -> float:
             left -= f.write(buf[: min(len(buf), left)])
         os.fsync(f.fileno())
     return time.perf_counter() - t0
+
+
+def probe_vm(folder: Path, nbytes: int, buf: memoryview, idle_s: float = 10.0) -> tuple[float, float]:
+    """(seconds to write a new file after `idle_s` with nothing freed, seconds for a new one right after deleting a
+    file of the same size): far apart where the host reclaims the guest's free memory."""
+    first, second = folder / "probe_a.bin", folder / "probe_b.bin"
+    time.sleep(idle_s)
+    idle = raw_write(first, nbytes, buf)
+    first.unlink()
+    recycled = raw_write(second, nbytes, buf)
+    second.unlink()
+    return idle, recycled
 
 
 def raw_read(path: Path, buf: bytearray) -> float:
@@ -201,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-conversion", action="store_true", help="skip the universal conversion")
     parser.add_argument("--keep", action="store_true", help="keep the files under --workdir")
+    parser.add_argument(
+        "--probe-vm",
+        action="store_true",
+        help="first time a new file written after 10 s idle "
+        "against one written right after deleting a file of the same size (see 'Memory')",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--phase-ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
@@ -262,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     nbytes = nfiles = 0
     for r in range(a.repeats):
         tr.state.iteration = r + 1
+        # Each write starts right after its predecessor of the same size is deleted (see "Memory" above).
+        for old in root.glob("iter_*"):
+            shutil.rmtree(old)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             save_checkpoint(tr)  # what training calls
@@ -271,9 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         results["save"].append(time.perf_counter() - t0)
         folder = checkpointing.iteration_dir(root, r + 1)
         nbytes, nfiles = _size(folder), len(_files(folder))
-        for old in root.glob("iter_*"):  # only the newest is kept (outside the timings)
-            if old != folder:
-                shutil.rmtree(old)
+        raw_file.unlink(missing_ok=True)
         results["write"].append(raw_write(raw_file, nbytes, buf))
         for kind, drop in (("warm", False), ("cold", True)):
             if drop:
@@ -287,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             results["read_warm" if kind == "warm" else "read"].append(raw_read(raw_file, read_buf))
         gc.collect()
 
+    vm = probe_vm(a.workdir, nbytes, buf) if a.probe_vm else None
     # The fixed cost of a save: a one-tensor state through the same dist_checkpointing.save.
     tiny_times = []
     for i in range(5):
@@ -332,10 +358,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{overhead / min(results['save']):.0%} of this save); load average {load0} at start, "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} now on {os.cpu_count()} CPUs"
     )
+    if vm is not None:
+        print(
+            f"--probe-vm: a new {nbytes / 1e9:.2f} GB file written after 10 s idle took {vm[0]:.2f} s, one written "
+            f"right after deleting a file of that size {vm[1]:.2f} s"
+        )
     if len(results["save"]) > 1 and results["save"][0] > 1.5 * min(results["save"][1:]):
         print(
-            "note: the first save also pays one-time costs (megatron-core's async writer starts a multiprocessing "
-            "manager process on first use); later saves show the steady state"
+            "note: the first round writes with nothing freed before it (see 'Memory' in --help: slow for raw too) "
+            "and its save starts megatron-core's writer manager process; later rounds show the steady state"
         )
     if min(results["read"]) < 2 * min(results["read_warm"]):
         print(
