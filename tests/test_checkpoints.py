@@ -101,16 +101,30 @@ def test_exit_duration_saves_and_exits(tmp_path: Path) -> None:
     assert (ckpt / "iter_0000001" / "manifest.json").is_file()
 
 
-def test_record_crc_is_off_only_while_saving() -> None:
-    """Checkpoint writes skip torch.save's record CRC (nothing reads it); every other torch.save keeps it."""
+def test_record_crc_is_off_only_while_saving(tmp_path: Path) -> None:
+    """Checkpoint writes (ours and universal files) skip torch.save's record CRC (nothing reads it); every other
+    torch.save keeps it, and the files load."""
+    import zipfile
+
     import torch
 
-    from megatron_ext.training import checkpointing
+    from megatron_ext.convert import universal
+    from megatron_ext.training.layout import without_record_crc
 
     assert torch.serialization.get_crc32_options()
-    with checkpointing._without_record_crc():
+    with without_record_crc():
         assert not torch.serialization.get_crc32_options()
     assert torch.serialization.get_crc32_options()
-    with pytest.raises(RuntimeError), checkpointing._without_record_crc():
+    with pytest.raises(RuntimeError), without_record_crc():
         raise RuntimeError("a failed save")
     assert torch.serialization.get_crc32_options()
+
+    tensor = torch.arange(1000, dtype=torch.float32)
+    universal._save_tensor(tmp_path / "u.pt", tensor)
+    torch.save(tensor, tmp_path / "plain.pt")
+    assert torch.serialization.get_crc32_options()
+    assert torch.equal(torch.load(tmp_path / "u.pt")["param"], tensor)
+    with zipfile.ZipFile(tmp_path / "u.pt") as z:  # testzip names the first member whose CRC does not match
+        assert z.testzip() is not None
+    with zipfile.ZipFile(tmp_path / "plain.pt") as z:
+        assert z.testzip() is None

@@ -205,7 +205,7 @@ def _member_offset(window: _Window, info: zipfile.ZipInfo) -> int:
 
 def _member_bytes(window: _Window, info: zipfile.ZipInfo) -> bytes:
     """A stored member's bytes without zipfile's CRC check: checkpoints are saved without record CRCs
-    (see `megatron_ext.training.checkpointing._without_record_crc`), as torch.load reads them."""
+    (see `megatron_ext.training.layout.without_record_crc`), as torch.load reads them."""
     window.seek(_member_offset(window, info))
     return window.read(info.file_size)
 

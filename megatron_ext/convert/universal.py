@@ -41,6 +41,7 @@ from megatron_ext.convert import (
     tensor_metadata,
     world_of_one,
 )
+from megatron_ext.training import layout
 
 FORMAT = "megatron_ext.universal/1"
 META = "universal.json"
@@ -108,12 +109,14 @@ def read_state(root: Path, name: str, state: str) -> Any:
 
 
 def _save_tensor(path: Path, tensor: Any) -> None:
-    """torch.save writes a view's whole storage: copy only views of larger tensors."""
+    """torch.save writes a view's whole storage: copy only views of larger tensors. No record CRC (as our
+    checkpoints: `layout.without_record_crc`)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     own = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
-    torch.save({"param": tensor if own else tensor.contiguous().clone()}, path)
+    with layout.without_record_crc():
+        torch.save({"param": tensor if own else tensor.contiguous().clone()}, path)
 
 
 # ---- our checkpoint -> universal ----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -80,3 +82,22 @@ def verify(folder: Path) -> str | None:
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
     return None
+
+
+@contextmanager
+def without_record_crc() -> Iterator[None]:
+    """torch.save without its per-record CRC32, which costs a third of the write time and that nothing reads.
+
+    Checkpoint files (dist_checkpointing's torch_dist records, universal `zero/` files) are read back by torch.load,
+    which does not verify the checksum (torch's `set_crc32_options` note); damage is caught by the manifest's file
+    sizes and the loaders' metadata instead. Measured: 512 MB tensor, write + fsync 0.47-0.57 s without the CRC
+    against 0.68-1.1 s with it, raw write 0.45-0.55 s.
+    """
+    import torch
+
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
