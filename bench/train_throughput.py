@@ -41,6 +41,7 @@ import ctypes
 import gc
 import math
 import os
+import random
 import resource
 import socket
 import statistics
@@ -388,6 +389,15 @@ def time_steps(step: Callable[[], dict[str, float]], steps: int) -> Timed:
     return Timed(wall, cpu, _minor_faults() - faults, fastest, values["lm_loss"])
 
 
+def median_interval(values: list[float], level: float = 0.9, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median: how far the printed median could move on a rerun, which
+    single repeats (swinging +-10% on a shared machine) do not show."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
 def tune_malloc() -> str:
     """Keeps glibc from handing freed heap memory back to the kernel after every step.
 
@@ -566,10 +576,11 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused
         + f" ({a.repeats} repeats x {a.steps} steps)"
     )
     for name, adam in (("plain", "torch's default AdamW"), ("plain+fused", "fused AdamW, as ours")):
+        low, high = median_interval(ratios[name])
         print(
-            f"median ratio ours/{name} ({adam}): {statistics.median(ratios[name]):.3f} (min {min(ratios[name]):.3f}, "
-            f"max {max(ratios[name]):.3f}; cpu-time {statistics.median(cpu_ratios[name]):.3f}; fastest single steps "
-            f"{fastest[name] / fastest['ours']:.3f})"
+            f"median ratio ours/{name} ({adam}): {statistics.median(ratios[name]):.3f} (90% bootstrap interval "
+            f"{low:.3f}-{high:.3f}; min {min(ratios[name]):.3f}, max {max(ratios[name]):.3f}; cpu-time "
+            f"{statistics.median(cpu_ratios[name]):.3f}; fastest single steps {fastest[name] / fastest['ours']:.3f})"
         )
     print(
         "fastest single step (the least disturbed by other processes): "
