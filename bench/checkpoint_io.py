@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--probe-vm",
         action="store_true",
-        help="first time a new file written after 10 s idle "
-        "against one written right after deleting a file of the same size (see 'Memory')",
+        help="also time a new file written after 10 s idle against one written right after deleting a file of "
+        "the same size (see 'Memory')",
     )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--phase-ckpt", help=argparse.SUPPRESS)

@@ -1,5 +1,6 @@
 """Where checkpoints lie on disk, in Megatron-LM's layout: `iter_%07d/` folders and a tracker file naming the
-latest. Import-free (no torch, no megatron-core), so tools can reject a wrong --load at once."""
+latest, with our manifest; and how their files are written. Import-free (torch only inside
+`without_record_crc`, no megatron-core), so tools can reject a wrong --load at once."""
 
 from __future__ import annotations
 
