@@ -22,8 +22,8 @@ apart: dist_checkpointing.save of a one-tensor state, median of 5.
 
 Then `megatron_ext.convert.universal.to_universal` converts the last checkpoint (cold) in a subprocess: its
 throughput, and its peak RSS above the level right after its imports (psutil sampled every 2 ms, and ru_maxrss)
-relative to the largest single tensor of the checkpoint (a stacked layer key counts one layer). When the converter
-does not exist yet this part prints `conversion: n/a`.
+relative to the largest single tensor of the checkpoint (a stacked layer key counts one layer). The way back,
+`convert_checkpoint.py from-universal`, is timed too, with the peak memory of its processes.
 
     python bench/checkpoint_io.py              # ~2 GB of state (about 2-3 minutes on 2 cores)
     python bench/checkpoint_io.py --gb 0.2     # smoke run
@@ -193,6 +193,27 @@ def run_conversion(ckpt: Path, out: Path) -> dict:
     if proc.returncode != 0:
         return {"failed": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_from_universal(univ: Path, out: Path) -> dict:
+    """The way back, `convert_checkpoint.py from-universal` (TP=1, PP=1), timed, with the peak memory of its
+    process tree: PSS, so the pages its forked writers share are counted once."""
+    import psutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    cmd = [sys.executable, str(tool), "from-universal", "--load", str(univ), "--save", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"failed": (proc.stderr.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
+    return {"seconds": seconds, "pss_peak": peak}
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -403,6 +424,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"conversion peak RSS: +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
                 f"{grow / biggest[1]:.2f}x the largest tensor (target < 3x)"
             )
+            back = run_from_universal(univ, a.workdir / "from_universal")
+            if "failed" in back:
+                print(f"from-universal: failed ({back['failed']})")
+            else:
+                print(
+                    f"from-universal (TP=1 PP=1): {back['seconds']:.1f} s; peak memory of its processes (PSS, "
+                    f"sampled every 0.1 s) {back['pss_peak'] / 1e9:.2f} GB = {back['pss_peak'] / nbytes:.1f}x the "
+                    "checkpoint: not streamed, it builds the target layout's model and optimizer"
+                )
     print(f"total {time.perf_counter() - started:.0f} s (save/load part {t_main:.0f} s)")
     if not a.keep:
         shutil.rmtree(a.workdir, ignore_errors=True)
