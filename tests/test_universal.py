@@ -165,3 +165,28 @@ def test_megatron_lm_checkpoint_loads(results: tuple[dict, Path], tmp_path: Path
     assert "Megatron-LM checkpoint (version 3.0): iteration 3, 24 samples consumed" in proc.stdout
     losses = [float(x) for x in re.findall(r"^iter \d+/\d+ \| loss ([0-9.]+)", proc.stdout, re.M)]
     assert losses == pytest.approx(found["reference"][save_at:], abs=1e-4)  # printed with 4 decimals
+
+
+def test_load_into_fills_the_targets_in_place(tmp_path: Path) -> None:
+    """`--load UNIV` and from-universal write each slice straight into the tensor it restores (no second copy of
+    the model): a weight's tensor-parallel half and a whole moment, against plain slicing."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_ext.convert import universal
+
+    name = "decoder.final_layernorm.weight"
+    full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    moment = full * 0.5
+    univ = tmp_path / "univ"
+    triples = iter([(name, "fp32", full), (name, "exp_avg", moment)])
+    universal.write_renamed(univ, triples, 2, config={}, vocab=0, step=None, iteration=7, source="test", progress=False)
+    half = torch.zeros(3, 4)  # rows 3..5, as the second of two tensor-parallel ranks holds them
+    whole = torch.zeros(6, 4)
+    state = {
+        "w": ShardedTensor.from_rank_offsets(name, half, (0, 1, 2)),
+        "m": ShardedTensor.from_rank_offsets(f"optimizer.state.exp_avg.{name}", whole),
+    }
+    loaded = universal.load_into(univ, state)
+    assert loaded["w"] is half and torch.equal(half, full[3:])
+    assert loaded["m"] is whole and torch.equal(whole, moment)

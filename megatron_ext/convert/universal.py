@@ -265,7 +265,9 @@ def _source(key: str) -> tuple[str, str]:
 
 
 def _fill(root: Path, meta: dict[str, Any], sh: Any) -> Any:
-    """Copies a ShardedTensor's region out of the full tensor (padding vocabulary rows with zeros)."""
+    """Copies a ShardedTensor's region out of the full tensor (padding vocabulary rows with zeros) into the
+    ShardedTensor's own data (the parameter, optimizer state or placeholder it stands for), as dist_checkpointing
+    loads in place: a second copy of the whole model never exists, only one full tensor at a time."""
     import torch
 
     key, state = _source(sh.key)
@@ -285,8 +287,9 @@ def _fill(root: Path, meta: dict[str, Any], sh: Any) -> Any:
     src = tuple(slice(o, min(o + n, d)) for o, n, d in zip(offsets, local, full.shape))
     if all(s.stop > s.start for s in src):  # vocabulary padding rows beyond the saved ones stay zero
         region[tuple(slice(0, s.stop - s.start) for s in src)] = full[src]
-    data = region.reshape(sh.data.shape) if sh.flattened_range is None else region.flatten()[sh.flattened_range]
-    return data.to(sh.data.dtype)
+    with torch.no_grad():  # megatron-core 0.16 has no flattened ShardedTensors: data has the local shape
+        sh.data.copy_(region.reshape(sh.data.shape))
+    return sh.data
 
 
 def load_into(path: str | Path, sharded_state: dict[str, Any]) -> dict[str, Any]:
