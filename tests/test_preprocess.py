@@ -271,7 +271,15 @@ def test_interrupt_leaves_no_partial_output(tmp_path, big_jsonl, signum, workers
     argv = [sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(big_jsonl)]
     argv += ["--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "ByteTokenizer", "--append-eod"]
     argv += ["--workers", str(workers), "--chunk-size", "2000"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an inherited
+    # SIG_IGN: restore the default so that Ctrl-C is tested wherever the suite runs.
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # Interrupt once tokens are being written, i.e. truly mid-way (the temporary .bin is growing).
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
