@@ -283,12 +283,13 @@ def _fill(root: Path, meta: dict[str, Any], sh: Any) -> Any:
     offsets, local = sh.global_offset[layers:], tuple(sh.local_shape)
     if tuple(full.shape) != expected and not (key in VOCAB_KEYS and full.shape[1:] == expected[1:]):
         raise ConvertError(f"{root}: {name} has shape {tuple(full.shape)}, the model expects {expected}")
-    region = torch.zeros(local, dtype=torch.float32)
     src = tuple(slice(o, min(o + n, d)) for o, n, d in zip(offsets, local, full.shape))
-    if all(s.stop > s.start for s in src):  # vocabulary padding rows beyond the saved ones stay zero
-        region[tuple(slice(0, s.stop - s.start) for s in src)] = full[src]
+    sizes = [max(0, s.stop - s.start) for s in src]
     with torch.no_grad():  # megatron-core 0.16 has no flattened ShardedTensors: data has the local shape
-        sh.data.copy_(region.reshape(sh.data.shape))
+        if sizes != list(local):  # vocabulary padding rows beyond the saved ones are zero
+            sh.data.zero_()
+        if all(sizes):
+            sh.data[tuple(slice(0, n) for n in sizes)] = full[src]
     return sh.data
 
 
