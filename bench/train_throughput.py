@@ -15,12 +15,14 @@ implementation on CPU) and one with `fused=True`, the same kernel as ours, so th
 optimizer kernel gives from what the rest of the step costs.
 
 The default shape is a small LLM's (8 layers, hidden 512, 8 heads of dimension 64, seq 256, micro batch 8,
-vocabulary 258 padded to 384: 25.4M parameters). What megatron-core's layout adds to the plain model (activations
+vocabulary 258 padded to 384: 25.5M parameters). What megatron-core's layout adds to the plain model (activations
 copied between its sequence-first layout and the attention kernel's, linear in the hidden size; one more pass over
 every gradient into the contiguous gradient buffer; a fixed Python cost per step) shrinks against the matrix
 work, quadratic in the hidden size, as the model grows. Measured on the 2-core development VM, ours against plain
-with fused AdamW: hidden 512, 1.02-1.06 (GPT-2 style 1.044 and 1.020, --llama 1.056); FEASIBILITY.md's 9.6M
-model (`--num-layers 12 --hidden-size 256`, head dimension 32) 0.95-0.99, and 0.97 with 4 heads of dimension 64.
+with fused AdamW, median ratios: hidden 512, 0.977-1.056 over 7 runs (GPT-2 style 1.044, 1.020, 1.016, 0.977 and
+0.997 over 15 alternating single steps; --llama 1.056, 0.982), i.e. parity within the noise; FEASIBILITY.md's
+9.6M model (`--num-layers 12 --hidden-size 256`, head dimension 32) 0.95-0.99, and 0.97 with 4 heads of dimension
+64.
 Both run with fixed glibc malloc thresholds (see `tune_malloc`; `--no-malloc-tune` keeps glibc's defaults), and
 page faults per step are printed.
 On a shared 2-core machine other processes dominate the spread: the table also gives CPU-time ratios, and the
