@@ -294,3 +294,30 @@ def test_interrupt_leaves_no_partial_output(tmp_path, big_jsonl, signum, workers
     assert f"interrupted ({signal.Signals(signum).name})" in err and "Traceback" not in err
     assert _files(tmp_path) == ["out_text_document.bin", "out_text_document.idx", "small.jsonl"]
     assert _bytes(str(tmp_path / "out_text_document")) == before
+
+
+def test_pool_workers_start_with_interrupts_blocked(tmp_path, monkeypatch):
+    """Workers (and the replacements the pool forks for dead ones) start with SIGINT/SIGTERM blocked until their
+    initializer has replaced the CLI's raising handler: a terminate() in that window used to print a traceback."""
+    real_init = pp._init_worker
+
+    def recording_init(*args):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        (tmp_path / f"mask.{os.getpid()}").write_text(" ".join(sorted(signal.Signals(s).name for s in blocked)))
+        real_init(*args)
+        (tmp_path / f"after.{os.getpid()}").write_text(str(signal.SIGTERM in signal.pthread_sigmask(0, [])))
+
+    monkeypatch.setattr(pp, "_init_worker", recording_init)
+    with pp._worker_pool(2, ("ByteTokenizer", None, ["text"], False)) as pool:
+        first = [p.pid for p in pool._pool]
+        assert sorted(pool.map(abs, [-1, -2])) == [1, 2]
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not set(p.pid for p in pool._pool) - set(first):
+            time.sleep(0.05)
+        replacement = (set(p.pid for p in pool._pool) - set(first)).pop()
+        assert pool.apply(abs, (-3,)) == 3
+    for pid in [*first, replacement]:
+        assert (tmp_path / f"mask.{pid}").read_text().split() == ["SIGINT", "SIGTERM"], pid
+        assert (tmp_path / f"after.{pid}").read_text() == "False", pid
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's mask is restored

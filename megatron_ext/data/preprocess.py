@@ -251,6 +251,7 @@ class _Encoder:
 
 
 _WORKER_ENCODER: _Encoder | None = None
+_POOL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _init_worker(tokenizer_type: str, tokenizer_model: str | None, keys: list[str], append_eod: bool) -> None:
@@ -258,6 +259,7 @@ def _init_worker(tokenizer_type: str, tokenizer_model: str | None, keys: list[st
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's raising handler
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _POOL_SIGNALS)  # see _worker_pool
     _WORKER_ENCODER = _Encoder(build_tokenizer(tokenizer_type, tokenizer_model), keys, append_eod)
 
 
@@ -269,8 +271,17 @@ def _encode_in_worker(batch: _Batch) -> _Encoded:
 @contextlib.contextmanager
 def _worker_pool(workers: int, initargs: tuple) -> Iterator[multiprocessing.pool.Pool]:
     """A Pool that cannot hang on the way out of an error: Pool.terminate() can deadlock joining a task-feeder
-    thread blocked on a full pipe (seen under load), so the workers are killed first and the wait is bounded."""
-    pool = multiprocessing.Pool(workers, _init_worker, initargs)
+    thread blocked on a full pipe (seen under load), so the workers are killed first and the wait is bounded.
+
+    The pool is created with SIGINT/SIGTERM blocked: its threads keep that mask, so every worker (including
+    the replacements its maintenance thread forks while the pool is being torn down) starts with them blocked
+    until ``_init_worker`` has installed the worker's own handlers. Otherwise ``terminate()`` can reach a fresh
+    worker that still runs the CLI's raising handler, and the user sees a worker's traceback."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _POOL_SIGNALS)
+    try:
+        pool = multiprocessing.Pool(workers, _init_worker, initargs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     try:
         yield pool
     except BaseException:
