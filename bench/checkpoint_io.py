@@ -23,7 +23,7 @@ apart: dist_checkpointing.save of a one-tensor state, median of 5.
 Then `megatron_ext.convert.universal.to_universal` converts the last checkpoint (cold) in a subprocess: its
 throughput, and its peak RSS above the level right after its imports (psutil sampled every 2 ms, and ru_maxrss)
 relative to the largest single tensor of the checkpoint (a stacked layer key counts one layer). The way back,
-`convert_checkpoint.py from-universal`, is timed too, with the peak memory of its processes.
+`from-universal` (to TP=1 PP=1, cold source), is measured the same way.
 
     python bench/checkpoint_io.py              # ~2 GB of state (about 2-3 minutes on 2 cores)
     python bench/checkpoint_io.py --gb 0.2     # smoke run
@@ -140,19 +140,33 @@ def largest_tensor(folder: Path) -> tuple[str, int]:
 # ---- the conversion, in a subprocess of its own (clean RSS) ------------------------------------------------------
 
 
-def phase_convert(ckpt: str, out: str) -> dict:
-    """to_universal under a 2 ms RSS sampler; RSS is measured from the level right after the imports it needs."""
+def phase_convert(direction: str, src: str, out: str) -> dict:
+    """One conversion (`to-universal` from our checkpoint, or `from-universal` back) under a 2 ms RSS sampler; RSS
+    is measured from the level right after the imports it needs (megatron-core, and for the way back the model
+    code that describes the target checkpoint)."""
     import psutil
 
-    try:
-        from megatron_ext.convert.universal import to_universal
-    except ImportError as e:
-        return {"missing": f"{type(e).__name__}: {e}"}
     from megatron_ext.platform import quiet_optional_dependency_warnings
 
     quiet_optional_dependency_warnings()
-    import megatron.core.dist_checkpointing  # noqa: F401 - imported by the converter on first use
+    try:
+        from megatron_ext.convert.reshard import from_universal
+        from megatron_ext.convert.universal import to_universal
+    except ImportError as e:
+        return {"missing": f"{type(e).__name__}: {e}"}
+    import megatron.core.dist_checkpointing  # noqa: F401 - imported by the converters on first use
     import torch.distributed  # noqa: F401
+
+    if direction == "from-universal":
+        import megatron_ext.models.gpt  # noqa: F401
+        import megatron_ext.training.optim  # noqa: F401
+
+        def convert() -> None:
+            from_universal(src, out, progress=False)
+    else:
+
+        def convert() -> None:
+            to_universal(src, out, progress=False)
 
     gc.collect()
     proc = psutil.Process()
@@ -168,7 +182,7 @@ def phase_convert(ckpt: str, out: str) -> dict:
     sampler.start()
     t0 = time.perf_counter()
     try:
-        to_universal(ckpt, out, progress=False)
+        convert()
     except Exception as e:  # a converter in progress must not take the whole benchmark down
         return {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     finally:
@@ -185,9 +199,9 @@ def phase_convert(ckpt: str, out: str) -> dict:
     }
 
 
-def run_conversion(ckpt: Path, out: Path) -> dict:
+def run_conversion(direction: str, src: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--phase", "convert", "--phase-ckpt", str(ckpt), "--phase-out", str(out)]
+    cmd = [sys.executable, __file__, "--phase", direction, "--phase-ckpt", str(src), "--phase-out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -195,25 +209,12 @@ def run_conversion(ckpt: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_from_universal(univ: Path, out: Path) -> dict:
-    """The way back, `convert_checkpoint.py from-universal` (TP=1, PP=1), timed, with the peak memory of its
-    process tree: PSS, so the pages its forked writers share are counted once."""
-    import psutil
-
-    shutil.rmtree(out, ignore_errors=True)
-    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
-    cmd = [sys.executable, str(tool), "from-universal", "--load", str(univ), "--save", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            peak = max(peak, sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]))
-        time.sleep(0.1)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"failed": (proc.stderr.read().strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
-    return {"seconds": seconds, "pss_peak": peak}
+def growth(conv: dict) -> tuple[int, str]:
+    """Peak RSS over the level after the imports, and how it was seen: ru_maxrss is the process's peak, so it tells
+    more than the sampler only if it rose during the conversion."""
+    rose = conv["maxrss_after"] > conv["maxrss_before"]
+    grow = max(conv["rss_peak"], conv["maxrss_after"] if rose else 0) - conv["rss_base"]
+    return grow, "ru_maxrss" if rose and conv["maxrss_after"] >= conv["rss_peak"] else "sampled every 2 ms"
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase-ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
-    if a.phase == "convert":
-        print(json.dumps(phase_convert(a.phase_ckpt, a.phase_out)))
+    if a.phase in ("to-universal", "from-universal"):
+        print(json.dumps(phase_convert(a.phase, a.phase_ckpt, a.phase_out)))
         return
 
     started = time.perf_counter()
@@ -403,35 +404,37 @@ def main(argv: list[str] | None = None) -> None:
     else:
         univ = a.workdir / "universal"
         drop_cache(_files(folder))
-        conv = run_conversion(folder, univ)
+        conv = run_conversion("to-universal", folder, univ)
         if "missing" in conv:
-            print(f"conversion: n/a (megatron_ext.convert.universal not available: {conv['missing']})")
+            print(f"conversion: n/a (megatron_ext.convert not available: {conv['missing']})")
         elif "failed" in conv:
             print(f"conversion: failed ({conv['failed']})")
         else:
             out_bytes = _size(univ)
             limit = min(results["read"]) + out_bytes / nbytes * min(results["write"])  # seconds at raw speed
-            # ru_maxrss is the process's peak: it tells more than the sampler only if it rose during the conversion.
-            rose = conv["maxrss_after"] > conv["maxrss_before"]
-            grow = max(conv["rss_peak"], conv["maxrss_after"] if rose else 0) - conv["rss_base"]
+            grow, how = growth(conv)
             print(
                 f"conversion to universal (cold source): {conv['seconds']:.1f} s for {nbytes / 1e9:.3f} GB read and "
                 f"{out_bytes / 1e9:.3f} GB written ({_gbps(nbytes, conv['seconds']):.2f} GB/s of checkpoint; "
                 f"{limit / conv['seconds']:.2f} of the raw cold read + write+fsync limit)"
             )
-            how = "ru_maxrss" if rose and conv["maxrss_after"] >= conv["rss_peak"] else "sampled every 2 ms"
             print(
                 f"conversion peak RSS: +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
                 f"{grow / biggest[1]:.2f}x the largest tensor (target < 3x)"
             )
-            back = run_from_universal(univ, a.workdir / "from_universal")
+            drop_cache(_files(univ))
+            back = run_conversion("from-universal", univ, a.workdir / "from_universal")
             if "failed" in back:
                 print(f"from-universal: failed ({back['failed']})")
             else:
+                written = _size(a.workdir / "from_universal")
+                limit = out_bytes / nbytes * min(results["read"]) + written / nbytes * min(results["write"])
+                grow, how = growth(back)
                 print(
-                    f"from-universal (TP=1 PP=1): {back['seconds']:.1f} s; peak memory of its processes (PSS, "
-                    f"sampled every 0.1 s) {back['pss_peak'] / 1e9:.2f} GB = {back['pss_peak'] / nbytes:.1f}x the "
-                    "checkpoint: not streamed, it builds the target layout's model and optimizer"
+                    f"from-universal (TP=1 PP=1, cold source): {back['seconds']:.1f} s for {out_bytes / 1e9:.3f} GB "
+                    f"read and {written / 1e9:.3f} GB written ({limit / back['seconds']:.2f} of the raw cold read + "
+                    f"write+fsync limit); peak RSS +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
+                    f"{grow / biggest[1]:.2f}x the largest tensor"
                 )
     print(f"total {time.perf_counter() - started:.0f} s (save/load part {t_main:.0f} s)")
     if not a.keep:

@@ -9,6 +9,8 @@ paid twice. All runs train the same model for STEPS steps on the same data:
   (reshard), steps SAVE_AT+1..STEPS, saving at SAVE_AT+1; then `<layout>_resume`: --load of that save in the same
   layout, steps SAVE_AT+2..STEPS (exact resume in the layout).
 * `<layout>_no_moments`: as `<layout>` with --no-load-optim (a control: the moments matter).
+* `resharded_<layout>`: --load of the checkpoint that `from-universal` wrote for that layout (by the test, between
+  the launches), steps SAVE_AT+1..STEPS: the same curve as `<layout>`.
 * `async` / `async_resume`: the reference run saving through megatron-core's background writer (what
   --async-save does on GPU), then a resume from that checkpoint.
 
@@ -82,6 +84,8 @@ def run(name: str, common: list[str], work: Path) -> list[float]:
         return _run([*common, "--save", str(work / "async")], save_at=SAVE_AT, background=work / "async")
     if name == "async_resume":
         return _run([*common, "--load", str(work / "async")])
+    if name.startswith("resharded_"):  # written by `convert_checkpoint.py from-universal` for that layout
+        return _run([*common, *LAYOUTS[name.removeprefix("resharded_")], "--load", str(work / name)])
     layout = name.removesuffix("_resume").removesuffix("_no_moments")
     flags = [*common, *LAYOUTS[layout]]
     if name.endswith("_resume"):

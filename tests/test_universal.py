@@ -19,6 +19,9 @@ from launchers import ROOT, clean_env, launch_scenarios, ngram_corpus
 
 SCRIPT = ROOT / "tests" / "checkpoint_scenarios.py"
 LAYOUTS = ["univ1", "tp2", "pp2", "dp2_distopt"]
+CONVERT = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+# from-universal's targets, loaded by the 2-process launch in that layout
+RESHARDED = {"tp2": ["--target-tp", "2"], "dp2_distopt": ["--use-distributed-optimizer"]}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     one = ["reference", "resume", "univ1", "univ1_resume", "univ1_no_moments", "async", "async_resume"]
     two = [name for layout in LAYOUTS[1:] for name in (layout, f"{layout}_resume")]
     found = launch_scenarios(SCRIPT, 1, 29521, [prefix, str(work)], work / "one.json", one)
+    for layout, flags in RESHARDED.items():
+        out = work / f"resharded_{layout}"
+        proc = subprocess.run([*CONVERT, "from-universal", "--load", str(work / "universal"), "--save", str(out),
+                               *flags, "--no-progress"], capture_output=True, text=True, env=clean_env())  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two.append(out.name)
     found |= launch_scenarios(SCRIPT, 2, 29522, [prefix, str(work)], work / "two.json", two)
     return found, work
 
@@ -57,6 +66,42 @@ def test_universal_reshards_with_moments(results: tuple[dict, Path], layout: str
 def test_resume_in_layout_is_bit_exact(results: tuple[dict, Path], layout: str) -> None:
     found, _ = results
     assert found[f"{layout}_resume"] == found[layout][1:]
+
+
+@pytest.mark.parametrize("layout", RESHARDED)
+def test_converted_checkpoint_continues_like_the_universal_load(results: tuple[dict, Path], layout: str) -> None:
+    """from-universal writes what a run of the layout then loads with plain --load: the same weights and moments
+    as loading the universal folder itself, so the same losses, bit for bit."""
+    found, work = results
+    assert found[f"resharded_{layout}"] == found[layout]
+    saved = json.loads((work / f"resharded_{layout}" / "config.json").read_text())["parallel"]
+    assert saved["tensor_model_parallel_size"] == (2 if layout == "tp2" else 1)
+    assert saved["use_distributed_optimizer"] == (layout == "dp2_distopt")
+
+
+def test_converted_checkpoint_files_hold_at_most_the_largest_tensor(results: tuple[dict, Path]) -> None:
+    """What bounds from-universal's memory: PyTorch's writer keeps a file's tensors until the file is closed, so
+    no file may hold more tensor bytes than the largest single tensor (one layer of one parameter or state)."""
+    import math
+    from collections import Counter
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    _, work = results
+    folder = next((work / "resharded_tp2").glob("iter_*"))
+    meta = FileSystemReader(str(folder)).read_metadata()
+    per_file: Counter[str] = Counter()
+    largest = 0
+    for index, info in meta.storage_data.items():
+        tensor = meta.state_dict_metadata[index.fqn]
+        if not hasattr(tensor, "chunks"):
+            continue  # a sharded object (bytes)
+        chunk = next(c for c in tensor.chunks if tuple(c.offsets) == tuple(index.offset))
+        nbytes = math.prod(chunk.sizes) * tensor.properties.dtype.itemsize
+        per_file[info.relative_path] += nbytes
+        largest = max(largest, nbytes)
+    assert len(per_file) > 1 and max(per_file.values()) <= largest, (largest, per_file)
+    assert set(per_file) == {f.name for f in folder.glob("*.distcp")}
 
 
 def test_moments_matter(results: tuple[dict, Path]) -> None:
@@ -114,12 +159,12 @@ def test_reshard_tool_keeps_every_tensor(results: tuple[dict, Path], tmp_path: P
     import torch
 
     _, work = results
-    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
+    tool = CONVERT
     out, back = tmp_path / "tp2", tmp_path / "back"
     args = ["--load", str(work / "reference"), "--save", str(out), "--target-tp", "2", "--use-distributed-optimizer"]
     proc = subprocess.run([*tool, "reshard", *args, "--no-progress"], capture_output=True, text=True, env=clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TP=2 PP=1 (2 processes), distributed optimizer, with Adam moments" in proc.stdout
+    assert "TP=2 PP=1, distributed optimizer, with Adam moments" in proc.stdout
     saved = json.loads((out / "config.json").read_text())["parallel"]
     assert saved["tensor_model_parallel_size"] == 2 and saved["use_distributed_optimizer"]
     proc = subprocess.run([*tool, "to-universal", "--load", str(out), "--save", str(back), "--no-progress"],

@@ -117,7 +117,7 @@ def _layout(args: argparse.Namespace) -> dict[str, Any]:
 def from_universal(args: argparse.Namespace) -> None:
     from megatron_ext.convert.reshard import from_universal as convert
 
-    for line in convert(args.load, args.save, dry_run=args.dry_run, **_layout(args)):
+    for line in convert(args.load, args.save, dry_run=args.dry_run, progress=not args.no_progress, **_layout(args)):
         print(line)
     print("dry run: nothing written" if args.dry_run else f"wrote {args.save}", file=sys.stderr)
 

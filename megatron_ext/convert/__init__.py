@@ -13,12 +13,14 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from megatron_ext.training import layout
 from megatron_ext.training.layout import COMMON_STATE
+
+T = TypeVar("T")
 
 
 class ConvertError(ValueError):
@@ -102,6 +104,21 @@ def world_of_one() -> Iterator[bool]:
         if "megatron.core.parallel_state" in sys.modules:
             sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def batches_within(items: list[T], budget: int, size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive items whose sizes together stay within `budget` (an item larger than it goes alone): converters
+    read or write in groups no larger than the largest tensor, so memory holds about two tensors at most."""
+    batch: list[T] = []
+    held = 0
+    for item in items:
+        if batch and held + size(item) > budget:
+            yield batch
+            batch, held = [], 0
+        batch.append(item)
+        held += size(item)
+    if batch:
+        yield batch
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

@@ -1,33 +1,36 @@
 """Universal folder -> our checkpoint in a chosen TP/PP layout, and direct resharding (ours -> ours) through it.
 
-The checkpoint is written by the training code itself: TP x PP processes (gloo, on CPU) build the model and
-optimizer of the target layout, fill their shards from the universal folder exactly as `--load UNIV` does, and save
-with the training's save. So a resharded checkpoint is what a run in that layout would have saved, optimizer
-moments included, and loads with plain `--load` (and `--ckpt-step`). Memory: the whole model and optimizer state
-across the processes (as in a one-node run); `to-universal` itself streams.
+Our checkpoints keep every tensor under its global key (the optimizer state too: "fully_reshardable"), so a
+checkpoint for any layout holds the same tensors; the layout shows only in the vocabulary padding and in the
+config. The converter therefore writes the torch_dist files itself, streaming: one tensor (one layer of one
+parameter or state) is read from the universal folder, written, and released before the next, so memory stays at
+about one tensor whatever the model size. What the files must hold (keys, dtypes, modules' extra state, the
+optimizer's param groups and step) is asked of megatron-core, from a model with the same layers and options but
+tiny dimensions. A run of the target layout loads the result with plain `--load` (and `--ckpt-step`), optimizer
+moments included; its RNG states start from the run's seed, as with `--load UNIV` (a converted checkpoint holds
+none).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import socket
+from dataclasses import dataclass
 from pathlib import Path
+from queue import Queue
 from typing import Any
 
 from megatron_ext.config import Config, ConfigError
-from megatron_ext.convert import ConvertError, atomic_output_dir, check_output_dir
+from megatron_ext.convert import (
+    ConvertError,
+    atomic_output_dir,
+    batches_within,
+    check_output_dir,
+    progress_bar,
+    world_of_one,
+)
 from megatron_ext.convert.universal import read_meta, to_universal
-
-
-class _SavedSchedule:
-    """The universal folder's LR-schedule state, handed to the checkpoint writer as a scheduler would."""
-
-    def __init__(self, state: dict[str, Any] | None) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any] | None:
-        return self._state
 
 
 def _target_config(meta: dict[str, Any], tp: int | None, pp: int | None, distributed_optimizer: bool | None) -> Config:
@@ -49,59 +52,165 @@ def _target_config(meta: dict[str, Any], tp: int | None, pp: int | None, distrib
         raise ConvertError(f"the target layout does not fit the model: {e}") from e
 
 
-def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], univ: str, out: str) -> None:
-    """One rank of the target layout: build, fill from the universal folder, save."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    from megatron_ext.platform import quiet_optional_dependency_warnings
+# The structure of the target checkpoint (every key, its dtype, the optimizer's and the run's common state) comes
+# from megatron-core itself, asked of a model with the same layers and options but tiny dimensions: the keys of our
+# checkpoints are global (layout-free), so only the shapes differ, and those come from the universal folder.
+_TWIN_HEAD_DIM = 8
+_TWIN_FFN = 16
+_TWIN_VOCAB = 16
 
-    quiet_optional_dependency_warnings()
-    import torch
+
+def _twin_config(cfg: Config) -> Config:
+    d = cfg.to_dict()
+    heads = d["model"]["num_attention_heads"]
+    d["model"].update(hidden_size=heads * _TWIN_HEAD_DIM, kv_channels=_TWIN_HEAD_DIM, ffn_hidden_size=_TWIN_FFN)
+    d["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    return Config.from_dict(d)
+
+
+@dataclass
+class _Target:
+    """What the target checkpoint holds: tensors as {key: (layers or None, dtype)}, sharded objects (modules' extra
+    state) by their unique key, and the common state (optimizer step and param groups, schedule, progress)."""
+
+    tensors: dict[str, tuple[int | None, Any]]
+    objects: dict[str, Any]
+    common: dict[str, Any]
+
+
+def _target(cfg: Config, meta: dict[str, Any]) -> _Target:
+    """Builds the tiny twin of the target in this process (a world of one) and reads its checkpoint structure."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_ext import distributed, platform
-    from megatron_ext.data.tokenizers import padded_vocab_size
     from megatron_ext.models.gpt import build_model, transformer_config
     from megatron_ext.training import checkpointing
     from megatron_ext.training.optim import build_optimizer, wrap_model
 
-    cfg = Config.from_dict(cfg_dict)
-    meta = read_meta(univ)
+    twin = _twin_config(cfg)
     plat = platform.select("cpu", "gloo")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        platform.setup_device(plat, rank)
-        distributed.initialize_model_parallel(
-            cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, None
-        )
-        model_parallel_cuda_manual_seed(cfg.training.seed)
-        m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-        vocab = padded_vocab_size(meta["vocab_size"], m.make_vocab_size_divisible_by, tp)
-        config = transformer_config(cfg, plat)
-        model = wrap_model(cfg, config, [build_model(cfg, plat, config, vocab)])
-        with_moments = meta.get("optimizer_step") is not None
-        optimizer = build_optimizer(cfg, model)
-        loaded = checkpointing.load(univ, model, optimizer if with_moments else None, load_rng=False, log=_quiet)
-        assert loaded is not None
-        extra = {
-            "train_state": loaded["train_state"],
-            "data_state": loaded["data_state"],
-            "config": cfg.to_dict(),
-            "vocab_size": meta["vocab_size"],
-        }
-        checkpointing.save(out, meta["iteration"], model, optimizer, _SavedSchedule(loaded["scheduler"]), extra)  # type: ignore[arg-type]
-    finally:
-        distributed.destroy()
+    platform.setup_device(plat, 0)
+    distributed.initialize_model_parallel(1, 1, None)
+    model_parallel_cuda_manual_seed(twin.training.seed)
+    config = transformer_config(twin, plat)
+    model = wrap_model(twin, config, [build_model(twin, plat, config, _TWIN_VOCAB)])
+    step = meta.get("optimizer_step")
+    optimizer = None
+    if step is not None:
+        optimizer = build_optimizer(twin, model)
+        checkpointing.allocate_optimizer_state(optimizer, step)  # megatron-core saves the step it finds there
+    extra = {
+        "train_state": meta.get("train_state") or {"iteration": meta["iteration"]},
+        "data_state": meta.get("data_state"),
+        "config": cfg.to_dict(),
+        "vocab_size": meta["vocab_size"],
+    }
+    state = checkpointing.checkpoint_state(model, optimizer, meta.get("scheduler"), meta["iteration"], extra, rng=False)
+    par = cfg.parallel
+    state["parallel_layout"] = [par.pipeline_model_parallel_size, par.tensor_model_parallel_size]
+    sharded, common = save_preprocess(state, validate_access_integrity=False)
+    tensors: dict[str, tuple[int | None, Any]] = {}
+    objects: dict[str, Any] = {}
+    for entry in nested_values(sharded):
+        if isinstance(entry, ShardedObject):
+            objects[entry.unique_key] = entry.data
+        elif isinstance(entry, ShardedTensor):
+            if entry.prepend_axis_num > 1:
+                raise ConvertError(f"{entry.key}: {entry.prepend_axis_num} stacked axes are not supported")
+            tensors[entry.key] = (entry.global_shape[0] if entry.prepend_axis_num else None, entry.dtype)
+    return _Target(tensors, objects, common)
 
 
-def _quiet(line: str) -> None:
-    """The workers' load notes (the converter prints its own summary)."""
+def _item_bytes(item: Any) -> int:
+    data = item.tensor_data
+    return 0 if data is None else math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _bounded_files_writer() -> type:
+    """PyTorch's FileSystemWriter, but with files no larger than the largest tensor (`batches_within`): its writer
+    loop keeps each file's tensors until the file is closed, so one file per rank would hold the whole checkpoint."""
+    from torch.distributed import checkpoint as dcp
+
+    class Writer(dcp.FileSystemWriter):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path, single_file_per_rank=True, thread_count=1)
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            budget = max(_item_bytes(item) for item in plan.items)
+            queue: Queue = Queue()
+            for n, files in enumerate(batches_within(plan.items, budget, _item_bytes)):
+                name = f"{plan.storage_data.prefix}{n}.distcp"
+                queue.put((self.fs.concat_path(self.path, name), name, files))
+            return self._write_data(planner, queue)
+
+    return Writer
+
+
+def _write_tensors(
+    univ: Path, meta: dict[str, Any], target: _Target, padded_vocab: int, out: Path, progress: bool
+) -> None:
+    """Writes the tensors and objects as torch_dist (PyTorch DCP) files: one chunk per tensor, or per layer of a
+    stacked key, each read from the universal folder (memory-mapped) only when the writer reaches it, so memory
+    holds one tensor at a time. Loading reshards the chunks to whatever layout the run uses."""
+    import io
+
+    import torch
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from megatron_ext.convert.universal import source_tensor, target_shape
+    from megatron_ext.training.layout import without_record_crc
+
+    items: list[WriteItem] = []
+    sources: dict[tuple[str, tuple[int, ...]], tuple[str, int | None, tuple[int, ...], Any]] = {}
+    for key, (layers, dtype) in target.tensors.items():
+        for layer in range(layers) if layers is not None else [None]:
+            shape = target_shape(univ, meta, key, layer, padded_vocab)
+            if layers is None:
+                offsets, sizes, size = (0,) * len(shape), shape, shape
+            else:
+                offsets, sizes, size = (layer, *(0,) * len(shape)), (1, *shape), (layers, *shape)
+            index = MetadataIndex(key, torch.Size(offsets))
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+            data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=torch.Size(size))
+            items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
+            sources[(key, tuple(offsets))] = (key, layer, shape, dtype)
+    for unique_key in target.objects:
+        items.append(WriteItem(index=MetadataIndex(unique_key), type=WriteItemType.BYTE_IO))
+
+    with progress_bar(len(items), "from-universal", progress) as bar:
+
+        def resolve(item: WriteItem) -> Any:
+            bar.update(1)
+            if item.type == WriteItemType.BYTE_IO:
+                buffer = io.BytesIO()
+                torch.save([target.objects[item.index.fqn]], buffer)  # megatron-core's form of a sharded object
+                return buffer
+            key, layer, shape, dtype = sources[(item.index.fqn, tuple(item.index.offset))]
+            full = source_tensor(univ, meta, key, layer, shape)
+            if tuple(full.shape) != shape:  # vocabulary padding: zero rows added, or rows past the tokenizer's dropped
+                fitted = torch.zeros(shape, dtype=dtype)
+                rows = min(shape[0], full.shape[0])
+                fitted[:rows] = full[:rows]
+                full = fitted
+            full = full.to(dtype)
+            return full if layer is None else full.unsqueeze(0)
+
+        class Planner(DefaultSavePlanner):
+            def create_local_plan(self) -> SavePlan:
+                self.plan = SavePlan(items)
+                return self.plan
+
+            def resolve_data(self, write_item: WriteItem) -> Any:
+                return resolve(write_item)
+
+        with without_record_crc():
+            dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
 
 
 def from_universal(
@@ -112,6 +221,7 @@ def from_universal(
     pipeline_model_parallel_size: int | None = None,
     use_distributed_optimizer: bool | None = None,
     dry_run: bool = False,
+    progress: bool = True,
 ) -> list[str]:
     """Writes our checkpoint (iter_%07d + tracker + config.json) in the target layout (default: the universal
     folder's source layout); returns a description of what is (or would be) written."""
@@ -120,8 +230,8 @@ def from_universal(
     cfg = _target_config(meta, tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     lines = [
-        f"{univ} (iteration {meta['iteration']}, {len(meta['params'])} parameters) -> TP={tp} PP={pp} "
-        f"({tp * pp} processes), {'distributed' if cfg.parallel.use_distributed_optimizer else 'plain'} optimizer, "
+        f"{univ} (iteration {meta['iteration']}, {len(meta['params'])} parameters) -> TP={tp} PP={pp}, "
+        f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'plain'} optimizer, "
         f"{'with' if meta.get('optimizer_step') is not None else 'without'} Adam moments"
     ]
     if dry_run:
@@ -129,15 +239,22 @@ def from_universal(
     if out_dir is None:
         raise ConvertError("from-universal needs an output folder")
     check_output_dir(out_dir)
-    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
 
-    with atomic_output_dir(out_dir) as tmp:
-        world = tp * pp
-        try:
-            worker_args = (world, _free_port(), cfg.to_dict(), str(univ.absolute()), str(tmp))
-            mp.start_processes(_worker, worker_args, nprocs=world, start_method="spawn")
-        except mp.ProcessRaisedException as e:
-            raise ConvertError(f"a conversion process failed: {str(e).strip().splitlines()[-1]}") from e
+    from megatron_ext.data.tokenizers import padded_vocab_size
+    from megatron_ext.training.layout import TRACKER, iteration_dir, write_manifest
+
+    padded_vocab = padded_vocab_size(meta["vocab_size"], cfg.model.make_vocab_size_divisible_by, tp)
+    with world_of_one(), atomic_output_dir(out_dir) as tmp:
+        target = _target(cfg, meta)
+        ckpt = iteration_dir(tmp, meta["iteration"])
+        ckpt.mkdir(parents=True)
+        _write_tensors(univ, meta, target, padded_vocab, ckpt, progress)
+        get_default_save_common_strategy().save_common(target.common, ckpt)
+        save_config(CheckpointingConfig("torch_dist", 1), str(ckpt))
+        write_manifest(ckpt)
+        (tmp / TRACKER).write_text(f"{meta['iteration']}\n")
         cfg.to_json(tmp / "config.json")
     return lines
 
@@ -169,6 +286,7 @@ def reshard(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             use_distributed_optimizer=use_distributed_optimizer,
+            progress=progress,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -31,6 +31,7 @@ from typing import Any
 from megatron_ext.convert import (
     ConvertError,
     atomic_output_dir,
+    batches_within,
     check_output_dir,
     find_checkpoint,
     progress_bar,
@@ -197,7 +198,7 @@ def to_universal(
             size = 4 * math.prod(params[name]["shape"])
             reads += [(name, state, src, layer, size) for state, src in sources.items()]
         with atomic_output_dir(out_dir) as tmp, progress_bar(len(reads), "to-universal", progress) as bar:
-            for batch in _batches(reads, budget=max(r[4] for r in reads)):
+            for batch in batches_within(reads, max(r[4] for r in reads), size=lambda r: r[4]):
                 loaded = read_tensors(ckpt, [(src, layer) for _, _, src, layer, _ in batch], meta)
                 for name, state, src, layer, _ in batch:
                     _save_tensor(state_file(tmp, name, state), loaded.pop((src, layer)).float())
@@ -210,21 +211,6 @@ def to_universal(
                     torch.save(torch.tensor(float(step)), state_file(tmp, name, "step"))
             _write_meta(tmp, common, config, vocab, step, params, source=str(ckpt))
     return lines
-
-
-def _batches(reads: list[tuple], budget: int) -> Iterator[list[tuple]]:
-    """Consecutive reads whose tensors together stay within `budget` bytes (the largest tensor): few
-    dist_checkpointing reads for small layers, one tensor at a time for the largest."""
-    batch: list[tuple] = []
-    held = 0
-    for read in reads:
-        if batch and held + read[-1] > budget:
-            yield batch
-            batch, held = [], 0
-        batch.append(read)
-        held += read[-1]
-    if batch:
-        yield batch
 
 
 def _write_meta(
@@ -256,6 +242,19 @@ def _write_meta(
 # ---- universal -> a model and optimizer of any layout ---------------------------------------------------------
 
 
+def target_shape(root: Path, meta: dict[str, Any], key: str, layer: int | None, padded_vocab: int) -> tuple[int, ...]:
+    """The shape that a sharded key of ours (one layer of it, for a stacked key) has in a target layout whose
+    vocabulary is padded to `padded_vocab` rows."""
+    model_key, _ = _source(key)
+    name = layer_name(model_key, layer)
+    if name not in meta["params"]:
+        raise ConvertError(f"{root}: no parameter {name} (the checkpoint holds another model)")
+    shape = list(meta["params"][name]["shape"])
+    if model_key in VOCAB_KEYS:
+        shape[0] = padded_vocab
+    return tuple(shape)
+
+
 def _source(key: str) -> tuple[str, str]:
     """(parameter name, state file) a ShardedTensor key of ours reads from; the layer is added by the caller."""
     if key.startswith(OPTIMIZER_PREFIX):
@@ -264,25 +263,30 @@ def _source(key: str) -> tuple[str, str]:
     return key, "fp32"
 
 
+def source_tensor(root: Path, meta: dict[str, Any], key: str, layer: int | None, expected: tuple[int, ...]) -> Any:
+    """The full tensor that a sharded key of ours (one layer of it, for a stacked key) is read from, checked against
+    the shape the target expects; vocabulary tensors may differ in their number of padding rows."""
+    model_key, state = _source(key)
+    name = layer_name(model_key, layer)
+    if name not in meta["params"]:
+        raise ConvertError(f"{root}: no parameter {name} (the checkpoint holds another model)")
+    if state not in meta["params"][name]["states"]:
+        raise ConvertError(f"{root}: {name} has no {state} (saved without optimizer moments: use --no-load-optim)")
+    full = read_state(root, name, state)
+    if tuple(full.shape) != expected and not (model_key in VOCAB_KEYS and full.shape[1:] == expected[1:]):
+        raise ConvertError(f"{root}: {name} has shape {tuple(full.shape)}, the model expects {expected}")
+    return full
+
+
 def _fill(root: Path, meta: dict[str, Any], sh: Any) -> Any:
     """Copies a ShardedTensor's region out of the full tensor (padding vocabulary rows with zeros) into the
     ShardedTensor's own data (the parameter, optimizer state or placeholder it stands for), as dist_checkpointing
     loads in place: a second copy of the whole model never exists, only one full tensor at a time."""
     import torch
 
-    key, state = _source(sh.key)
     layers = sh.prepend_axis_num
-    layer = sh.global_offset[0] if layers else None
-    name = layer_name(key, layer)
-    if name not in meta["params"]:
-        raise ConvertError(f"{root}: no parameter {name} (the checkpoint holds another model)")
-    if state not in meta["params"][name]["states"]:
-        raise ConvertError(f"{root}: {name} has no {state} (saved without optimizer moments: use --no-load-optim)")
-    full = read_state(root, name, state)
-    expected = tuple(sh.global_shape[layers:])
+    full = source_tensor(root, meta, sh.key, sh.global_offset[0] if layers else None, tuple(sh.global_shape[layers:]))
     offsets, local = sh.global_offset[layers:], tuple(sh.local_shape)
-    if tuple(full.shape) != expected and not (key in VOCAB_KEYS and full.shape[1:] == expected[1:]):
-        raise ConvertError(f"{root}: {name} has shape {tuple(full.shape)}, the model expects {expected}")
     src = tuple(slice(o, min(o + n, d)) for o, n, d in zip(offsets, local, full.shape))
     sizes = [max(0, s.stop - s.start) for s in src]
     with torch.no_grad():  # megatron-core 0.16 has no flattened ShardedTensors: data has the local shape

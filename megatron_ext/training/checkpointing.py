@@ -88,10 +88,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
+def allocate_optimizer_state(optimizer: MegatronOptimizer, step: int = 0) -> None:
     """Gives every Adam parameter zero moments and step 0 before a load, as a first step would: megatron-core's
     distributed optimizer cannot describe (or load into) an optimizer that has never stepped when it falls back to
-    torch's AdamW (no Apex / Transformer Engine). Step 0 with zero moments is exactly a fresh Adam."""
+    torch's AdamW (no Apex / Transformer Engine). Step 0 with zero moments is exactly a fresh Adam. (A converter
+    passes the `step` that the state it writes was saved at.)"""
     for opt in torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
             continue
@@ -99,7 +100,7 @@ def _allocate_optimizer_state(optimizer: MegatronOptimizer) -> None:
             for p in group["params"]:
                 state = opt.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = torch.tensor(float(step))
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -114,8 +115,31 @@ def _sharded_state(
         state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()  # type: ignore[operator]
     if optimizer is not None:
         if is_loading:
-            _allocate_optimizer_state(optimizer)
+            allocate_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return state
+
+
+def checkpoint_state(
+    model: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler_state: dict[str, Any] | None,
+    iteration: int,
+    extra: dict[str, Any],
+    rng: bool = True,
+) -> dict[str, Any]:
+    """What a save writes: the sharded model and optimizer, this rank's RNG states and the run's progress.
+
+    Without `rng` (a converted checkpoint, whose RNG states would belong to no run) the checkpoint says so, and a
+    run loading it keeps the states its seed gave it, as with a universal checkpoint."""
+    state = _sharded_state(model, optimizer, is_loading=False)
+    if rng:
+        state["rng_state"] = _rng_state()
+    state["rng_state_saved"] = rng
+    state["parallel_layout"] = _layout()
+    state["scheduler"] = scheduler_state
+    state["iteration"] = iteration
+    state.update(extra)
     return state
 
 
@@ -155,12 +179,7 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
-    state["rng_state"] = _rng_state()
-    state["parallel_layout"] = _layout()
-    state["scheduler"] = scheduler.state_dict()
-    state["iteration"] = iteration
-    state.update(extra)
+    state = checkpoint_state(model, optimizer, scheduler.state_dict(), iteration, extra)
     publish = partial(_publish, root, tmp, iteration, keep_last)
     with without_record_crc():  # the writer processes are forked inside: they inherit the setting
         if async_queue is not None:
@@ -244,7 +263,8 @@ def load(
     if universal.is_universal(path):
         return _load_universal(Path(path), model, optimizer, log)
     state = _sharded_state(model, optimizer, is_loading=True)
-    same_layout = dist_checkpointing.load_common_state_dict(str(path)).get("parallel_layout") == _layout()
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    same_layout = common.get("parallel_layout") == _layout() and common.get("rng_state_saved", True)
     if load_rng and same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
         state["rng_state"] = _rng_state()
     with torch.no_grad():
