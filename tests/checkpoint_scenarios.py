@@ -11,8 +11,9 @@ paid twice. All runs train the same model for STEPS steps on the same data:
 * `<layout>_no_moments`: as `<layout>` with --no-load-optim (a control: the moments matter).
 * `resharded_<layout>`: --load of the checkpoint that `from-universal` wrote for that layout (by the test, between
   the launches), steps SAVE_AT+1..STEPS: the same curve as `<layout>`.
-* `async` / `async_resume`: the reference run saving through megatron-core's background writer (what
-  --async-save does on GPU), then a resume from that checkpoint.
+* `async` / `async_resume`: the reference run saving through megatron-core's background writer (--async-save: on
+  a machine with a GPU the runs use it and this is the GPU test of --async-save), then a resume from that
+  checkpoint.
 
 usage: checkpoint_scenarios.py DATA_PREFIX WORKDIR OUT_JSON SCENARIO [SCENARIO ...]
 """
@@ -51,10 +52,11 @@ LAYOUTS = {
 
 
 def _run(argv: list[str], save_at: int | None = None, background: Path | None = None) -> list[float]:
-    """Steps to STEPS (saving at `save_at`); with `background`, saves go through the async writer as with
-    --async-save on GPU, and a checkpoint visible before its finalization is recorded as a failure."""
-    tr = setup(parse_args(argv))
-    if background is not None:
+    """Steps to STEPS (saving at `save_at`); with `background`, saves go through the async writer (--async-save,
+    which on a GPU sets it up itself and on CPU saves synchronously, so the test hands CPU runs the same writer),
+    and a checkpoint visible before its finalization is recorded as a failure."""
+    tr = setup(parse_args([*argv, "--async-save"] if background is not None else argv))
+    if background is not None and tr.async_saves is None:
         tr.async_saves = AsyncCallsQueue()
     losses = []
     while tr.state.iteration < STEPS:

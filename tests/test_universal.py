@@ -104,6 +104,34 @@ def test_converted_checkpoint_files_hold_at_most_the_largest_tensor(results: tup
     assert set(per_file) == {f.name for f in folder.glob("*.distcp")}
 
 
+def test_from_universal_pads_the_vocabulary_for_the_target(results: tuple[dict, Path], tmp_path: Path) -> None:
+    """A target whose vocabulary padding differs (here --make-vocab-size-divisible-by 128: 258 rows -> 384) gets
+    zero rows for the new padding, weights and moments alike; everything else is copied unchanged."""
+    import shutil
+
+    import torch
+
+    from megatron_ext.convert.reshard import from_universal
+    from megatron_ext.convert.universal import to_universal
+
+    _, work = results
+    univ = tmp_path / "universal"
+    shutil.copytree(work / "universal", univ)
+    meta = json.loads((univ / "universal.json").read_text())
+    meta["config"]["model"]["make_vocab_size_divisible_by"] = 128
+    (univ / "universal.json").write_text(json.dumps(meta))
+    from_universal(univ, tmp_path / "padded", progress=False)
+    to_universal(tmp_path / "padded", tmp_path / "back", progress=False)
+    for f in sorted((univ / "zero").rglob("*.pt")):
+        a = torch.load(f, weights_only=True)
+        b = torch.load(tmp_path / "back" / f.relative_to(univ), weights_only=True)
+        a, b = (x["param"] if isinstance(x, dict) else x for x in (a, b))
+        if f.parent.name in ("embedding.word_embeddings.weight", "output_layer.weight") and f.name != "step.pt":
+            assert b.shape == (384, *a.shape[1:]) and torch.equal(b[: len(a)], a) and not b[len(a) :].any(), f
+        else:
+            assert torch.equal(a, b), f
+
+
 def test_moments_matter(results: tuple[dict, Path]) -> None:
     """Control: without the universal folder's moments the curve leaves the reference after one step."""
     found, _ = results
@@ -152,6 +180,12 @@ def test_damaged_universal_file_is_one_clear_error(results: tuple[dict, Path], t
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "output_layer.weight/exp_avg.pt: unreadable" in errors[0] and "damaged" in errors[0]
+    out = tmp_path / "converted"  # the converter reads the file only when it writes that tensor: same one line
+    proc = subprocess.run([*CONVERT, "from-universal", "--load", str(damaged), "--save", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=clean_env())  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "exp_avg.pt: unreadable" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["damaged"]
 
 
 def test_reshard_tool_keeps_every_tensor(results: tuple[dict, Path], tmp_path: Path) -> None:

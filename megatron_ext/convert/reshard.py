@@ -159,6 +159,7 @@ def _write_tensors(
 
     import torch
     from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -209,8 +210,11 @@ def _write_tensors(
             def resolve_data(self, write_item: WriteItem) -> Any:
                 return resolve(write_item)
 
-        with without_record_crc():
-            dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
+        try:
+            with without_record_crc():
+                dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
+        except CheckpointException as e:  # PyTorch wraps what the reads raised (a damaged universal file: one line)
+            raise next((exc for exc, _ in e.failures.values() if isinstance(exc, ConvertError)), e) from None
 
 
 def from_universal(
