@@ -23,7 +23,8 @@ apart: dist_checkpointing.save of a one-tensor state, median of 5.
 Then `megatron_ext.convert.universal.to_universal` converts the last checkpoint (cold) in a subprocess: its
 throughput, and its peak RSS above the level right after its imports (psutil sampled every 2 ms, and ru_maxrss)
 relative to the largest single tensor of the checkpoint (a stacked layer key counts one layer). The way back,
-`from-universal` (to TP=1 PP=1, cold source), is measured the same way.
+`from-universal` (to TP=1 PP=1, cold source), and `reshard` (our checkpoint to TP=1 PP=1 directly) are measured
+the same way.
 
     python bench/checkpoint_io.py              # ~2 GB of state (about 2-3 minutes on 2 cores)
     python bench/checkpoint_io.py --gb 0.2     # smoke run
@@ -150,19 +151,19 @@ def phase_convert(direction: str, src: str, out: str) -> dict:
 
     quiet_optional_dependency_warnings()
     try:
-        from megatron_ext.convert.reshard import from_universal
+        from megatron_ext.convert.reshard import from_universal, reshard
         from megatron_ext.convert.universal import to_universal
     except ImportError as e:
         return {"missing": f"{type(e).__name__}: {e}"}
     import megatron.core.dist_checkpointing  # noqa: F401 - imported by the converters on first use
     import torch.distributed  # noqa: F401
 
-    if direction == "from-universal":
+    if direction in ("from-universal", "reshard"):
         import megatron_ext.models.gpt  # noqa: F401
         import megatron_ext.training.optim  # noqa: F401
 
         def convert() -> None:
-            from_universal(src, out, progress=False)
+            (from_universal if direction == "from-universal" else reshard)(src, out, progress=False)
     else:
 
         def convert() -> None:
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase-ckpt", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
-    if a.phase in ("to-universal", "from-universal"):
+    if a.phase in ("to-universal", "from-universal", "reshard"):
         print(json.dumps(phase_convert(a.phase, a.phase_ckpt, a.phase_out)))
         return
 
@@ -435,6 +436,19 @@ def main(argv: list[str] | None = None) -> None:
                     f"read and {written / 1e9:.3f} GB written ({limit / back['seconds']:.2f} of the raw cold read + "
                     f"write+fsync limit); peak RSS +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
                     f"{grow / biggest[1]:.2f}x the largest tensor"
+                )
+            drop_cache(_files(folder))
+            direct = run_conversion("reshard", folder, a.workdir / "resharded")
+            if "failed" in direct:
+                print(f"reshard: failed ({direct['failed']})")
+            else:
+                limit = min(results["read"]) + min(results["write"])
+                grow, how = growth(direct)
+                print(
+                    f"reshard (our checkpoint to TP=1 PP=1 directly, cold source): {direct['seconds']:.1f} s "
+                    f"({limit / direct['seconds']:.2f} of the raw cold read + write+fsync limit); peak RSS "
+                    f"+{grow / 1e6:.0f} MB over the level after its imports ({how}) = {grow / biggest[1]:.2f}x the "
+                    "largest tensor"
                 )
     print(f"total {time.perf_counter() - started:.0f} s (save/load part {t_main:.0f} s)")
     if not a.keep:

@@ -20,8 +20,12 @@ from launchers import ROOT, clean_env, launch_scenarios, ngram_corpus
 SCRIPT = ROOT / "tests" / "checkpoint_scenarios.py"
 LAYOUTS = ["univ1", "tp2", "pp2", "dp2_distopt"]
 CONVERT = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py")]
-# from-universal's targets, loaded by the 2-process launch in that layout
-RESHARDED = {"tp2": ["--target-tp", "2"], "dp2_distopt": ["--use-distributed-optimizer"]}
+# Converted checkpoints (tool, source, flags), each loaded by the 2-process launch in its layout
+RESHARDED = {
+    "tp2": ["from-universal", "universal", "--target-tp", "2"],
+    "dp2_distopt": ["from-universal", "universal", "--use-distributed-optimizer"],
+    "pp2": ["reshard", "reference", "--target-pp", "2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +35,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     one = ["reference", "resume", "univ1", "univ1_resume", "univ1_no_moments", "async", "async_resume"]
     two = [name for layout in LAYOUTS[1:] for name in (layout, f"{layout}_resume")]
     found = launch_scenarios(SCRIPT, 1, 29521, [prefix, str(work)], work / "one.json", one)
-    for layout, flags in RESHARDED.items():
+    for layout, (tool, source, *flags) in RESHARDED.items():
         out = work / f"resharded_{layout}"
-        proc = subprocess.run([*CONVERT, "from-universal", "--load", str(work / "universal"), "--save", str(out),
-                               *flags, "--no-progress"], capture_output=True, text=True, env=clean_env())  # fmt: skip
+        proc = subprocess.run([*CONVERT, tool, "--load", str(work / source), "--save", str(out), *flags,
+                               "--no-progress"], capture_output=True, text=True, env=clean_env())  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         two.append(out.name)
     found |= launch_scenarios(SCRIPT, 2, 29522, [prefix, str(work)], work / "two.json", two)
@@ -70,12 +74,14 @@ def test_resume_in_layout_is_bit_exact(results: tuple[dict, Path], layout: str) 
 
 @pytest.mark.parametrize("layout", RESHARDED)
 def test_converted_checkpoint_continues_like_the_universal_load(results: tuple[dict, Path], layout: str) -> None:
-    """from-universal writes what a run of the layout then loads with plain --load: the same weights and moments
-    as loading the universal folder itself, so the same losses, bit for bit."""
+    """from-universal (and reshard, straight from our checkpoint) write what a run of the layout then loads with
+    plain --load: the same weights and moments as loading the universal folder itself, so the same losses, bit for
+    bit."""
     found, work = results
     assert found[f"resharded_{layout}"] == found[layout]
     saved = json.loads((work / f"resharded_{layout}" / "config.json").read_text())["parallel"]
     assert saved["tensor_model_parallel_size"] == (2 if layout == "tp2" else 1)
+    assert saved["pipeline_model_parallel_size"] == (2 if layout == "pp2" else 1)
     assert saved["use_distributed_optimizer"] == (layout == "dp2_distopt")
 
 

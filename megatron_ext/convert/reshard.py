@@ -1,21 +1,21 @@
-"""Universal folder -> our checkpoint in a chosen TP/PP layout, and direct resharding (ours -> ours) through it.
+"""Our checkpoint in a chosen TP/PP layout, written from a universal folder (`from-universal`) or straight from
+another of our checkpoints (`reshard`).
 
 Our checkpoints keep every tensor under its global key (the optimizer state too: "fully_reshardable"), so a
 checkpoint for any layout holds the same tensors; the layout shows only in the vocabulary padding and in the
-config. The converter therefore writes the torch_dist files itself, streaming: one tensor (one layer of one
-parameter or state) is read from the universal folder, written, and released before the next, so memory stays at
-about one tensor whatever the model size. What the files must hold (keys, dtypes, modules' extra state, the
-optimizer's param groups and step) is asked of megatron-core, from a model with the same layers and options but
-tiny dimensions. A run of the target layout loads the result with plain `--load` (and `--ckpt-step`), optimizer
-moments included; its RNG states start from the run's seed, as with `--load UNIV` (a converted checkpoint holds
-none).
+config. The converter therefore writes the torch_dist files itself, streaming: tensors (one layer of one parameter
+or state each) are read from the source a file's worth at a time, at most the largest tensor, written, and released
+before the next, so memory stays at about that whatever the model size. What the files must hold (keys, dtypes,
+modules' extra state, the optimizer's param groups and step) is asked of megatron-core, from a model with the same
+layers and options but tiny dimensions. A run of the target layout loads the result with plain `--load` (and
+`--ckpt-step`), optimizer moments included; its RNG states start from the run's seed, as with `--load UNIV` (a
+converted checkpoint holds none).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
@@ -27,10 +27,12 @@ from megatron_ext.convert import (
     atomic_output_dir,
     batches_within,
     check_output_dir,
+    find_checkpoint,
     progress_bar,
+    read_tensors,
     world_of_one,
 )
-from megatron_ext.convert.universal import read_meta, to_universal
+from megatron_ext.convert.universal import describe_checkpoint, read_meta
 
 
 def _target_config(meta: dict[str, Any], tp: int | None, pp: int | None, distributed_optimizer: bool | None) -> Config:
@@ -149,12 +151,36 @@ def _bounded_files_writer() -> type:
     return Writer
 
 
+# A reader returns the full tensors (any dtype; vocabulary tensors with any padding) for (target key, layer, target
+# shape) requests, given a file's worth at a time so that a checkpoint source serves them in one read.
+Reader = Callable[[list[tuple[str, int | None, tuple[int, ...]]]], list[Any]]
+
+
+def _universal_reader(univ: Path, meta: dict[str, Any]) -> Reader:
+    from megatron_ext.convert.universal import source_tensor
+
+    return lambda wanted: [source_tensor(univ, meta, key, layer, shape) for key, layer, shape in wanted]
+
+
+def _checkpoint_reader(ckpt: Path, meta: dict[str, Any], sources: Any, tensors: Any) -> Reader:
+    from megatron_ext.convert.universal import check_shape, state_of
+
+    def read(wanted: list[tuple[str, int | None, tuple[int, ...]]]) -> list[Any]:
+        names = [state_of(ckpt, meta, key, layer) for key, layer, _ in wanted]
+        loaded = read_tensors(ckpt, list(dict.fromkeys(sources[n] for n in names)), tensors)
+        for (key, _, shape), (name, state) in zip(wanted, names, strict=True):
+            check_shape(ckpt, name, key, loaded[sources[(name, state)]], shape)
+        return [loaded[sources[n]] for n in names]
+
+    return read
+
+
 def _write_tensors(
-    univ: Path, meta: dict[str, Any], target: _Target, padded_vocab: int, out: Path, progress: bool
+    read: Reader, root: Path, meta: dict[str, Any], target: _Target, padded_vocab: int, out: Path, bar: Any
 ) -> None:
     """Writes the tensors and objects as torch_dist (PyTorch DCP) files: one chunk per tensor, or per layer of a
-    stacked key, each read from the universal folder (memory-mapped) only when the writer reaches it, so memory
-    holds one tensor at a time. Loading reshards the chunks to whatever layout the run uses."""
+    stacked key, read from the source only when the writer reaches the file that holds it, so memory holds about
+    one file (at most the largest tensor) at a time. Loading reshards the chunks to whatever layout the run uses."""
     import io
 
     import torch
@@ -164,14 +190,14 @@ def _write_tensors(
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-    from megatron_ext.convert.universal import source_tensor, target_shape
+    from megatron_ext.convert.universal import target_shape
     from megatron_ext.training.layout import without_record_crc
 
     items: list[WriteItem] = []
-    sources: dict[tuple[str, tuple[int, ...]], tuple[str, int | None, tuple[int, ...], Any]] = {}
+    requests: dict[tuple[str, tuple[int, ...]], tuple[str, int | None, tuple[int, ...]]] = {}
     for key, (layers, dtype) in target.tensors.items():
         for layer in range(layers) if layers is not None else [None]:
-            shape = target_shape(univ, meta, key, layer, padded_vocab)
+            shape = target_shape(root, meta, key, layer, padded_vocab)
             if layers is None:
                 offsets, sizes, size = (0,) * len(shape), shape, shape
             else:
@@ -180,41 +206,94 @@ def _write_tensors(
             chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
             data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=torch.Size(size))
             items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
-            sources[(key, tuple(offsets))] = (key, layer, shape, dtype)
+            requests[(key, tuple(offsets))] = (key, layer, shape)
+    # The writer's files (see _bounded_files_writer) are these groups, so each file is one read of the source.
+    item_of = {(i.index.fqn, tuple(i.index.offset)): i for i in items}
+    groups = list(batches_within(list(requests), max(map(_item_bytes, items)), lambda r: _item_bytes(item_of[r])))
+    group_of = {request: group for group in groups for request in group}
     for unique_key in target.objects:
         items.append(WriteItem(index=MetadataIndex(unique_key), type=WriteItemType.BYTE_IO))
+    read_ahead: dict[tuple[str, tuple[int, ...]], Any] = {}
 
-    with progress_bar(len(items), "from-universal", progress) as bar:
+    def resolve(item: WriteItem) -> Any:
+        bar.update(1)
+        if item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save([target.objects[item.index.fqn]], buffer)  # megatron-core's form of a sharded object
+            return buffer
+        request = (item.index.fqn, tuple(item.index.offset))
+        if request not in read_ahead:
+            group = group_of[request]
+            read_ahead.update(zip(group, read([requests[r] for r in group]), strict=True))
+        full = read_ahead.pop(request)
+        _, layer, shape = requests[request]
+        dtype = item.tensor_data.properties.dtype
+        if tuple(full.shape) != shape:  # vocabulary padding: zero rows added, or rows past the tokenizer's dropped
+            fitted = torch.zeros(shape, dtype=dtype)
+            rows = min(shape[0], full.shape[0])
+            fitted[:rows] = full[:rows]
+            full = fitted
+        full = full.to(dtype)
+        return full if layer is None else full.unsqueeze(0)
 
-        def resolve(item: WriteItem) -> Any:
-            bar.update(1)
-            if item.type == WriteItemType.BYTE_IO:
-                buffer = io.BytesIO()
-                torch.save([target.objects[item.index.fqn]], buffer)  # megatron-core's form of a sharded object
-                return buffer
-            key, layer, shape, dtype = sources[(item.index.fqn, tuple(item.index.offset))]
-            full = source_tensor(univ, meta, key, layer, shape)
-            if tuple(full.shape) != shape:  # vocabulary padding: zero rows added, or rows past the tokenizer's dropped
-                fitted = torch.zeros(shape, dtype=dtype)
-                rows = min(shape[0], full.shape[0])
-                fitted[:rows] = full[:rows]
-                full = fitted
-            full = full.to(dtype)
-            return full if layer is None else full.unsqueeze(0)
+    class Planner(DefaultSavePlanner):
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items)
+            return self.plan
 
-        class Planner(DefaultSavePlanner):
-            def create_local_plan(self) -> SavePlan:
-                self.plan = SavePlan(items)
-                return self.plan
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            return resolve(write_item)
 
-            def resolve_data(self, write_item: WriteItem) -> Any:
-                return resolve(write_item)
+    try:
+        with without_record_crc():
+            dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
+    except CheckpointException as e:  # PyTorch wraps what the reads raised (a damaged source file: one line)
+        raise next((exc for exc, _ in e.failures.values() if isinstance(exc, ConvertError)), e) from None
 
-        try:
-            with without_record_crc():
-                dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
-        except CheckpointException as e:  # PyTorch wraps what the reads raised (a damaged universal file: one line)
-            raise next((exc for exc, _ in e.failures.values() if isinstance(exc, ConvertError)), e) from None
+
+def _convert(
+    source: Path,
+    meta: dict[str, Any],
+    read: Reader,
+    out_dir: str | Path | None,
+    layout: tuple[int | None, int | None, bool | None],
+    dry_run: bool,
+    progress: bool,
+    what: str,
+) -> list[str]:
+    """Writes our checkpoint (iter_%07d + tracker + config.json) in the target layout (default: the source's) from
+    a source described by its universal metadata; in a world of one. Returns what is (or would be) written."""
+    cfg = _target_config(meta, *layout)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    lines = [
+        f"{source} (iteration {meta['iteration']}, {len(meta['params'])} parameters) -> TP={tp} PP={pp}, "
+        f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'plain'} optimizer, "
+        f"{'with' if meta.get('optimizer_step') is not None else 'without'} Adam moments"
+    ]
+    if dry_run:
+        return lines
+    if out_dir is None:
+        raise ConvertError(f"{what} needs an output folder")
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+
+    from megatron_ext.data.tokenizers import padded_vocab_size
+    from megatron_ext.training.layout import TRACKER, iteration_dir, write_manifest
+
+    padded_vocab = padded_vocab_size(meta["vocab_size"], cfg.model.make_vocab_size_divisible_by, tp)
+    with atomic_output_dir(out_dir) as tmp:
+        target = _target(cfg, meta)
+        ckpt = iteration_dir(tmp, meta["iteration"])
+        ckpt.mkdir(parents=True)
+        total = sum(layers or 1 for layers, _ in target.tensors.values()) + len(target.objects)
+        with progress_bar(total, what, progress) as bar:
+            _write_tensors(read, source, meta, target, padded_vocab, ckpt, bar)
+        get_default_save_common_strategy().save_common(target.common, ckpt)
+        save_config(CheckpointingConfig("torch_dist", 1), str(ckpt))
+        write_manifest(ckpt)
+        (tmp / TRACKER).write_text(f"{meta['iteration']}\n")
+        cfg.to_json(tmp / "config.json")
+    return lines
 
 
 def from_universal(
@@ -227,40 +306,15 @@ def from_universal(
     dry_run: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """Writes our checkpoint (iter_%07d + tracker + config.json) in the target layout (default: the universal
-    folder's source layout); returns a description of what is (or would be) written."""
+    """Universal folder -> our checkpoint in the target layout (default: the universal folder's source layout)."""
     univ = Path(univ_dir)
     meta = read_meta(univ)
-    cfg = _target_config(meta, tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    lines = [
-        f"{univ} (iteration {meta['iteration']}, {len(meta['params'])} parameters) -> TP={tp} PP={pp}, "
-        f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'plain'} optimizer, "
-        f"{'with' if meta.get('optimizer_step') is not None else 'without'} Adam moments"
-    ]
-    if dry_run:
-        return lines
-    if out_dir is None:
-        raise ConvertError("from-universal needs an output folder")
-    check_output_dir(out_dir)
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
-
-    from megatron_ext.data.tokenizers import padded_vocab_size
-    from megatron_ext.training.layout import TRACKER, iteration_dir, write_manifest
-
-    padded_vocab = padded_vocab_size(meta["vocab_size"], cfg.model.make_vocab_size_divisible_by, tp)
-    with world_of_one(), atomic_output_dir(out_dir) as tmp:
-        target = _target(cfg, meta)
-        ckpt = iteration_dir(tmp, meta["iteration"])
-        ckpt.mkdir(parents=True)
-        _write_tensors(univ, meta, target, padded_vocab, ckpt, progress)
-        get_default_save_common_strategy().save_common(target.common, ckpt)
-        save_config(CheckpointingConfig("torch_dist", 1), str(ckpt))
-        write_manifest(ckpt)
-        (tmp / TRACKER).write_text(f"{meta['iteration']}\n")
-        cfg.to_json(tmp / "config.json")
-    return lines
+    if not dry_run and out_dir is not None:
+        check_output_dir(out_dir)
+    layout = (tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
+    with world_of_one():
+        reader = _universal_reader(univ, meta)
+        return _convert(univ, meta, reader, out_dir, layout, dry_run, progress, "from-universal")
 
 
 def reshard(
@@ -274,23 +328,13 @@ def reshard(
     dry_run: bool = False,
     progress: bool = True,
 ) -> list[str]:
-    """Our checkpoint -> our checkpoint in another layout, through a temporary universal folder beside the output."""
-    if out_dir is None and not dry_run:
-        raise ConvertError("reshard needs an output folder")
-    if dry_run:
-        return to_universal(ckpt_dir, None, iteration, dry_run=True)
-    out = check_output_dir(out_dir).absolute()  # type: ignore[arg-type]
-    staging = out.with_name(f".{out.name}.universal-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        to_universal(ckpt_dir, staging, iteration, progress=progress)
-        return from_universal(
-            staging,
-            out,
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
-            use_distributed_optimizer=use_distributed_optimizer,
-            progress=progress,
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Our checkpoint -> our checkpoint in another layout, directly: each file's worth of tensors is read from the
+    source checkpoint (one dist_checkpointing read) and written, with no universal folder in between."""
+    ckpt = find_checkpoint(ckpt_dir, iteration)
+    if not dry_run and out_dir is not None:
+        check_output_dir(out_dir)
+    layout = (tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
+    with world_of_one():
+        meta, sources, tensors = describe_checkpoint(ckpt)
+        reader = _checkpoint_reader(ckpt, meta, sources, tensors)
+        return _convert(ckpt, meta, reader, out_dir, layout, dry_run, progress, "reshard")

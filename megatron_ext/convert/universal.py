@@ -150,6 +150,33 @@ def _vocab_size(common: dict[str, Any], config: dict[str, Any], tokenizer_model:
     return saved_tokenizer(data.get("tokenizer_type"), tokenizer_model or data.get("tokenizer_model")).vocab_size
 
 
+Sources = dict[tuple[str, str], tuple[str, int | None]]
+
+
+def describe_checkpoint(ckpt: Path, tokenizer_model: str | None = None) -> tuple[dict[str, Any], Sources, Any]:
+    """What the universal form of one of our checkpoints holds: its universal.json (as a dict), where every
+    (parameter name, state) is read from (checkpoint key, layer), and the checkpoint's tensor metadata. Runs in a
+    world of one (dist_checkpointing asks for ranks)."""
+    common = read_common(ckpt)
+    config = saved_config(ckpt, common)
+    vocab = _vocab_size(common, config, tokenizer_model)
+    tensors = tensor_metadata(ckpt)
+    params: dict[str, Any] = {}
+    sources: Sources = {}
+    for key in (k for k in tensors if not k.startswith(OPTIMIZER_PREFIX)):
+        stacked = _is_stacked(key)
+        main = next((m for m in (f"{OPTIMIZER_PREFIX}{s}.{key}" for s in MAIN_STATES) if m in tensors), key)
+        moments = [m for m in MOMENTS if f"{OPTIMIZER_PREFIX}{m}.{key}" in tensors]
+        for layer in range(tensors[key].global_shape[0]) if stacked else [None]:
+            name = layer_name(key, layer)
+            shape = list(tensors[key].global_shape[1:] if stacked else tensors[key].global_shape)
+            params[name] = {"shape": shape, "dtype": "float32", "states": ["fp32", *moments]}
+            sources[(name, "fp32")] = (main, layer)
+            sources |= {(name, m): (f"{OPTIMIZER_PREFIX}{m}.{key}", layer) for m in moments}
+    step = common_step(common.get("optimizer"))
+    return _universal_meta(common, config, vocab, step, params, source=str(ckpt)), sources, tensors
+
+
 def to_universal(
     ckpt_dir: str | Path,
     out_dir: str | Path | None,
@@ -165,65 +192,51 @@ def to_universal(
     about twice the largest tensor is held at a time; small layers share a read (fewer, faster reads).
     """
     ckpt = find_checkpoint(ckpt_dir, iteration)
-    common = read_common(ckpt)
-    config = saved_config(ckpt, common)
-    vocab = _vocab_size(common, config, tokenizer_model)
     if not dry_run:
         if out_dir is None:
             raise ConvertError("to-universal needs an output folder")
         check_output_dir(out_dir)
     with world_of_one():
-        meta = tensor_metadata(ckpt)
-        model_keys = [k for k in meta if not k.startswith(OPTIMIZER_PREFIX)]
-        plan: list[tuple[str, int | None]] = []
-        for key in model_keys:
-            layers = range(meta[key].global_shape[0]) if _is_stacked(key) else [None]
-            plan += [(key, layer) for layer in layers]
-        lines, params = [], {}
-        for key, layer in plan:
-            shape = list(meta[key].global_shape[1:] if layer is not None else meta[key].global_shape)
-            states = ["fp32", *(m for m in MOMENTS if f"{OPTIMIZER_PREFIX}{m}.{key}" in meta)]
-            name = layer_name(key, layer)
-            params[name] = {"shape": shape, "dtype": "float32", "states": states}
-            lines.append(f"{key}{'' if layer is None else f'[{layer}]'} -> zero/{name}/{{{','.join(states)}}} {shape}")
+        meta, sources, tensors = describe_checkpoint(ckpt, tokenizer_model)
+        lines = []
+        for name, entry in meta["params"].items():
+            key, layer = stacked_key(name)
+            where = f"{key}{'' if layer is None else f'[{layer}]'}"
+            lines.append(f"{where} -> zero/{name}/{{{','.join(entry['states'])}}} {entry['shape']}")
         if dry_run:
             return lines
-        step = common_step(common.get("optimizer"))
         assert out_dir is not None
-        reads = []  # (parameter name, state, source key, layer, bytes)
-        for key, layer in plan:
-            name = layer_name(key, layer)
-            main = next((m for m in (f"{OPTIMIZER_PREFIX}{s}.{key}" for s in MAIN_STATES) if m in meta), key)
-            sources = {"fp32": main} | {m: f"{OPTIMIZER_PREFIX}{m}.{key}" for m in params[name]["states"][1:]}
-            size = 4 * math.prod(params[name]["shape"])
-            reads += [(name, state, src, layer, size) for state, src in sources.items()]
+        reads = [(name, state, *src) for (name, state), src in sources.items()]  # (name, state, key, layer)
+
+        def nbytes(read: tuple) -> int:
+            return 4 * math.prod(meta["params"][read[0]]["shape"])
+
         with atomic_output_dir(out_dir) as tmp, progress_bar(len(reads), "to-universal", progress) as bar:
-            for batch in batches_within(reads, max(r[4] for r in reads), size=lambda r: r[4]):
-                loaded = read_tensors(ckpt, [(src, layer) for _, _, src, layer, _ in batch], meta)
-                for name, state, src, layer, _ in batch:
+            for batch in batches_within(reads, max(map(nbytes, reads)), size=nbytes):
+                loaded = read_tensors(ckpt, [(src, layer) for _, _, src, layer in batch], tensors)
+                for name, state, src, layer in batch:
                     _save_tensor(state_file(tmp, name, state), loaded.pop((src, layer)).float())
                     bar.update(1)
                 del loaded
-            if step is not None:
+            if meta["optimizer_step"] is not None:
                 import torch
 
-                for name in params:
-                    torch.save(torch.tensor(float(step)), state_file(tmp, name, "step"))
-            _write_meta(tmp, common, config, vocab, step, params, source=str(ckpt))
+                for name in meta["params"]:
+                    torch.save(torch.tensor(float(meta["optimizer_step"])), state_file(tmp, name, "step"))
+            (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
     return lines
 
 
-def _write_meta(
-    root: Path,
+def _universal_meta(
     common: dict[str, Any],
     config: dict[str, Any],
     vocab: int,
     step: int | None,
     params: dict[str, Any],
     source: str,
-) -> None:
+) -> dict[str, Any]:
     layout = common.get("parallel_layout") or [1, 1]
-    meta = {
+    return {
         "format": FORMAT,
         "iteration": int(common.get("iteration", 0)),
         "source": source,
@@ -236,7 +249,6 @@ def _write_meta(
         "scheduler": _jsonable(common.get("scheduler")),
         "params": params,
     }
-    (root / META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
 # ---- universal -> a model and optimizer of any layout ---------------------------------------------------------
@@ -263,18 +275,28 @@ def _source(key: str) -> tuple[str, str]:
     return key, "fp32"
 
 
-def source_tensor(root: Path, meta: dict[str, Any], key: str, layer: int | None, expected: tuple[int, ...]) -> Any:
-    """The full tensor that a sharded key of ours (one layer of it, for a stacked key) is read from, checked against
-    the shape the target expects; vocabulary tensors may differ in their number of padding rows."""
+def state_of(root: Path, meta: dict[str, Any], key: str, layer: int | None) -> tuple[str, str]:
+    """(parameter name, state) that a sharded key of ours (one layer of it, for a stacked key) is read from."""
     model_key, state = _source(key)
     name = layer_name(model_key, layer)
     if name not in meta["params"]:
         raise ConvertError(f"{root}: no parameter {name} (the checkpoint holds another model)")
     if state not in meta["params"][name]["states"]:
         raise ConvertError(f"{root}: {name} has no {state} (saved without optimizer moments: use --no-load-optim)")
-    full = read_state(root, name, state)
-    if tuple(full.shape) != expected and not (model_key in VOCAB_KEYS and full.shape[1:] == expected[1:]):
+    return name, state
+
+
+def check_shape(root: Path, name: str, key: str, full: Any, expected: tuple[int, ...]) -> None:
+    """The full tensor must have the target's shape; vocabulary tensors may differ in their padding rows."""
+    if tuple(full.shape) != expected and not (_source(key)[0] in VOCAB_KEYS and full.shape[1:] == expected[1:]):
         raise ConvertError(f"{root}: {name} has shape {tuple(full.shape)}, the model expects {expected}")
+
+
+def source_tensor(root: Path, meta: dict[str, Any], key: str, layer: int | None, expected: tuple[int, ...]) -> Any:
+    """The full tensor (memory-mapped) of the universal folder that a sharded key of ours is read from."""
+    name, state = state_of(root, meta, key, layer)
+    full = read_state(root, name, state)
+    check_shape(root, name, key, full, expected)
     return full
 
 
@@ -375,4 +397,5 @@ def write_renamed(
         for entry in params.values():  # fp32 first, as to_universal writes it
             entry["states"].sort(key=lambda s: (s != "fp32", s))
         common = {"iteration": iteration, **(extra or {})}
-        _write_meta(tmp, common, config, vocab, step, params, source=source)
+        meta = _universal_meta(common, config, vocab, step, params, source=source)
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
