@@ -218,6 +218,20 @@ def growth(conv: dict) -> tuple[int, str]:
     return grow, "ru_maxrss" if rose and conv["maxrss_after"] >= conv["rss_peak"] else "sampled every 2 ms"
 
 
+def conversion_line(
+    label: str, conv: dict, read: int, written: int, nbytes: int, results: dict[str, list[float]], largest: int
+) -> str:
+    """One conversion's time against the raw cold read and write+fsync of the same bytes, and its peak memory
+    against the largest tensor (the streaming converters' target: under 3x)."""
+    limit = read / nbytes * min(results["read"]) + written / nbytes * min(results["write"])  # seconds at raw speed
+    grow, how = growth(conv)
+    return (
+        f"{label}: {conv['seconds']:.1f} s for {read / 1e9:.3f} GB read and {written / 1e9:.3f} GB written "
+        f"({limit / conv['seconds']:.2f} of the raw cold read + write+fsync limit); peak RSS +{grow / 1e6:.0f} MB "
+        f"over the level after its imports ({how}) = {grow / largest:.2f}x the largest tensor"
+    )
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 
@@ -404,52 +418,23 @@ def main(argv: list[str] | None = None) -> None:
         print("conversion: skipped (--no-conversion)")
     else:
         univ = a.workdir / "universal"
-        drop_cache(_files(folder))
-        conv = run_conversion("to-universal", folder, univ)
-        if "missing" in conv:
-            print(f"conversion: n/a (megatron_ext.convert not available: {conv['missing']})")
-        elif "failed" in conv:
-            print(f"conversion: failed ({conv['failed']})")
-        else:
-            out_bytes = _size(univ)
-            limit = min(results["read"]) + out_bytes / nbytes * min(results["write"])  # seconds at raw speed
-            grow, how = growth(conv)
-            print(
-                f"conversion to universal (cold source): {conv['seconds']:.1f} s for {nbytes / 1e9:.3f} GB read and "
-                f"{out_bytes / 1e9:.3f} GB written ({_gbps(nbytes, conv['seconds']):.2f} GB/s of checkpoint; "
-                f"{limit / conv['seconds']:.2f} of the raw cold read + write+fsync limit)"
-            )
-            print(
-                f"conversion peak RSS: +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
-                f"{grow / biggest[1]:.2f}x the largest tensor (target < 3x)"
-            )
-            drop_cache(_files(univ))
-            back = run_conversion("from-universal", univ, a.workdir / "from_universal")
-            if "failed" in back:
-                print(f"from-universal: failed ({back['failed']})")
-            else:
-                written = _size(a.workdir / "from_universal")
-                limit = out_bytes / nbytes * min(results["read"]) + written / nbytes * min(results["write"])
-                grow, how = growth(back)
-                print(
-                    f"from-universal (TP=1 PP=1, cold source): {back['seconds']:.1f} s for {out_bytes / 1e9:.3f} GB "
-                    f"read and {written / 1e9:.3f} GB written ({limit / back['seconds']:.2f} of the raw cold read + "
-                    f"write+fsync limit); peak RSS +{grow / 1e6:.0f} MB over the level after its imports ({how}) = "
-                    f"{grow / biggest[1]:.2f}x the largest tensor"
-                )
-            drop_cache(_files(folder))
-            direct = run_conversion("reshard", folder, a.workdir / "resharded")
-            if "failed" in direct:
-                print(f"reshard: failed ({direct['failed']})")
-            else:
-                limit = min(results["read"]) + min(results["write"])
-                grow, how = growth(direct)
-                print(
-                    f"reshard (our checkpoint to TP=1 PP=1 directly, cold source): {direct['seconds']:.1f} s "
-                    f"({limit / direct['seconds']:.2f} of the raw cold read + write+fsync limit); peak RSS "
-                    f"+{grow / 1e6:.0f} MB over the level after its imports ({how}) = {grow / biggest[1]:.2f}x the "
-                    "largest tensor"
-                )
+        steps = (  # (label, direction, source, output)
+            ("to-universal (cold source)", "to-universal", folder, univ),
+            ("from-universal (to TP=1 PP=1, cold source)", "from-universal", univ, a.workdir / "from_universal"),
+            ("reshard (our checkpoint to TP=1 PP=1 directly, cold source)", "reshard", folder, a.workdir / "resharded"),
+        )
+        for label, direction, src, out in steps:
+            drop_cache(_files(src))
+            conv = run_conversion(direction, src, out)
+            if "missing" in conv:
+                print(f"conversion: n/a (megatron_ext.convert not available: {conv['missing']})")
+                break
+            if "failed" in conv:
+                print(f"{label}: failed ({conv['failed']})")
+                if direction == "to-universal":
+                    break
+                continue
+            print(conversion_line(label, conv, _size(src), _size(out), nbytes, results, biggest[1]))
     print(f"total {time.perf_counter() - started:.0f} s (save/load part {t_main:.0f} s)")
     if not a.keep:
         shutil.rmtree(a.workdir, ignore_errors=True)

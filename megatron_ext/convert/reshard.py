@@ -131,24 +131,29 @@ def _item_bytes(item: Any) -> int:
     return 0 if data is None else math.prod(data.chunk.sizes) * data.properties.dtype.itemsize
 
 
-def _bounded_files_writer() -> type:
-    """PyTorch's FileSystemWriter, but with files no larger than the largest tensor (`batches_within`): its writer
-    loop keeps each file's tensors until the file is closed, so one file per rank would hold the whole checkpoint."""
+def _item_key(item: Any) -> tuple[str, tuple[int, ...]]:
+    return item.index.fqn, tuple(item.index.offset or ())
+
+
+def _grouped_files_writer(path: Path, file_of: dict[tuple[str, tuple[int, ...]], int]) -> Any:
+    """PyTorch's FileSystemWriter, but writing the files we grouped (`file_of`: tensor -> file; the small objects go
+    with the last): its writer loop keeps each file's tensors until the file is closed, so one file per rank would
+    hold the whole checkpoint."""
     from torch.distributed import checkpoint as dcp
 
     class Writer(dcp.FileSystemWriter):
-        def __init__(self, path: Path) -> None:
-            super().__init__(path, single_file_per_rank=True, thread_count=1)
-
         def write_data(self, plan: Any, planner: Any) -> Any:
-            budget = max(_item_bytes(item) for item in plan.items)
+            last = max(file_of.values())
+            files: dict[int, list[Any]] = {}
+            for item in plan.items:
+                files.setdefault(file_of.get(_item_key(item), last), []).append(item)
             queue: Queue = Queue()
-            for n, files in enumerate(batches_within(plan.items, budget, _item_bytes)):
+            for n, (_, items) in enumerate(sorted(files.items())):
                 name = f"{plan.storage_data.prefix}{n}.distcp"
-                queue.put((self.fs.concat_path(self.path, name), name, files))
+                queue.put((self.fs.concat_path(self.path, name), name, items))
             return self._write_data(planner, queue)
 
-    return Writer
+    return Writer(path, single_file_per_rank=True, thread_count=1)
 
 
 # A reader returns the full tensors (any dtype; vocabulary tensors with any padding) for (target key, layer, target
@@ -207,10 +212,11 @@ def _write_tensors(
             data = TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=dtype), size=torch.Size(size))
             items.append(WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=data))
             requests[(key, tuple(offsets))] = (key, layer, shape)
-    # The writer's files (see _bounded_files_writer) are these groups, so each file is one read of the source.
-    item_of = {(i.index.fqn, tuple(i.index.offset)): i for i in items}
+    # Files of at most the largest tensor's bytes; each file is one read of the source.
+    item_of = {_item_key(i): i for i in items}
     groups = list(batches_within(list(requests), max(map(_item_bytes, items)), lambda r: _item_bytes(item_of[r])))
     group_of = {request: group for group in groups for request in group}
+    file_of = {request: n for n, group in enumerate(groups) for request in group}
     for unique_key in target.objects:
         items.append(WriteItem(index=MetadataIndex(unique_key), type=WriteItemType.BYTE_IO))
     read_ahead: dict[tuple[str, tuple[int, ...]], Any] = {}
@@ -221,7 +227,7 @@ def _write_tensors(
             buffer = io.BytesIO()
             torch.save([target.objects[item.index.fqn]], buffer)  # megatron-core's form of a sharded object
             return buffer
-        request = (item.index.fqn, tuple(item.index.offset))
+        request = _item_key(item)
         if request not in read_ahead:
             group = group_of[request]
             read_ahead.update(zip(group, read([requests[r] for r in group]), strict=True))
@@ -246,15 +252,14 @@ def _write_tensors(
 
     try:
         with without_record_crc():
-            dcp.save({}, storage_writer=_bounded_files_writer()(out), planner=Planner(flatten_state_dict=False))
+            dcp.save({}, storage_writer=_grouped_files_writer(out, file_of), planner=Planner(flatten_state_dict=False))
     except CheckpointException as e:  # PyTorch wraps what the reads raised (a damaged source file: one line)
         raise next((exc for exc, _ in e.failures.values() if isinstance(exc, ConvertError)), e) from None
 
 
 def _convert(
     source: Path,
-    meta: dict[str, Any],
-    read: Reader,
+    open_source: Callable[[], tuple[dict[str, Any], Reader]],
     out_dir: str | Path | None,
     layout: tuple[int | None, int | None, bool | None],
     dry_run: bool,
@@ -262,8 +267,25 @@ def _convert(
     what: str,
 ) -> list[str]:
     """Writes our checkpoint (iter_%07d + tracker + config.json) in the target layout (default: the source's) from
-    a source described by its universal metadata; in a world of one. Returns what is (or would be) written."""
-    cfg = _target_config(meta, *layout)
+    a source (`open_source`: its universal metadata and a reader), in a world of one. Returns what is (or would
+    be) written."""
+    if not dry_run and out_dir is not None:
+        check_output_dir(out_dir)
+    with world_of_one():
+        meta, read = open_source()
+        return _write_checkpoint(source, meta, read, out_dir, _target_config(meta, *layout), dry_run, progress, what)
+
+
+def _write_checkpoint(
+    source: Path,
+    meta: dict[str, Any],
+    read: Reader,
+    out_dir: str | Path | None,
+    cfg: Config,
+    dry_run: bool,
+    progress: bool,
+    what: str,
+) -> list[str]:
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     lines = [
         f"{source} (iteration {meta['iteration']}, {len(meta['params'])} parameters) -> TP={tp} PP={pp}, "
@@ -308,13 +330,13 @@ def from_universal(
 ) -> list[str]:
     """Universal folder -> our checkpoint in the target layout (default: the universal folder's source layout)."""
     univ = Path(univ_dir)
-    meta = read_meta(univ)
-    if not dry_run and out_dir is not None:
-        check_output_dir(out_dir)
+
+    def open_source() -> tuple[dict[str, Any], Reader]:
+        meta = read_meta(univ)
+        return meta, _universal_reader(univ, meta)
+
     layout = (tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
-    with world_of_one():
-        reader = _universal_reader(univ, meta)
-        return _convert(univ, meta, reader, out_dir, layout, dry_run, progress, "from-universal")
+    return _convert(univ, open_source, out_dir, layout, dry_run, progress, "from-universal")
 
 
 def reshard(
@@ -331,10 +353,10 @@ def reshard(
     """Our checkpoint -> our checkpoint in another layout, directly: each file's worth of tensors is read from the
     source checkpoint (one dist_checkpointing read) and written, with no universal folder in between."""
     ckpt = find_checkpoint(ckpt_dir, iteration)
-    if not dry_run and out_dir is not None:
-        check_output_dir(out_dir)
-    layout = (tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
-    with world_of_one():
+
+    def open_source() -> tuple[dict[str, Any], Reader]:
         meta, sources, tensors = describe_checkpoint(ckpt)
-        reader = _checkpoint_reader(ckpt, meta, sources, tensors)
-        return _convert(ckpt, meta, reader, out_dir, layout, dry_run, progress, "reshard")
+        return meta, _checkpoint_reader(ckpt, meta, sources, tensors)
+
+    layout = (tensor_model_parallel_size, pipeline_model_parallel_size, use_distributed_optimizer)
+    return _convert(ckpt, open_source, out_dir, layout, dry_run, progress, "reshard")
