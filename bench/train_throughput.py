@@ -19,8 +19,10 @@ vocabulary 258 padded to 384: 25.5M parameters). What megatron-core's layout add
 copied between its sequence-first layout and the attention kernel's, linear in the hidden size; one more pass over
 every gradient into the contiguous gradient buffer; a fixed Python cost per step) shrinks against the matrix
 work, quadratic in the hidden size, as the model grows. Measured on the 2-core development VM, ours against plain
-with fused AdamW, median ratios: hidden 512, 0.977-1.056 over 7 runs (GPT-2 style 1.044, 1.020, 1.016, 0.977 and
-0.997 over 15 alternating single steps; --llama 1.056, 0.982), i.e. parity within the noise; FEASIBILITY.md's
+with fused AdamW, median ratios: hidden 512, 0.977-1.069 over 10 runs (GPT-2 style 1.044, 1.020, 1.016, 0.977,
+1.069, 0.990 and 0.997 over 15 alternating single steps; --llama 1.056, 0.982, 0.991), pooled median 1.0065, i.e.
+parity within the noise (single steps swing 2.4-3.6 s: the 2 torch threads share the 2 vCPUs with the kernel's
+memory scanner (kdamond) and a preempted thread stalls a whole parallel kernel); FEASIBILITY.md's
 9.6M model (`--num-layers 12 --hidden-size 256`, head dimension 32) 0.95-0.99, and 0.97 with 4 heads of dimension
 64.
 Both run with fixed glibc malloc thresholds (see `tune_malloc`; `--no-malloc-tune` keeps glibc's defaults), and
