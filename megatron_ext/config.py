@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -122,6 +123,10 @@ class ModelConfig:
         )
         _check(0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1, "dropouts must be in [0, 1)")
         _check(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive")
+        for name in ("ffn_hidden_size", "kv_channels", "norm_epsilon", "init_method_std", "rotary_base"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, not {value}")
+        _check(0 < self.rotary_percent <= 1, f"--rotary-percent {self.rotary_percent} must be in (0, 1]")
 
 
 @dataclass
@@ -195,6 +200,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
         _check(
             self.train_iters is None or self.train_samples is None,
             "give --train-iters or --train-samples, not both",
@@ -221,7 +227,12 @@ class OptimizerConfig:
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "--lr must be positive")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"--{name.replace('_', '-')} {value} must be in [0, 1)")
+        _check(self.adam_eps > 0, f"--adam-eps must be positive, not {self.adam_eps}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
@@ -378,7 +389,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         parts = self.split.replace("/", ",").split(",")
         ok = len(parts) in (1, 2, 3) and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
-        _check(ok, f"--split {self.split!r} must be up to three non-negative numbers like 969,30,1")
+        ok = ok and sum(float(p) for p in parts) > 0
+        _check(ok, f"--split {self.split!r} must be up to three non-negative numbers like 969,30,1, not all 0")
         _check(
             self.tokenizer_type == "ByteTokenizer" or self.tokenizer_model is not None,
             f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model PATH",
@@ -452,6 +464,7 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _check(self.log_interval > 0, "--log-interval must be positive")
         _check(self.eval_interval > 0, "--eval-interval must be positive")
+        _check(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 disables validation)")
 
 
 @dataclass
@@ -467,6 +480,22 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check_folders(self) -> None:
+        """The folder flags must not name existing files (a typo like --save of a log file): checked at start-up,
+        not in validation, since a config may be checked on another machine."""
+        folders = {
+            "--save": self.checkpoint.save,
+            "--load": self.checkpoint.load,
+            "--run-dir": self.logging.run_dir,
+            "--tensorboard-dir": self.logging.tensorboard_dir,
+            "--data-cache-path": self.data.data_cache_path,
+        }
+        for flag, folder in folders.items():
+            _check(
+                folder is None or not Path(folder).exists() or Path(folder).is_dir(),
+                f"{flag} {folder}: is a file; expected a folder",
+            )
 
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel

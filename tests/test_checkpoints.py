@@ -67,6 +67,25 @@ def test_damaged_latest_falls_back_and_no_load_optim_loads_only_the_rest(trained
     assert fresh[6] != pytest.approx(whole[6], rel=1e-6)  # the Adam moments were not
 
 
+def test_another_model_or_a_file_as_folder_is_one_line_error(trained: tuple) -> None:
+    tmp, ckpt, _ = trained
+    afile = tmp / "notes.txt"
+    afile.write_text("keep me\n")
+    cases = [
+        (("--load", str(ckpt), "--hidden-size", "128"), "Global shape mismatch"),
+        (("--save", str(afile)), f"--save {afile}: is a file; expected a folder"),
+        (("--load", str(afile)), f"--load {afile}: is a file; expected a folder"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(
+            _argv(tmp, "--train-iters", "6", *args), capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp
+        )
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    assert afile.read_text() == "keep me\n"
+
+
 def test_finetune_takes_weights_only(trained: tuple) -> None:
     tmp, ckpt, whole = trained
     log = _train(tmp, "--train-iters", "2", "--load", str(ckpt), "--finetune")

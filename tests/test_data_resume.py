@@ -128,3 +128,5 @@ def test_build_data_cache_ahead_of_time(lists: dict[str, Path], tmp_path: Path) 
     bad.write_text("0.5 missing/prefix web\n")
     proc = subprocess.run([*tool, *args[:1], str(bad), *args[2:]], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}:1:") and proc.stderr.count("\n") == 1
+    proc = subprocess.run([*tool, *args, "--start-offsets", '{"nocorpus": 5}'], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --start-offsets: unknown corpus nocorpus")

@@ -228,6 +228,16 @@ def test_mix_conflicting_labels_and_bad_inputs_leave_the_output_alone(data, list
     for inputs, message in cases:
         code, stdout, err = run_tool(capsys, "mix_datasets", "--inputs", *inputs, "--output", out)
         assert (code, err) == (2, message)
+    web_text = web_list.read_text()
+    for output, plot, message in [
+        (web_list, None, f"error: --output {web_list} is also an input list; expected a new file\n"),
+        (out, data / "mix.txt", f"error: --plot {data / 'mix.txt'}: expected an image file name ending in .png"),
+        (data / "data", None, f"error: {data / 'data'}: is a folder; expected a data list file to write\n"),
+    ]:
+        extra = ["--plot", plot] if plot else []
+        code, stdout, err = run_tool(capsys, "mix_datasets", "--inputs", "1", web_list, "--output", output, *extra)
+        assert code == 2 and err.startswith(message), err
+    assert web_list.read_text() == web_text
     assert out.read_text() == "precious\n" and sorted(p.name for p in data.iterdir()) == sorted(
         ["data", "code.txt", "web.txt", "other.txt", "mix.txt"]
     )

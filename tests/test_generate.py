@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,7 @@ def test_find_checkpoint(tmp_path: Path) -> None:
     for it in (5, 7):
         (tmp_path / f"iter_{it:07d}").mkdir()
         (tmp_path / f"iter_{it:07d}" / "common.pt").write_bytes(b"")
+        (tmp_path / f"iter_{it:07d}" / "metadata.json").write_text("{}")
     assert gen.find_checkpoint(tmp_path) == tmp_path / "iter_0000007"
     assert gen.find_checkpoint(tmp_path, 5) == tmp_path / "iter_0000005"
     assert gen.find_checkpoint(tmp_path / "iter_0000005") == tmp_path / "iter_0000005"
@@ -190,4 +192,21 @@ def test_empty_load_dir_is_one_line_error(tmp_path: Path) -> None:
 def test_missing_prompt_file_is_one_line_error(tmp_path: Path) -> None:
     proc = _run([str(SCRIPT), "--load", str(tmp_path), "--prompt-file", str(tmp_path / "nope.txt")])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: --prompt-file {tmp_path / 'nope.txt'}: no such file"]
+    expected = f"error: --prompt-file {tmp_path / 'nope.txt'}: no such file; expected a text file"
+    assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_binary_prompt_and_damaged_checkpoint_are_one_line_errors(checkpoint: Path, tmp_path: Path) -> None:
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"def \xec\x00")
+    proc = _run([str(SCRIPT), "--load", str(checkpoint), "--prompt-file", str(binary)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --prompt-file {binary}: not UTF-8 text (byte 4)"
+    ]
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, damaged)
+    common = next(damaged.glob("iter_*/common.pt"))
+    common.write_bytes(common.read_bytes()[:50])
+    proc = _run([str(SCRIPT), "--load", str(damaged)])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "damaged checkpoint (common.pt has 50 bytes" in lines[0]

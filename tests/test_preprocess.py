@@ -215,6 +215,16 @@ def test_input_errors(tmp_path, monkeypatch, capsys, argv, message):
     assert _files(tmp_path) == ["blank.jsonl", "data.jsonl", "empty"]
 
 
+def test_output_prefix_under_a_file_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _write_jsonl(tmp_path / "data.jsonl", [{"text": "x"}])
+    argv = ["--input", "data.jsonl", "--output-prefix", "data.jsonl/out", "--tokenizer-type", "ByteTokenizer"]
+    assert pp.main(argv) == 2
+    expected = f"error: --output-prefix data.jsonl/out: {tmp_path / 'data.jsonl'} is a file; expected a folder\n"
+    assert capsys.readouterr().err == expected
+    assert _files(tmp_path) == ["data.jsonl"]
+
+
 def test_error_keeps_existing_output(tmp_path):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in TEXTS])
     pp.preprocess([good], tmp_path / "out", "ByteTokenizer")

@@ -23,12 +23,44 @@ from megatron_ext.platform import quiet_optional_dependency_warnings  # noqa: E4
 
 quiet_optional_dependency_warnings()
 
-from megatron_ext.data.blend import BlendSpec, CorpusBlend  # noqa: E402
+from inspect_data import parse_token_count  # noqa: E402
+
+from megatron_ext.data.blend import BlendSpec, CorpusBlend, split_fractions  # noqa: E402
 from megatron_ext.data.data_list import DataListError, parse_data_lists, parse_data_path, validate  # noqa: E402
 
 
 def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def _check_args(args: argparse.Namespace, corpora: list[str]) -> tuple[int, dict[str, int] | None]:
+    """(training samples, start offsets per corpus), or a DataListError naming the flag."""
+    if args.seq_length <= 0:
+        raise DataListError(f"--seq-length {args.seq_length}: expected a positive number of tokens")
+    try:
+        split_fractions(args.split)
+    except ValueError as e:
+        raise DataListError(f"--split: {e}") from None
+    if args.valid_samples < 0:
+        raise DataListError(f"--valid-samples {args.valid_samples}: expected >= 0")
+    if args.train_samples is not None and args.train_samples <= 0:
+        raise DataListError(f"--train-samples {args.train_samples}: expected a positive number")
+    samples = args.train_samples or -(-parse_token_count(args.train_tokens) // args.seq_length)
+    if args.data_cache_path and Path(args.data_cache_path).is_file():
+        raise DataListError(f"--data-cache-path {args.data_cache_path}: is a file; expected a folder")
+    if not args.start_offsets:
+        return samples, None
+    try:
+        offsets = json.loads(args.start_offsets)
+    except ValueError:
+        offsets = None
+    ok = isinstance(offsets, dict) and all(isinstance(v, int) and v >= 0 for v in offsets.values())
+    if not ok:
+        raise DataListError(f'--start-offsets {args.start_offsets!r}: expected JSON like {{"web": 1200}}')
+    unknown = sorted(set(offsets) - set(corpora))
+    if unknown:
+        raise DataListError(f"--start-offsets: unknown corpus {', '.join(unknown)}; the data has {', '.join(corpora)}")
+    return samples, offsets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-length", type=int, required=True)
     run = parser.add_mutually_exclusive_group(required=True)
     run.add_argument("--train-samples", type=int)
-    run.add_argument("--train-tokens", type=float, help="converted to samples of seq_length tokens (rounded up)")
+    run.add_argument(
+        "--train-tokens", help="as 2e12, 300B or 2T; converted to samples of seq_length tokens (rounded up)"
+    )
     parser.add_argument("--valid-samples", type=int, default=0, help="also build the validation split's cache")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--split", default="969,30,1")
@@ -50,13 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = parse_data_lists(args.data_file_list) if args.data_file_list else parse_data_path(args.data_path)
         validate(entries)
+        files = [(e.weight, e.prefix, e.corpus) for e in entries]
+        corpora = sorted({c for _, _, c in files})
+        samples, offsets = _check_args(args, corpora)
     except DataListError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files = [(e.weight, e.prefix, e.corpus) for e in entries]
-    samples = args.train_samples or -(-int(args.train_tokens) // args.seq_length)
-    offsets = json.loads(args.start_offsets) if args.start_offsets else None
-    corpora = sorted({c for _, _, c in files})
     print(f"{len(files)} files in {len(corpora)} corpora; {samples:,} training samples of {args.seq_length} tokens")
     jobs = [("train", 0, samples, offsets)] + ([("valid", 1, args.valid_samples, None)] if args.valid_samples else [])
     for name, index, n, start in jobs:

@@ -113,9 +113,13 @@ def generate(
 def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
     """The iter_%07d folder to read (import-free, so a wrong --load fails at once); a miss is a GenerateError."""
     try:
-        return layout.find_checkpoint(load, iteration)
+        path = layout.find_checkpoint(load, iteration)
     except layout.CheckpointNotFound as e:
         raise GenerateError(str(e)) from None
+    problem = layout.verify(path)
+    if problem is not None:
+        raise GenerateError(f"--load {path}: damaged checkpoint ({problem})")
+    return path
 
 
 def single_process_config(saved: dict[str, Any]) -> tuple[Any, int]:
@@ -227,8 +231,13 @@ def _read_prompt(args: argparse.Namespace) -> str:
         return args.prompt or ""
     path = Path(args.prompt_file)
     if not path.is_file():
-        raise GenerateError(f"--prompt-file {path}: no such file")
-    return path.read_text(encoding="utf-8")
+        raise GenerateError(
+            f"--prompt-file {path}: {'is a folder' if path.is_dir() else 'no such file'}; expected a text file"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"--prompt-file {path}: not UTF-8 text (byte {e.start})") from None
 
 
 def _check_args(args: argparse.Namespace) -> None:

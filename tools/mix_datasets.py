@@ -22,6 +22,7 @@ from megatron_ext.data.data_list import (
     DataEntry,
     DataListError,
     ToolArgumentParser,
+    check_image_path,
     corpus_table,
     format_corpus_table,
     mix_lists,
@@ -119,6 +120,10 @@ def build_parser() -> ToolArgumentParser:
 def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     inputs = parse_inputs(args.inputs)
+    if os.path.realpath(args.output) in {os.path.realpath(m.path) for m in inputs}:
+        raise DataListError(f"--output {args.output} is also an input list; expected a new file")
+    if args.plot:
+        check_image_path("--plot", args.plot)
     entries = mix(inputs)
     if args.plot:
         plot_mixture(inputs, args.plot)  # before the list: a failed plot must leave no list behind

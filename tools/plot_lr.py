@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from megatron_ext.data.data_list import check_image_path
 from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
     INFINITE_STYLES,
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         ns, runs, mark = _build_runs(parser, argv)
+        check_image_path("--out", ns.out)
     except (ScheduleError, argparse.ArgumentTypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_ext.data.preprocess import PreprocessError, find_inputs, open_input  # noqa: E402
+from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input  # noqa: E402
 
 
 def iter_lines(files: Sequence[Path], key: str, max_documents: int | None) -> Iterator[str]:
@@ -49,6 +49,11 @@ def iter_lines(files: Sequence[Path], key: str, max_documents: int | None) -> It
 def train(args: argparse.Namespace) -> dict[str, object]:
     import sentencepiece as spm
 
+    if args.vocab_size <= 0:
+        raise PreprocessError(f"--vocab-size {args.vocab_size}: expected a positive number")
+    if not 0 < args.character_coverage <= 1:
+        raise PreprocessError(f"--character-coverage {args.character_coverage}: expected a fraction in (0, 1]")
+    check_output_prefix(args.output_prefix)
     files = find_inputs(args.input)
     out = Path(args.output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -374,20 +374,23 @@ def write_data_list(entries: Sequence[DataEntry], path: str | os.PathLike[str], 
     """Write the list atomically (tmp + rename): a reader, or a failed run, never sees a half-written list, and
     an existing list is replaced only once the new one is whole."""
     path = str(path)
+    if os.path.isdir(path):
+        raise DataListError(f"{path}: is a folder; expected a data list file to write")
     text = format_data_list(entries, header)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        raise DataListError(f"{path}: cannot write ({e.strerror or e})") from e
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 # ---- shared by the command-line tools -----------------------------------------------------------------------
@@ -418,6 +421,16 @@ class ToolArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise DataListError(f"{message} (see --help)")
+
+
+def check_image_path(flag: str, path: str | os.PathLike[str]) -> None:
+    """A plot's output must be a file name whose extension matplotlib writes (checked before any work)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(str(path))[1].lstrip(".").lower()
+    if os.path.isdir(path) or ext not in formats:
+        raise DataListError(f"{flag} {path}: expected an image file name ending in .png, .pdf, .svg, ...")
 
 
 def run_tool(run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

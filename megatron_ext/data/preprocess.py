@@ -373,6 +373,7 @@ def preprocess(
         raise PreprocessError(f"--workers must be at least 1, got {workers}")
     if chunk_size < 1:
         raise PreprocessError(f"--chunk-size must be at least 1, got {chunk_size}")
+    check_output_prefix(output_prefix)
     files = find_inputs(inputs)
     model = str(tokenizer_model) if tokenizer_model else None
     try:
@@ -452,6 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGTERM takes the same clean-up path as Ctrl-C: writers delete temporaries, the pool is terminated."""
     raise KeyboardInterrupt(signum)
+
+
+def check_output_prefix(prefix: str | Path) -> None:
+    """The folders of an output prefix must be folders (or not exist yet, to be created)."""
+    for folder in Path(prefix).absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise PreprocessError(f"--output-prefix {prefix}: {folder} is a file; expected a folder")
+            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

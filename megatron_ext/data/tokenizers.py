@@ -52,6 +52,10 @@ def _digest(*chunks: bytes) -> str:
     return h.hexdigest()[:8]
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be built from what the user gave (one line: the flag and what is expected)."""
+
+
 class Tokenizer(ABC):
     """What training and data preparation need from a tokenizer (names as in Megatron)."""
 
@@ -130,14 +134,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_path: str | Path) -> None:
         path = Path(model_path)
         if not path.is_file():
-            raise ValueError(f"--tokenizer-model {str(path)!r}: no such file; expected a SentencePiece .model file")
+            raise TokenizerError(f"--tokenizer-model {str(path)!r}: no such file; expected a SentencePiece .model file")
         import sentencepiece as spm
 
         data = path.read_bytes()
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=data)
         except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ messages
-            raise ValueError(f"--tokenizer-model {str(path)!r}: not a SentencePiece model ({err})") from err
+            raise TokenizerError(f"--tokenizer-model {str(path)!r}: not a SentencePiece model ({err})") from err
         self.model_path = path
         self._pieces = self._sp.get_piece_size()
         eos = self._sp.eos_id()
@@ -160,7 +164,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def __init__(self, path: str | Path) -> None:
         p = Path(path)
         if not p.exists():
-            raise ValueError(
+            raise TokenizerError(
                 f"--tokenizer-model {str(p)!r}: no such file or folder; expected a local tokenizer.json "
                 "or a folder holding one (nothing is downloaded)"
             )
@@ -173,7 +177,7 @@ class HuggingFaceTokenizer(Tokenizer):
             elif (p / "tokenizer.json").is_file():
                 tok = PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
             else:
-                raise ValueError(
+                raise TokenizerError(
                     f"--tokenizer-model {str(p)!r}: expected a folder holding tokenizer.json or tokenizer_config.json"
                 )
             stem = p.resolve().name
@@ -210,12 +214,12 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> 
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(
+        raise TokenizerError(
             f"--tokenizer-type {tokenizer_type!r} is unknown; expected one of {', '.join(TOKENIZER_TYPES)}"
         )
     if not tokenizer_model:
         what = "a SentencePiece .model file" if "SentencePiece" in tokenizer_type else "a tokenizer.json or its folder"
-        raise ValueError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: expected {what}")
+        raise TokenizerError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: expected {what}")
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     return SentencePieceTokenizer(tokenizer_model)
@@ -224,7 +228,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
     """Embedding rows as Megatron-LM pads them: a multiple of divisible_by * TP, so each TP shard is even."""
     if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tensor_model_parallel_size < 1:
-        raise ValueError(
+        raise TokenizerError(
             f"padded_vocab_size needs positive values, got vocab_size={vocab_size}, "
             f"make_vocab_size_divisible_by={make_vocab_size_divisible_by}, "
             f"tensor_model_parallel_size={tensor_model_parallel_size}"

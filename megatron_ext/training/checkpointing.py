@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer import MegatronOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.convert import ConvertError, universal
 from megatron_ext.training.layout import (
@@ -270,7 +271,9 @@ def load(
     with torch.no_grad():
         try:
             loaded = dist_checkpointing.load(state, str(path))
-        except CheckpointingException as e:
+        except (CheckpointingException, CheckpointException) as e:
+            if isinstance(e, CheckpointException):  # PyTorch's wrapper of what each rank's read raised
+                e = next((exc for exc, _ in e.failures.values()), e)
             hint = "; without its optimizer state: --no-load-optim" if optimizer is not None else ""
             raise CheckpointError(f"--load {path}: {_first_line(e)} (another model or layout{hint})") from e
         for i, chunk in enumerate(model):

@@ -45,7 +45,7 @@ from megatron_ext.data.gpt_data import (
     build_validation_sets,
     training_entries,
 )
-from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
+from megatron_ext.data.tokenizers import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size
 from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
 from megatron_ext.training import checkpointing
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
@@ -315,6 +315,7 @@ def _log_eval(tr: Trainer) -> None:
 def setup(cfg: Config) -> Trainer:
     """Starts the process group, builds model, optimizer, schedule and data, and resumes from --load."""
     plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
+    cfg.check_folders()
     cfg.resolve_batch(distributed.discover().world_size)  # every size mistake surfaces before any collective
     info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
     platform.setup_device(plat, info.local_rank)
@@ -479,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
         tr = setup(cfg)
     except (
-        ConfigError, DataListError, checkpointing.CheckpointError, platform.PlatformError, distributed.LaunchError,
-        FileNotFoundError,
+        ConfigError, DataListError, TokenizerError, checkpointing.CheckpointError, platform.PlatformError,
+        distributed.LaunchError, FileNotFoundError,
     ) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 2
