@@ -154,6 +154,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
+        _check(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
         _check(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
@@ -201,6 +202,10 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
+        for name in ("exit_interval", "exit_duration_in_mins"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"--{name.replace('_', '-')} {value} must be positive")
+        _check(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         _check(
             self.train_iters is None or self.train_samples is None,
             "give --train-iters or --train-samples, not both",
@@ -307,6 +312,9 @@ class ScheduleConfig:
             given = [u for u in ("iters", "samples", "tokens") if getattr(self, f"{length}_{u}") is not None]
             flags = " / ".join(f"--{length.replace('_', '-')}-{u}" for u in given)
             _check(len(given) <= 1, f"give one of {flags}")
+            for unit in given:
+                value = getattr(self, f"{length}_{unit}")
+                _check(value >= 0, f"--{length.replace('_', '-')}-{unit} {value} must be >= 0")
         _check(
             self.lr_warmup_fraction is None
             or (self.lr_warmup_iters, self.lr_warmup_samples, self.lr_warmup_tokens) == (None, None, None),
