@@ -47,6 +47,13 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_positive(section: object, *names: str) -> None:
+    """Each named field of `section`, where set (not None), is > 0."""
+    for name in names:
+        value = getattr(section, name)
+        _check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, not {value}")
+
+
 @dataclass
 class ModelConfig:
     """Shape and flavour of the GPT (Llama-style options included)."""
@@ -93,8 +100,7 @@ class ModelConfig:
         norm = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(self.normalization.lower())
         _check(norm is not None, f"--normalization {self.normalization!r} must be LayerNorm or RMSNorm")
         self.normalization = norm
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive")
+        _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "seq_length")
         _check(
             self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
             f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -123,9 +129,7 @@ class ModelConfig:
         )
         _check(0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1, "dropouts must be in [0, 1)")
         _check(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive")
-        for name in ("ffn_hidden_size", "kv_channels", "norm_epsilon", "init_method_std", "rotary_base"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, not {value}")
+        _check_positive(self, "ffn_hidden_size", "kv_channels", "norm_epsilon", "init_method_std", "rotary_base")
         _check(0 < self.rotary_percent <= 1, f"--rotary-percent {self.rotary_percent} must be in (0, 1]")
 
 
@@ -154,7 +158,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
-        _check(self.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
+        _check_positive(self, "distributed_timeout_minutes")
         _check(
             not self.sequence_parallel or self.tensor_model_parallel_size > 1,
             "--sequence-parallel needs --tensor-model-parallel-size > 1",
@@ -202,9 +206,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
-        for name in ("exit_interval", "exit_duration_in_mins"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, f"--{name.replace('_', '-')} {value} must be positive")
+        _check_positive(self, "exit_interval", "exit_duration_in_mins")
         _check(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         _check(
             self.train_iters is None or self.train_samples is None,
@@ -236,7 +238,7 @@ class OptimizerConfig:
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"--{name.replace('_', '-')} {value} must be in [0, 1)")
-        _check(self.adam_eps > 0, f"--adam-eps must be positive, not {self.adam_eps}")
+        _check_positive(self, "adam_eps")
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         _check(self.clip_grad >= 0, "--clip-grad must be >= 0")

@@ -79,7 +79,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
         ("--norm-epsilon -1", None, "--norm-epsilon must be positive"),
         ("--lr-warmup-iters -5", None, "--lr-warmup-iters -5 must be >= 0"),
         ("--seed -1", None, "--seed -1 must be >= 0"),
-        ("--exit-duration-in-mins -1", None, "--exit-duration-in-mins -1.0 must be positive"),
+        ("--exit-duration-in-mins -1", None, "--exit-duration-in-mins must be positive, not -1.0"),
         ("--distributed-timeout-minutes 0", None, "--distributed-timeout-minutes must be positive"),
         ("--data-path 0.5 a 0.5", None, "weight/prefix pairs"),
         ("--data-path x a 1 b", None, "weight 'x'"),

@@ -215,7 +215,6 @@ def _write_tensors(
     # Files of at most the largest tensor's bytes; each file is one read of the source.
     item_of = {_item_key(i): i for i in items}
     groups = list(batches_within(list(requests), max(map(_item_bytes, items)), lambda r: _item_bytes(item_of[r])))
-    group_of = {request: group for group in groups for request in group}
     file_of = {request: n for n, group in enumerate(groups) for request in group}
     for unique_key in target.objects:
         items.append(WriteItem(index=MetadataIndex(unique_key), type=WriteItemType.BYTE_IO))
@@ -229,7 +228,7 @@ def _write_tensors(
             return buffer
         request = _item_key(item)
         if request not in read_ahead:
-            group = group_of[request]
+            group = groups[file_of[request]]
             read_ahead.update(zip(group, read([requests[r] for r in group]), strict=True))
         full = read_ahead.pop(request)
         _, layer, shape = requests[request]

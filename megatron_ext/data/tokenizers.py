@@ -228,7 +228,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
     """Embedding rows as Megatron-LM pads them: a multiple of divisible_by * TP, so each TP shard is even."""
     if vocab_size < 1 or make_vocab_size_divisible_by < 1 or tensor_model_parallel_size < 1:
-        raise TokenizerError(
+        raise ValueError(
             f"padded_vocab_size needs positive values, got vocab_size={vocab_size}, "
             f"make_vocab_size_divisible_by={make_vocab_size_divisible_by}, "
             f"tensor_model_parallel_size={tensor_model_parallel_size}"
