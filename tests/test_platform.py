@@ -50,6 +50,10 @@ SPEED_SPOTS = [
     ("megatron.core.tensor_parallel.layers", "ColumnParallelLinear._forward_impl",
      "linear_with_grad_accumulation_and_async_allreduce"),
     ("megatron.core.transformer.mlp", "MLP.forward", "intermediate_parallel = intermediate_parallel + bias_parallel"),
+    # models.gpt.SwiGLU, the MLP's activation module on CPU: megatron-core's unfused GLU adds the (zero) offset.
+    ("megatron.core.transformer.mlp", "MLP.__init__",
+     "if self.config.use_te_activation_func and not (submodules.activation_func is None)"),
+    ("megatron.core.transformer.mlp", "MLP.forward", "x_linear + self.config.glu_linear_offset"),
     ("megatron.core.fusions.fused_bias_dropout", "_bias_dropout_add_func", "if bias is not None:"),
     # platform._use_foreach_clipping: the local fallbacks for Apex's multi-tensor kernels used in clipping.
     ("megatron.core.utils", "local_multi_tensor_l2_norm", "torch.tensor(l2)"),
@@ -210,10 +214,13 @@ def test_native_linears_match_megatron_linears() -> None:
                 cfg = parse_args(f"--train-iters 1 --hidden-dropout 0 --attention-dropout 0 {flags}".split())
                 torch.manual_seed(0); tensor_parallel.model_parallel_cuda_manual_seed(1)
                 gpt.layer_spec = lambda *args, native=native: build_spec(*args[:4], native)
-                model = gpt.build_model(cfg, plat, gpt.transformer_config(cfg, plat), 384)
+                config = gpt.transformer_config(cfg, plat)
+                config.use_te_activation_func &= native  # False: megatron-core's own GLU
+                model = gpt.build_model(cfg, plat, config, 384)
                 gpt.layer_spec = build_spec
                 names = {type(m).__name__ for m in model.modules()}
                 assert ("NativeColumnLinear" in names and "NativeRowLinear" in names) == native, names
+                assert ("SwiGLU" in names) == (native and "--swiglu" in flags), names
                 gen = torch.Generator().manual_seed(3)
                 with torch.no_grad():  # non-zero biases, so that their placement matters
                     for name, p in model.named_parameters():

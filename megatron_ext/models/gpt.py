@@ -6,7 +6,8 @@ parallelism by marking its parameters for the tensor-parallel gradient all-reduc
 attention through `torch.nn.functional.scaled_dot_product_attention`: flash/memory-efficient kernels on GPU
 without the flash-attn package, and fewer copies than the unfused path on CPU) and, on CPU, `NativeColumnLinear`
 / `NativeRowLinear` (the transformer layers' linears without tensor parallelism as one `F.linear`: bias added
-inside the matmul, autograd in C++).
+inside the matmul, autograd in C++) and `SwiGLU` (the gated activation with one full pass fewer each way).
+`bench/cpu_substitutes.py` times each CPU substitute against the megatron-core code it replaces.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
@@ -88,6 +90,41 @@ class SDPAttention(DotProductAttention):
             )
         # [b, heads, s, dim] -> [s, b, heads * dim]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(a) * b for y = [a | b] (last dimension)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
+        a, b = y.chunk(2, dim=-1)
+        gate = F.silu(a)
+        ctx.save_for_backward(y, gate)  # type: ignore[attr-defined]
+        return gate * b
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        y, gate = ctx.saved_tensors  # type: ignore[attr-defined]
+        a, b = y.chunk(2, dim=-1)
+        grad_y = torch.empty_like(y)
+        grad_a, grad_b = grad_y.chunk(2, dim=-1)
+        torch.mul(grad, gate, out=grad_b)
+        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)
+        return grad_y
+
+
+class SwiGLU(MegatronModule):
+    """The MLP's gated activation as a module (megatron-core's activation hook, `use_te_activation_func`).
+
+    megatron-core's unfused GLU adds `glu_linear_offset` (0.0) to the linear half, a full copy, and autograd joins
+    the two halves' gradients with a concatenation; here the backward writes both halves of the input gradient in
+    place. Used on CPU (see `transformer_config`), where megatron-core's fused (compiled) bias-SwiGLU is off."""
+
+    def __init__(self, config: TransformerConfig, **_: object) -> None:
+        super().__init__(config)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return _SwiGLUFunction.apply(y)  # type: ignore[no-any-return]
 
 
 def _native_linear_applies(layer: ColumnParallelLinear | RowParallelLinear) -> bool:
@@ -192,6 +229,8 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
         bias_activation_fusion=fused and not m.disable_bias_linear,
         bias_dropout_fusion=fused,
         apply_rope_fusion=False,
+        # On CPU the MLP calls the spec's activation module (megatron-core's hook for TE's): our SwiGLU.
+        use_te_activation_func=platform.is_cpu and m.swiglu,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         # Micro-batches return loss sums; finalize_model_grads divides by the global token count.
@@ -212,6 +251,8 @@ def layer_spec(
     spec.submodules.pre_mlp_layernorm = norm
     if backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if config.use_te_activation_func:
+        spec.submodules.mlp.submodules.activation_func = SwiGLU
     if native_linears:
         attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
         attention.linear_qkv, attention.linear_proj = NativeColumnLinear, NativeRowLinear
