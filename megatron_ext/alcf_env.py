@@ -845,6 +845,7 @@ def resolve(
     cfg = parse(plan.argv)
     try:
         cfg.resolve_batch(world)
+        cfg.check_folders()
     except ConfigError as e:
         raise ConfigError(_reword(str(e), names)) from None
     plan.config = cfg

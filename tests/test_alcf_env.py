@@ -197,6 +197,9 @@ ERRORS = [
     ({"PBS_JOBID": "1.pbs"}, "PBS_NODEFILE is not set although PBS_JOBID is"),
     ({"PBS_JOBID": "1.pbs", "PBS_NODEFILE": "/no/such/nodefile"}, "PBS_NODEFILE=/no/such/nodefile cannot be read"),
     ({"SLURM_JOB_ID": "5"}, "SLURM_JOB_NODELIST and SLURM_JOB_NUM_NODES are not set although SLURM_JOB_ID is"),
+    ({"RUN_DIR": __file__}, f"RUN_DIR (--run-dir) {__file__}: is a file; expected a folder"),
+    ({"SAVE": __file__}, f"SAVE (--save) {__file__}: is a file; expected a folder"),
+    ({"DATA_CACHE_PATH": __file__}, f"DATA_CACHE_PATH (--data-cache-path) {__file__}: is a file; expected a folder"),
 ]  # fmt: skip
 
 

@@ -208,7 +208,7 @@ def test_bad_input_is_one_line_and_exit_2(ckpt: Path, tmp_path: Path, capsys: py
 
     cases = [
         ([str(tmp_path)], "not a checkpoint"),
-        ([str(ckpt), "--iteration", "3"], "no checkpoint of iteration 3 (found: 2, 4)"),
+        ([str(ckpt), "--iteration", "3"], "no checkpoint of iteration 3 (iterations found: 2, 4)"),
         ([str(ckpt), "--compare", str(tmp_path / "missing")], "no such file or folder"),
     ]
     for args, message in cases:

@@ -112,3 +112,24 @@ def test_restart_without_a_decay_length_decays_over_the_rest_of_the_run() -> Non
     for _ in range(50):
         sched.step(GBS)
     assert opt.param_groups[0]["lr"] == 0.0  # reached at the run's end, 50 iterations after the restart
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (
+            "--train-iters 5 --lr-warmup-iters 10",
+            "lr_decay 40 must be beyond lr_warmup 80 (counted in samples = iterations x --global-batch-size 8; "
+            "--lr-warmup-iters 10, lr_decay 40: the end of the run)",
+        ),
+        (
+            "--train-iters 5 --lr-decay-style WSD --lr-wsd-decay-tokens 100000",
+            "WSD needs 0 < lr_wsd_decay <= lr_decay, got 100000 (counted in tokens = samples x --seq-length 64; "
+            "--lr-wsd-decay-tokens 100000, lr_decay 2560: the end of the run)",
+        ),
+    ],
+)
+def test_schedule_mistakes_name_the_flags_and_the_unit(flags: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        _scheduler(flags)
+    assert str(error.value) == f"the LR schedule: {expected}"

@@ -495,7 +495,7 @@ def open_checkpoint(path: str | Path, iteration: int | None = None, per_layer: b
     folder = layout.iteration_dir(p, it)
     if not (folder / layout.COMMON_STATE).is_file():
         found = sorted(q.name[5:].lstrip("0") or "0" for q in p.glob("iter_*") if q.name[5:].isdigit())
-        raise ConvertError(f"{p}: no checkpoint of iteration {it} (found: {', '.join(found) or 'none'})")
+        raise ConvertError(f"{p}: no checkpoint of iteration {it} (iterations found: {', '.join(found) or 'none'})")
     return DistCheckpoint(folder, per_layer)
 
 

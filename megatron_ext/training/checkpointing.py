@@ -235,7 +235,7 @@ def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path 
         problem = verify(iteration_dir(root, iteration))
         if problem is None:
             return iteration_dir(root, iteration), notes
-        notes.append(f"checkpoint {iteration_dir(root, iteration)} is unusable ({problem}); trying an older one")
+        notes.append(f"checkpoint {iteration_dir(root, iteration)} is unusable ({problem}); skipped")
     return None, notes
 
 

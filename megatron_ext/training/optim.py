@@ -129,30 +129,46 @@ def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
     if sc.lr_warmup_fraction is not None:
         values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
     wd = o.weight_decay
-    return ScheduleConfig(
-        lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_init=sc.lr_warmup_init,
-        lr_decay_style=sc.lr_decay_style,
-        unit=unit,
-        seq_length=cfg.model.seq_length,
-        lr_warmup=values.get("lr_warmup", 0),
-        lr_decay=values["lr_decay"],
-        lr_wsd_decay_style=sc.lr_wsd_decay_style,
-        lr_wsd_decay=values.get("lr_wsd_decay", 0),
-        constant_lr=sc.constant_lr,
-        lr_infinite_decay=values.get("lr_infinite_decay", 0),
-        lr_cooldown=values.get("lr_cooldown", 0),
-        lr_timescale=sc.lr_timescale,
-        start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
-        end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
-        weight_decay_incr_style=sc.weight_decay_incr_style,
-    )
+    try:
+        return ScheduleConfig(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_init=sc.lr_warmup_init,
+            lr_decay_style=sc.lr_decay_style,
+            unit=unit,
+            seq_length=cfg.model.seq_length,
+            lr_warmup=values.get("lr_warmup", 0),
+            lr_decay=values["lr_decay"],
+            lr_wsd_decay_style=sc.lr_wsd_decay_style,
+            lr_wsd_decay=values.get("lr_wsd_decay", 0),
+            constant_lr=sc.constant_lr,
+            lr_infinite_decay=values.get("lr_infinite_decay", 0),
+            lr_cooldown=values.get("lr_cooldown", 0),
+            lr_timescale=sc.lr_timescale,
+            start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
+            end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
+            weight_decay_incr_style=sc.weight_decay_incr_style,
+        )
+    except ScheduleError as e:
+        raise ConfigError(f"the LR schedule: {e} ({_schedule_flags(cfg, values['lr_decay'])})") from e
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler:
     """LR and weight-decay schedule, advanced by samples each step (lengths in tokens are converted)."""
-    try:
-        return ParamScheduler(optimizer, schedule_config(cfg))
-    except ScheduleError as e:
-        raise ConfigError(str(e)) from e
+    return ParamScheduler(optimizer, schedule_config(cfg))
+
+
+def _schedule_flags(cfg: Config, decay: float) -> str:
+    """The command line's schedule lengths and the unit a ScheduleError counts in: it names its fields (lr_decay,
+    lr_warmup, ...) in samples or tokens, whatever unit the flags gave."""
+    sc = cfg.schedule
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    given = [f"--{n.replace('_', '-')}-{length[1]} {length[0]}" for n, length in lengths.items() if length]
+    if lengths["lr_decay"] is None:
+        given.append(f"lr_decay {decay:g}: the end of the run")
+    if sc.lr_warmup_fraction is not None:
+        given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
+    unit = f"samples = iterations x --global-batch-size {cfg.training.global_batch_size}"
+    if any(length and length[1] == "tokens" for length in lengths.values()):
+        unit = f"tokens = samples x --seq-length {cfg.model.seq_length}"
+    return f"counted in {unit}; " + ", ".join(given)
