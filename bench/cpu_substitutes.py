@@ -9,7 +9,8 @@
 
 The shapes are `bench/train_throughput.py`'s default model (tokens 256 x 8, hidden 512, 8 heads of 64, SwiGLU ffn
 1408). Pairs alternate (megatron-core, ours); the median time of each and the median of the per-pair ratios
-megatron-core / ours are printed (> 1: ours is faster). Both compute the same values (checked before timing).
+megatron-core / ours are printed (> 1: ours is faster). Both give the same input gradient (checked before timing;
+tests/test_platform.py compares outputs and every gradient).
 
     python bench/cpu_substitutes.py
     python bench/cpu_substitutes.py --pairs 100 --threads 2
@@ -20,9 +21,9 @@ This is a benchmark, not a test: it prints what it measures.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,9 +61,9 @@ def linear_pair(tokens: tuple[int, int], hidden: int, out: int) -> tuple[Step, S
 
     from megatron_ext.models.gpt import NativeColumnLinear
 
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
-        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # one rank, rendezvous through a file: no port to collide on
+        store = torch.distributed.FileStore(tempfile.mktemp(prefix="cpu_substitutes_"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
         parallel_state.initialize_model_parallel(1, 1)
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=8, use_cpu_initialization=True, add_bias_linear=True
@@ -84,7 +85,7 @@ def rope_pair(tokens: tuple[int, int], heads: int, groups: int, dim: int) -> tup
     mixed = torch.randn(*tokens, groups, (per_group + 2) * dim)  # megatron-core's fused QKV output
     freqs = torch.randn(tokens[0], 1, 1, dim)
 
-    def query(t: torch.Tensor) -> torch.Tensor:  # the strided query view, as megatron-core splits it
+    def query(t: torch.Tensor) -> torch.Tensor:  # the query as megatron-core splits it off the QKV output
         return t[..., : per_group * dim].reshape(*tokens, heads, dim)
 
     grad = torch.randn(*tokens, heads, dim)

@@ -502,9 +502,15 @@ class Config:
             "--data-cache-path": self.data.data_cache_path,
         }
         for flag, folder in folders.items():
+            if folder is None:
+                continue
+            # the folder itself or the first of its parents that exists (log.txt/ckpt cannot be made either)
+            existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
             _check(
-                folder is None or not Path(folder).exists() or Path(folder).is_dir(),
-                f"{flag} {folder}: is a file; expected a folder",
+                existing is None or existing.is_dir(),
+                f"{flag} {folder}: is a file; expected a folder"
+                if existing == Path(folder)
+                else f"{flag} {folder}: {existing} is a file; expected a folder there",
             )
 
     def __post_init__(self) -> None:

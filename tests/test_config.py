@@ -111,3 +111,19 @@ def test_cli_mistakes_exit_2_with_one_line() -> None:
         assert proc.returncode == 2, proc.stderr
         lines = [x for x in proc.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_folder_flags_naming_a_file_or_below_one(tmp_path: Path) -> None:
+    afile = tmp_path / "log.txt"
+    afile.write_text("keep me\n")
+    cases = [
+        ("--save", afile, f"--save {afile}: is a file; expected a folder"),
+        ("--run-dir", afile / "run", f"--run-dir {afile / 'run'}: {afile} is a file; expected a folder there"),
+        ("--data-cache-path", afile / "a" / "b", f"--data-cache-path {afile / 'a' / 'b'}: {afile} is a file"),
+    ]
+    for flag, path, message in cases:
+        cfg = parse_args(["--train-iters", "1", flag, str(path)])
+        with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+            cfg.check_folders()
+    parse_args(["--train-iters", "1", "--save", str(tmp_path / "new" / "ckpt")]).check_folders()  # may be made
+    assert afile.read_text() == "keep me\n"

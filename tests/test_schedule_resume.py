@@ -115,21 +115,38 @@ def test_restart_without_a_decay_length_decays_over_the_rest_of_the_run() -> Non
 
 
 @pytest.mark.parametrize(
-    "flags,expected",
+    "flags,start,expected",
     [
         (
             "--train-iters 5 --lr-warmup-iters 10",
-            "lr_decay 40 must be beyond lr_warmup 80 (counted in samples = iterations x --global-batch-size 8; "
+            0,
+            "lr_decay 40 must be beyond lr_warmup 80 (counted in samples, an iteration being --global-batch-size 8; "
             "--lr-warmup-iters 10, lr_decay 40: the end of the run)",
         ),
         (
-            "--train-iters 5 --lr-decay-style WSD --lr-wsd-decay-tokens 100000",
-            "WSD needs 0 < lr_wsd_decay <= lr_decay, got 100000 (counted in tokens = samples x --seq-length 64; "
-            "--lr-wsd-decay-tokens 100000, lr_decay 2560: the end of the run)",
+            "--train-iters 5 --lr-warmup-iters 4 --restart-lr-schedule",
+            16,
+            "lr_decay 24 must be beyond lr_warmup 32 (counted in samples, an iteration being --global-batch-size 8; "
+            "--lr-warmup-iters 4, lr_decay 24: the rest of the run (40 samples) after the restart at sample 16)",
         ),
+        (
+            "--train-iters 5 --lr-decay-style WSD --lr-wsd-decay-tokens 100000",
+            0,
+            "WSD needs 0 < lr_wsd_decay <= lr_decay, got 100000 (counted in tokens, a sample being --seq-length 64 "
+            "and an iteration 8 samples; --lr-wsd-decay-tokens 100000, lr_decay 2560: the end of the run)",
+        ),
+        (
+            "--train-iters 5 --lr-decay-style WSD",
+            0,
+            "WSD needs 0 < lr_wsd_decay <= lr_decay, got 0 (counted in samples, an iteration being "
+            "--global-batch-size 8; lr_decay 40: the end of the run, no --lr-wsd-decay-iters/-samples/-tokens)",
+        ),
+        ("--train-iters 5 --lr-warmup-init 1", 0, "--lr-warmup-init 1.0 must be in [0, --lr]"),
     ],
 )
-def test_schedule_mistakes_name_the_flags_and_the_unit(flags: str, expected: str) -> None:
+def test_schedule_mistakes_name_the_flags_and_the_unit(flags: str, start: int, expected: str) -> None:
+    cfg = parse_args(f"--global-batch-size {GBS} --micro-batch-size {GBS} --seq-length {SEQ} {flags}".split())
+    cfg.resolve_batch(1)
     with pytest.raises(ConfigError) as error:
-        _scheduler(flags)
+        schedule_config(cfg, start_samples=start)
     assert str(error.value) == f"the LR schedule: {expected}"

@@ -31,6 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from torch.autograd.function import once_differentiable
 
 from megatron_ext.config import Config
 from megatron_ext.platform import Platform
@@ -103,6 +104,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         return gate * b
 
     @staticmethod
+    @once_differentiable  # the backward writes into views of one buffer: no graph of its own
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         y, gate = ctx.saved_tensors  # type: ignore[attr-defined]
         a, b = y.chunk(2, dim=-1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, get_megatron_optimizer
@@ -150,7 +152,9 @@ def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
             weight_decay_incr_style=sc.weight_decay_incr_style,
         )
     except ScheduleError as e:
-        raise ConfigError(f"the LR schedule: {e} ({_schedule_flags(cfg, values['lr_decay'])})") from e
+        raise ConfigError(
+            f"the LR schedule: {_schedule_message(str(e), cfg, values['lr_decay'], start_samples)}"
+        ) from e
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler:
@@ -158,17 +162,32 @@ def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler
     return ParamScheduler(optimizer, schedule_config(cfg))
 
 
-def _schedule_flags(cfg: Config, decay: float) -> str:
-    """The command line's schedule lengths and the unit a ScheduleError counts in: it names its fields (lr_decay,
-    lr_warmup, ...) in samples or tokens, whatever unit the flags gave."""
-    sc = cfg.schedule
+_VALUE_FIELDS = "lr|min_lr|constant_lr|lr_warmup_init|lr_timescale|start_weight_decay|end_weight_decay"
+_SCHEDULE_FLAGS = re.compile(rf"\b({_VALUE_FIELDS})\b")
+_LENGTH_NAMES = re.compile(r"\b(" + "|".join(LR_LENGTHS) + r")\b")
+
+
+def _schedule_message(message: str, cfg: Config, decay: float, start_samples: int) -> str:
+    """A ScheduleError in the command line's terms: its value fields as flags and, when it speaks of lengths
+    (lr_decay, lr_warmup, ... in one unit, samples or tokens, whatever unit the flags gave), that unit and the
+    length flags behind them."""
+    message = _SCHEDULE_FLAGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    named = dict.fromkeys(_LENGTH_NAMES.findall(message))
+    if not named:
+        return message
+    sc, gbs, seq = cfg.schedule, cfg.training.global_batch_size, cfg.model.seq_length
     lengths = {name: sc.length(name) for name in LR_LENGTHS}
     given = [f"--{n.replace('_', '-')}-{length[1]} {length[0]}" for n, length in lengths.items() if length]
     if lengths["lr_decay"] is None:
-        given.append(f"lr_decay {decay:g}: the end of the run")
+        end = "the end of the run"
+        if start_samples:
+            end = f"the rest of the run ({run_length_samples(cfg)} samples) after the restart at sample {start_samples}"
+        given.append(f"lr_decay {decay:.15g}: {end}")
     if sc.lr_warmup_fraction is not None:
         given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
-    unit = f"samples = iterations x --global-batch-size {cfg.training.global_batch_size}"
+    missing = [n for n in named if lengths[n] is None and n not in ("lr_decay", "lr_warmup")]
+    given += [f"no --{n.replace('_', '-')}-iters/-samples/-tokens" for n in missing]
+    unit = f"samples, an iteration being --global-batch-size {gbs}"
     if any(length and length[1] == "tokens" for length in lengths.values()):
-        unit = f"tokens = samples x --seq-length {cfg.model.seq_length}"
-    return f"counted in {unit}; " + ", ".join(given)
+        unit = f"tokens, a sample being --seq-length {seq} and an iteration {gbs} samples"
+    return f"{message} (counted in {unit}; " + ", ".join(given) + ")"
