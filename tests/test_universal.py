@@ -275,3 +275,15 @@ def test_load_into_fills_the_targets_in_place(tmp_path: Path) -> None:
     loaded = universal.load_into(univ, state)
     assert loaded["w"] is half and torch.equal(half, full[3:])
     assert loaded["m"] is whole and torch.equal(whole, moment)
+
+
+def test_from_universal_on_a_regular_checkpoint_points_to_reshard(tmp_path: Path) -> None:
+    from megatron_ext.convert import ConvertError
+    from megatron_ext.convert.universal import read_meta
+
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("200\n")
+    with pytest.raises(ConvertError, match="a regular checkpoint, not a universal one .*use `reshard`"):
+        read_meta(tmp_path)
+    (tmp_path / "latest_checkpointed_iteration.txt").unlink()
+    with pytest.raises(ConvertError, match="universal.json: unreadable"):
+        read_meta(tmp_path)

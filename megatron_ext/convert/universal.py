@@ -82,6 +82,13 @@ def _is_stacked(key: str) -> bool:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     meta_file = Path(path) / META
+    if not meta_file.exists() and (
+        (Path(path) / layout.TRACKER).is_file() or (Path(path) / layout.COMMON_STATE).is_file()
+    ):
+        raise ConvertError(
+            f"{path}: a regular checkpoint, not a universal one (no {META}); use `reshard` to change its layout, "
+            "or `to-universal` to make a universal checkpoint of it"
+        )
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
