@@ -47,6 +47,12 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """`path` itself or its nearest existing parent, when that is a file: no folder can be made at `path`."""
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 def _check_positive(section: object, *names: str) -> None:
     """Each named field of `section`, where set (not None), is > 0."""
     for name in names:
@@ -502,16 +508,12 @@ class Config:
             "--data-cache-path": self.data.data_cache_path,
         }
         for flag, folder in folders.items():
-            if folder is None:
-                continue
-            # the folder itself or the first of its parents that exists (log.txt/ckpt cannot be made either)
-            existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
-            _check(
-                existing is None or existing.is_dir(),
-                f"{flag} {folder}: is a file; expected a folder"
-                if existing == Path(folder)
-                else f"{flag} {folder}: {existing} is a file; expected a folder there",
-            )
+            blocker = None if folder is None else file_in_the_way(folder)  # log.txt/ckpt cannot be made either
+            if blocker is not None:
+                problem = f"{blocker} is a file; expected a folder there"
+                if blocker == Path(folder):  # type: ignore[arg-type]
+                    problem = "is a file; expected a folder"
+                raise ConfigError(f"{flag} {folder}: {problem}")
 
     def __post_init__(self) -> None:
         m, p = self.model, self.parallel

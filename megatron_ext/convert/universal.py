@@ -82,9 +82,7 @@ def _is_stacked(key: str) -> bool:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     meta_file = Path(path) / META
-    if not meta_file.exists() and (
-        (Path(path) / layout.TRACKER).is_file() or (Path(path) / layout.COMMON_STATE).is_file()
-    ):
+    if not meta_file.exists() and any((Path(path) / f).is_file() for f in (layout.TRACKER, layout.COMMON_STATE)):
         raise ConvertError(
             f"{path}: a regular checkpoint, not a universal one (no {META}); use `reshard` to change its layout, "
             "or `to-universal` to make a universal checkpoint of it"

@@ -33,6 +33,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
+from megatron_ext.config import file_in_the_way
 from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -457,11 +458,9 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def check_output_prefix(prefix: str | Path) -> None:
     """The folders of an output prefix must be folders (or not exist yet, to be created)."""
-    for folder in Path(prefix).absolute().parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise PreprocessError(f"--output-prefix {prefix}: {folder} is a file; expected a folder")
-            return
+    blocker = file_in_the_way(Path(prefix).absolute().parent)
+    if blocker is not None:
+        raise PreprocessError(f"--output-prefix {prefix}: {blocker} is a file; expected a folder")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -153,7 +153,7 @@ def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
         )
     except ScheduleError as e:
         raise ConfigError(
-            f"the LR schedule: {_schedule_message(str(e), cfg, values['lr_decay'], start_samples)}"
+            f"the LR schedule: {_schedule_message(str(e), cfg, unit, values['lr_decay'], start_samples)}"
         ) from e
 
 
@@ -167,7 +167,7 @@ _SCHEDULE_FLAGS = re.compile(rf"\b({_VALUE_FIELDS})\b")
 _LENGTH_NAMES = re.compile(r"\b(" + "|".join(LR_LENGTHS) + r")\b")
 
 
-def _schedule_message(message: str, cfg: Config, decay: float, start_samples: int) -> str:
+def _schedule_message(message: str, cfg: Config, unit: str, decay: float, start_samples: int) -> str:
     """A ScheduleError in the command line's terms: its value fields as flags and, when it speaks of lengths
     (lr_decay, lr_warmup, ... in one unit, samples or tokens, whatever unit the flags gave), that unit and the
     length flags behind them."""
@@ -187,7 +187,7 @@ def _schedule_message(message: str, cfg: Config, decay: float, start_samples: in
         given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
     missing = [n for n in named if lengths[n] is None and n not in ("lr_decay", "lr_warmup")]
     given += [f"no --{n.replace('_', '-')}-iters/-samples/-tokens" for n in missing]
-    unit = f"samples, an iteration being --global-batch-size {gbs}"
-    if any(length and length[1] == "tokens" for length in lengths.values()):
-        unit = f"tokens, a sample being --seq-length {seq} and an iteration {gbs} samples"
-    return f"{message} (counted in {unit}; " + ", ".join(given) + ")"
+    counted = f"samples, an iteration being --global-batch-size {gbs}"
+    if unit == "tokens":
+        counted = f"tokens, a sample being --seq-length {seq} and an iteration {gbs} samples"
+    return f"{message} (counted in {counted}; " + ", ".join(given) + ")"
