@@ -201,6 +201,7 @@ def test_native_linears_match_megatron_linears() -> None:
         plat = platform.select("cpu"); platform.setup_device(plat, 0)
         torch.distributed.init_process_group("gloo")
         from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
         from megatron.core.optimizer import clip_grads
         assert clip_grads.l2_norm_impl is platform._foreach_l2_norm
         assert clip_grads.multi_tensor_scale_impl is platform._foreach_scale
@@ -226,16 +227,26 @@ def test_native_linears_match_megatron_linears() -> None:
                     for name, p in model.named_parameters():
                         if name.endswith(".bias"):
                             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-                x = torch.randint(0, 256, (2, 64), generator=gen); pos = torch.arange(64).expand(2, -1)
-                loss = model(x, pos, None, labels=x)
-                loss.sum().backward()
-                results.append((loss.detach(), [p.grad for p in model.parameters()]))
-            (loss_a, grads_a), (loss_b, grads_b) = results
-            if exact:  # no bias: the same matmuls
-                assert torch.equal(loss_a, loss_b) and all(map(torch.equal, grads_a, grads_b))
-            else:  # bias inside the matmul: fp32 rounding only
+                ddp = DDP(config, DistributedDataParallelConfig(), model)
+                losses, grads = [], []
+                for _ in range(2):  # two micro-batches: the second accumulates into the gradient buffer
+                    x = torch.randint(0, 256, (2, 64), generator=gen); pos = torch.arange(64).expand(2, -1)
+                    loss = ddp(x, pos, None, labels=x)
+                    loss.sum().backward()
+                    losses.append(loss.detach())
+                    grads.append([p.main_grad.clone() for p in model.parameters()])
+                # Native: each linear's weight gradient was summed into the buffer by its matmul, not DDP's hook.
+                fused = {n: p.grad_added_to_main_grad for n, p in model.named_parameters() if "linear" in n}
+                assert all(v == (n.endswith("weight") and native) for n, v in fused.items()), fused
+                results.append((losses, grads))
+            (losses_a, grads_a), (losses_b, grads_b) = results
+            for step, (loss_a, loss_b, step_a, step_b) in enumerate(zip(losses_a, losses_b, grads_a, grads_b)):
+                if exact and step == 0:  # no bias, nothing accumulated yet: the same matmuls
+                    assert torch.equal(loss_a, loss_b) and all(map(torch.equal, step_a, step_b))
+                    continue
+                # a bias inside the matmul or a sum inside it: fp32 rounding only
                 assert torch.allclose(loss_a, loss_b, rtol=1e-6, atol=1e-5), (loss_a - loss_b).abs().max()
-                for a, b in zip(grads_a, grads_b, strict=True):
+                for a, b in zip(step_a, step_b, strict=True):
                     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * b.abs().max()), (a - b).abs().max()
         print("ok")
         """

@@ -156,9 +156,61 @@ def _native_linear(
     """
     config = layer.config
     fold = not layer.skip_bias_add or not (config.bias_activation_fusion or config.bias_dropout_fusion)
-    if fold:
-        return F.linear(input_, weight, layer.bias), None
-    return F.linear(input_, weight), layer.bias
+    bias = layer.bias if fold else None
+    if _accumulates_into_main_grad(weight, input_):
+        output = _LinearIntoMainGrad.apply(input_, weight, bias)
+    else:
+        output = F.linear(input_, weight, bias)
+    return output, None if fold else layer.bias
+
+
+def _accumulates_into_main_grad(weight: torch.Tensor, input_: torch.Tensor) -> bool:
+    """Whether megatron-core's DDP gave `weight` a gradient buffer slice the weight gradient can be summed into
+    directly (same dtype as the matmul: the mixed fp32-buffer/bf16-input case keeps autograd's path)."""
+    main_grad = getattr(weight, "main_grad", None)
+    return (
+        main_grad is not None
+        and hasattr(weight, "grad_added_to_main_grad")
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and not getattr(weight, "zero_out_wgrad", False)
+        and main_grad.dtype == input_.dtype == weight.dtype
+    )
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """`F.linear` whose backward sums the weight gradient into `weight.main_grad` inside the matmul (`addmm_`).
+
+    This is megatron-core's gradient-accumulation fusion (`fused_weight_gradient_mlp_cuda`, a CUDA-only apex
+    kernel) in plain torch: without it autograd writes each weight gradient to a fresh tensor that DDP's hook then
+    adds into the buffer, two extra passes over every weight gradient per micro-batch. As in megatron-core the
+    weight gets an unfilled placeholder gradient and `grad_added_to_main_grad`, so DDP's hook skips its add but
+    still runs (it marks the bucket ready when overlapping the gradient reduction)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)  # type: ignore[attr-defined]
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_2d = grad.reshape(-1, grad.size(-1))
+        grad_x = grad.matmul(weight) if needs_x else None
+        grad_weight = None
+        if needs_weight:
+            weight.main_grad.addmm_(grad_2d.t(), x.reshape(-1, x.size(-1)))
+            grad_weight = torch.empty_like(weight)
+            weight.grad_added_to_main_grad = True
+        grad_bias = grad_2d.sum(0) if ctx.has_bias and needs_bias else None  # type: ignore[attr-defined]
+        return grad_x, grad_weight, grad_bias
 
 
 class NativeColumnLinear(ColumnParallelLinear):
