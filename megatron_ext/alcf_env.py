@@ -386,15 +386,14 @@ def _int(name: str, raw: str, minimum: int = 1) -> int:
 
 
 def parse_count(name: str, raw: str) -> int:
-    """22000000000, 22e9, 22B, 2T, 1_000 -> an integer count (K/M/B/T are powers of 1000)."""
-    m = re.fullmatch(r"([0-9][0-9_]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)", raw.strip())
-    if m is None:
-        raise EnvError(f"{name}={raw!r} is not a count; expected e.g. 22000000000, 22e9, 22B or 2T")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}[m.group(2).lower()]
-    value = float(m.group(1).replace("_", "")) * scale
-    if value < 1 or value != int(value):
+    """22000000000, 22e9, 22B, 2T, 1_000 -> a positive count (`config.parse_count`, the length flags' type)."""
+    try:
+        value = schema.parse_count(raw)
+    except argparse.ArgumentTypeError:
+        raise EnvError(f"{name}={raw!r} is not a count; expected e.g. 22000000000, 22e9, 22B or 2T") from None
+    if value < 1:
         raise EnvError(f"{name}={raw!r} is out of range; expected a positive whole number of tokens")
-    return int(value)
+    return value
 
 
 def _typed(name: str, flag: str, raw: str) -> str:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -40,6 +41,22 @@ def opt(
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def parse_count(text: str) -> int:
+    """2000, 5e9, 300B, 2T, 1_000 -> a whole count (K/M/B/T are powers of 1000): the type of every length flag
+    (`--train-iters`, `--lr-warmup-tokens`, ...), so token budgets can be written as people say them. A minus
+    sign is kept, for the range checks to name the flag."""
+    m = re.fullmatch(r"(-?[0-9][0-9_]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)", text.strip())
+    if m is not None:
+        value = float(m.group(1).replace("_", "")) * _COUNT_SUFFIXES[m.group(2).lower()]
+        if value == int(value):
+            return int(value)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a whole count such as 2000, 5e9, 300B or 2T")
+
+
+LENGTH_UNITS = ("_iters", "_samples", "_tokens")
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
 def _check(ok: bool, message: str) -> None:
@@ -212,7 +229,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
-        _check_positive(self, "exit_interval", "exit_duration_in_mins")
+        _check_positive(self, "global_batch_size", "train_samples", "exit_interval", "exit_duration_in_mins")
         _check(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         _check(
             self.train_iters is None or self.train_samples is None,
@@ -623,7 +640,7 @@ class Config:
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -660,14 +677,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
+    """Every field of the schema as a flag; the run's and the schedule's lengths (`--train-iters`,
+    `--lr-warmup-tokens`, ...) also take counts such as 300B (`parse_count`). `prog` names the tool in error
+    lines (tools that read a training command line)."""
     parser = _Parser(
-        prog="pretrain_gpt.py",
+        prog=prog,
         description="Train a GPT on megatron-core. Flags follow Megatron-LM; Megatron-DeepSpeed aliases accepted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = {name: typing.get_type_hints(cls) for name, cls in _SECTIONS.items()}
-    for section, cls in _SECTIONS.items():
+    hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+    for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
             dest = f"{section}.{f.name}"
@@ -681,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             nargs = f.metadata.get("nargs") or ("+" if is_list else None)
+            if kind is int and f.name.startswith(("train_", "lr_")) and f.name.endswith(LENGTH_UNITS):
+                kind = parse_count
             group.add_argument(
                 *names,
                 dest=dest,
@@ -698,10 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py") -> Config:
     """Parses flags into a validated Config; raises ConfigError for a mistake in the values."""
-    ns = vars(build_parser().parse_args(argv))
-    values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    ns = vars(build_parser(prog).parse_args(argv))
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for key, value in ns.items():
         if key.startswith("_alias"):
             section, name, target = VALUE_ALIASES[key[len("_alias") :]]
@@ -710,7 +732,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             continue
         section, name = key.split(".", 1)
         values[section].setdefault(name, value)
-    return Config(**{s: cls(**values[s]) for s, cls in _SECTIONS.items()})
+    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.config import Config, ConfigError, build_parser, parse_args
+from megatron_ext.config import Config, ConfigError, build_parser, parse_args, parse_count
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,8 @@ def test_json_round_trip(tmp_path: Path) -> None:
         ("--kv-channels 0", None, "--kv-channels must be positive"),
         ("--norm-epsilon -1", None, "--norm-epsilon must be positive"),
         ("--lr-warmup-iters -5", None, "--lr-warmup-iters -5 must be >= 0"),
+        ("--global-batch-size 0", None, "--global-batch-size must be positive, not 0"),
+        ("--train-samples -8", None, "--train-samples must be positive, not -8"),
         ("--seed -1", None, "--seed -1 must be >= 0"),
         ("--exit-duration-in-mins -1", None, "--exit-duration-in-mins must be positive, not -1.0"),
         ("--distributed-timeout-minutes 0", None, "--distributed-timeout-minutes must be positive"),
@@ -104,13 +107,33 @@ def test_invalid_configuration_one_line(argv: str, world: int | None, message: s
 
 def test_cli_mistakes_exit_2_with_one_line() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for argv in (["--bogus-flag"], ["--num-layers", "3", "--pipeline-model-parallel-size", "2", "--train-iters", "1"]):
+    for argv in (
+        ["--bogus-flag"],
+        ["--num-layers", "3", "--pipeline-model-parallel-size", "2", "--train-iters", "1"],
+        ["--train-iters", "1.5"],
+    ):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "pretrain_gpt.py"), *argv], capture_output=True, text=True, env=env
         )
         assert proc.returncode == 2, proc.stderr
         lines = [x for x in proc.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+def test_lengths_take_counts() -> None:
+    cfg = parse_args("--train-iters 2K --lr-warmup-tokens 1.5M --lr-decay-samples 3e4 --lr-wsd-decay-tokens 2B".split())
+    s = cfg.schedule
+    assert (cfg.training.train_iters, s.lr_warmup_tokens, s.lr_decay_samples, s.lr_wsd_decay_tokens) == (
+        2000,
+        1_500_000,
+        30_000,
+        2 * 10**9,
+    )
+    assert parse_count("1_000") == 1000 and parse_count(" 22e9 ") == 22 * 10**9 and parse_count("1.5T") == 15 * 10**11
+    for bad in ("1.5", "B", "2X", "1e-3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a whole count"):
+            parse_count(bad)
+    assert parse_args(["--eval-iters", "10"]).logging.eval_iters == 10  # not a length: a plain integer
 
 
 def test_folder_flags_naming_a_file_or_below_one(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ import pytest
 
 from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.training.loop import resume_schedule
-from megatron_ext.training.optim import schedule_config
-from megatron_ext.training.schedules import ParamScheduler
+from megatron_ext.training.schedules import ParamScheduler, schedule_config
 
 GBS, SEQ = 8, 64
 

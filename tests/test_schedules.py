@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_ext.config import parse_args
 from megatron_ext.training.schedules import (
     LR_DECAY_STYLES,
     ParamScheduler,
@@ -24,6 +25,7 @@ from megatron_ext.training.schedules import (
     iters_to_samples,
     lr_at,
     resolve_lengths,
+    schedule_config,
     wd_at,
 )
 
@@ -363,10 +365,41 @@ def test_plot_lr_writes_png(tmp_path, capsys):
 
 
 def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
+    """The messages pretrain_gpt.py gives for the same flags, naming them, in one line."""
     code = plot_tool().main(["--global-batch-size", "8", "--lr-decay-style", "WSD", "--train-iters", "10"])
-    assert code == 2 and capsys.readouterr().err.startswith("error: WSD needs")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the LR schedule: WSD needs") and err.count("\n") == 1, err
+    assert "no --lr-wsd-decay-iters/-samples/-tokens" in err
     code = plot_tool().main(["--global-batch-size", "8", "--train-iters", "1", "--lr-warmup-iters", "x"])
-    assert code == 2 and "expected a count" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and err == (
+        "error: argument --lr-warmup-iters: 'x': expected a whole count such as 2000, 5e9, 300B or 2T "
+        "(see plot_lr.py --help)\n"
+    )
+    for flags, message in (
+        (["--train-iters", "10"], "error: give --global-batch-size"),
+        (["--global-batch-size", "8"], "error: give the run length"),
+        (["--global-batch-size", "8", "--train-iters", "9", "--train-tokens", "1M"], "error: give one of --train-tok"),
+        (["--global-batch-size", "8", "--train-iters", "9", "--min-lr", "1"], "error: --min-lr 1.0 must be in"),
+        (["--global-batch-size", "8", "--train-iters", "9", "--lr-decay-stlye", "WSD"], "error: unrecognized arg"),
+    ):
+        assert plot_tool().main([*flags, "--out", str(tmp_path / "bad.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_plot_lr_draws_what_training_builds(capsys):
+    """A pasted pretrain_gpt.py command line gives the schedule `schedule_config` builds for that run."""
+    flags = "--num-layers 2 --global-batch-size 16 --seq-length 512 --train-iters 1K --lr 1e-3 --min-lr 1e-5 "
+    flags += "--lr-decay-style WSD --lr-warmup-fraction 0.05 --lr-wsd-decay-tokens 2M"
+    run = plot_tool().run_from_flags(flags.split())
+    expected = schedule_config(parse_args(flags.replace("1K", "1000").split()))
+    assert run.config == expected and run.train_iters == 1000 and expected.unit == "tokens"
+    assert expected.lr_decay == 1000 * 16 * 512 and expected.lr_wsd_decay == 2e6
+    assert plot_tool().main([*flags.split(), "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--lr-wsd-decay-tokens" in text and "WSD: length of the final decay" in text and "--out" in text
 
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "OMPI_COMM_WORLD_", "PMI_", "PALS_")

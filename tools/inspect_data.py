@@ -13,14 +13,15 @@ the training share of each file, as training does (the default counts every toke
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from megatron_ext.config import parse_count
 from megatron_ext.data.data_list import (
     DataEntry,
     DataListError,
@@ -34,19 +35,16 @@ from megatron_ext.data.data_list import (
     validate,
 )
 
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
 
 def parse_token_count(text: str) -> int:
-    """``2000000``, ``2e12``, ``1.5T``, ``300B``: how researchers write training budgets."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMBGT]?)\s*", text, flags=re.IGNORECASE)
+    """``2000000``, ``2e12``, ``1.5T``, ``300B``: how researchers write training budgets (`config.parse_count`)."""
     try:
-        value = float(match.group(1)) * _SUFFIXES[match.group(2).upper()] if match else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
+        value = parse_count(text)
+    except argparse.ArgumentTypeError:
+        value = 0
+    if value <= 0:
         raise DataListError(f"--train-tokens {text!r}: expected a positive count such as 2000000, 2e12, 300B or 2T")
-    return round(value)
+    return value
 
 
 @dataclass(frozen=True)

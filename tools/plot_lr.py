@@ -14,8 +14,11 @@
 Top panel: LR per iteration (the LR an iteration trains with, i.e. after that many scheduler steps) with the
 phases shaded and named, tokens on the upper axis. Bottom panel: LR against tokens, which is what stays
 comparable when runs differ in batch size. ``--compare`` strings are appended to the flags given outside them,
-so shared flags are written once. Lengths take iters, samples or tokens (counts such as 300B, 2T, 5e9). The
-schedule text (phases, spans, LR values) is printed too. Mistakes end in one ``error:`` line, exit status 2.
+so shared flags are written once. The flags are pretrain_gpt.py's (a run's command line can be pasted: flags that
+do not shape the schedule have no effect) plus ``--train-tokens``, and the schedule is built as training builds it
+(``schedules.schedule_config``), with training's messages for mistakes. Lengths take iters, samples or tokens
+(counts such as 300B, 2T, 5e9). The schedule text (phases, spans, LR values) is printed too. Mistakes end in one
+``error:`` line, exit status 2.
 
 ``--load`` draws the schedule stored in a checkpoint (the one ``pretrain_gpt.py --load`` would resume, or
 ``--iteration``'s) against the run's iterations, solid up to the checkpoint and dashed after it, with the
@@ -28,37 +31,38 @@ checkpoint marked. Its global batch size, sequence length, peak and min LR becom
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-import re
 import shlex
 import sys
+import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from megatron_ext.config import SECTIONS, ConfigError, flag_of, parse_args, parse_count
 from megatron_ext.data.data_list import check_image_path
 from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
     INFINITE_STYLES,
-    LR_DECAY_STYLES,
-    STYLE_ALIASES,
-    WD_INCR_STYLES,
-    WSD_DECAY_STYLES,
     ScheduleConfig,
     ScheduleError,
+    convert_length,
     lr_at,
-    resolve_lengths,
+    run_length_samples,
+    schedule_config,
     to_samples,
 )
 
-LENGTHS = {
-    "lr_warmup": "warmup length",
-    "lr_decay": "position where LR reaches --min-lr (default: the train length)",
-    "lr_wsd_decay": "WSD: final anneal length",
-    "lr_infinite_decay": "infinite-*: decay length from --lr to --constant-lr",
-    "lr_cooldown": "infinite-*: final cooldown length to --min-lr",
-    "train": "run length",
+# The flags of pretrain_gpt.py the schedule reads (None: the whole section). Any other flag of it is accepted and
+# has no effect, so a run's command line can be pasted as it is.
+SCHEDULE_FLAGS: dict[str, tuple[str, ...] | None] = {
+    "training": ("global_batch_size", "train_iters", "train_samples"),
+    "model": ("seq_length",),
+    "optimizer": ("lr", "min_lr", "weight_decay"),
+    "schedule": None,
 }
+RESUME_ONLY = ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler", "restart_lr_schedule")
 PHASE_COLORS = {"warmup": "tab:orange", "decay": "tab:blue", "stable": "tab:green", "cooldown": "tab:red"}
 PHASE_COLORS["final"] = "tab:gray"
 MAX_POINTS = 2000
@@ -71,38 +75,43 @@ class _Parser(argparse.ArgumentParser):
         raise ScheduleError(f"{message} (see --help)")
 
 
-def parse_count(text: str) -> float:
-    """300B, 2T, 5e9, 1_000 -> a count (K/M/B/T suffixes are powers of 1000)."""
-    m = re.fullmatch(r"\s*([0-9][0-9_]*\.?[0-9]*(?:e[+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a count such as 2000, 5e9, 300B or 2T")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
-    return float(m.group(1).replace("_", "")) * scale
+def _schedule_flags_help() -> str:
+    """The schedule flags with their help, from the configuration schema (``--help``'s epilog)."""
+    rows = [(flag_of(f), f.metadata["help"]) for f in _schedule_fields()]
+    rows.append(
+        (
+            "--train-tokens N",
+            "Run length in tokens, as TRAIN_TOKENS in train_alcf.sh: --train-iters "
+            "ceil(N / (--seq-length x --global-batch-size)).",
+        )
+    )
+    lines = ["schedule flags (pretrain_gpt.py's own; lengths also take counts such as 5e9, 300B or 2T):"]
+    for flag, text in rows:
+        lines.append(
+            textwrap.fill(text, 118, initial_indent=f"  {flag:<28}", subsequent_indent=" " * 30, break_on_hyphens=False)
+        )
+    return "\n".join(lines)
+
+
+def _schedule_fields() -> list[dataclasses.Field]:
+    """The schema fields in SCHEDULE_FLAGS, in schema order."""
+    return [
+        f
+        for section, names in SCHEDULE_FLAGS.items()
+        for f in dataclasses.fields(SECTIONS[section])
+        if (f.name not in RESUME_ONLY if names is None else f.name in names)
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The schedule's own Megatron-style flags, plus the tool's output options."""
-    p = _Parser(prog="plot_lr.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    styles = sorted(set(LR_DECAY_STYLES) | set(STYLE_ALIASES))
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4, or --load's)")
-    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end (default 0, or --load's)")
-    p.add_argument("--lr-warmup-init", type=float, default=0.0, help="learning rate at the start of warmup")
-    p.add_argument("--lr-decay-style", default="cosine", choices=styles, metavar="STYLE", help=", ".join(styles))
-    p.add_argument("--lr-wsd-decay-style", default="exponential", choices=WSD_DECAY_STYLES)
-    p.add_argument("--constant-lr", type=float, default=None, help="infinite-*: the LR held after the decay")
-    p.add_argument("--lr-timescale", type=float, default=10.0, help="infinite-inv-sqrt: steepness alpha")
-    for stem, what in LENGTHS.items():
-        g = p.add_mutually_exclusive_group()
-        for unit in ("iters", "samples", "tokens"):
-            flag = f"--{stem.replace('_', '-')}-{unit}"
-            g.add_argument(flag, type=parse_count, default=None, metavar="N", help=f"{what}, in {unit}")
-    p.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay end")
-    p.add_argument("--global-batch-size", type=int, default=None, help="samples per iteration (default: --load's)")
-    p.add_argument("--seq-length", type=int, default=None, help="tokens per sample (default 256, or --load's)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="constant weight decay")
-    p.add_argument("--start-weight-decay", type=float, default=None)
-    p.add_argument("--end-weight-decay", type=float, default=None)
-    p.add_argument("--weight-decay-incr-style", default="constant", choices=WD_INCR_STYLES)
+    """The tool's own options; the schedule's flags are pretrain_gpt.py's (see `run_from_flags`)."""
+    p = _Parser(
+        prog="plot_lr.py",
+        description=__doc__,
+        epilog=_schedule_flags_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # an abbreviation must not take a schedule flag of pretrain_gpt.py for the tool's
+    )
     p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
     p.add_argument("--title", default=None)
     p.add_argument("--compare", nargs="+", default=None, metavar='"FLAGS"', help="overlay these flag sets")
@@ -163,50 +172,35 @@ class CheckpointMark:
     phase: str
 
 
-def config_from_args(ns: argparse.Namespace, label: str = "") -> Run:
-    """Megatron-style flags -> one-unit ScheduleConfig (tokens if any length is in tokens) and the run length."""
-    lengths: dict[str, tuple[float, str] | None] = {}
-    for stem in LENGTHS:
-        given = [(getattr(ns, f"{stem}_{u}"), u) for u in ("iters", "samples", "tokens")]
-        lengths[stem] = next(((v, u) for v, u in given if v is not None), None)
-    gbs, seq = ns.global_batch_size, 256 if ns.seq_length is None else ns.seq_length
+def _train_tokens(flags: list[str]) -> tuple[int | None, list[str]]:
+    """``--train-tokens N`` (the tool's own length flag, as TRAIN_TOKENS) and the other flags."""
+    p = _Parser(prog="plot_lr.py", add_help=False, allow_abbrev=False)
+    p.add_argument("--train-tokens", type=parse_count, default=None)
+    ns, rest = p.parse_known_args(flags)
+    return ns.train_tokens, rest
+
+
+def run_from_flags(flags: list[str], label: str = "") -> Run:
+    """pretrain_gpt.py's flags -> the schedule that run would follow (built as training builds it) and its
+    length; raises ConfigError naming the flag for a mistake."""
+    train_tokens, flags = _train_tokens(flags)
+    cfg = parse_args(flags, prog="plot_lr.py")
+    t, seq = cfg.training, cfg.model.seq_length
+    gbs = t.global_batch_size
     if gbs is None:
-        raise ScheduleError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
-    if gbs <= 0 or seq <= 0:
-        raise ScheduleError("--global-batch-size and --seq-length must be positive")
-    unit, conv = resolve_lengths(lengths, global_batch_size=gbs, seq_length=seq)
-    train = conv.pop("train", None)
-    decay = conv.pop("lr_decay", train)
-    if train is None:
+        raise ConfigError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
+    if train_tokens is not None:
+        if t.train_iters is not None or t.train_samples is not None:
+            raise ConfigError("give one of --train-tokens, --train-iters and --train-samples")
+        t.train_iters = math.ceil(train_tokens / (seq * gbs))
+    if t.train_iters is None and t.train_samples is None:
+        decay = cfg.schedule.length("lr_decay")
         if decay is None:
-            raise ScheduleError("give the run length: --train-iters, --train-samples or --train-tokens")
-        train = decay
-    if ns.lr_warmup_fraction is not None:
-        if lengths["lr_warmup"] is not None:
-            raise ScheduleError("give --lr-warmup-fraction or --lr-warmup-iters/-samples/-tokens, not both")
-        conv["lr_warmup"] = ns.lr_warmup_fraction * decay
-    wd_style = ns.weight_decay_incr_style
-    start_wd = ns.weight_decay if ns.start_weight_decay is None or wd_style == "constant" else ns.start_weight_decay
-    end_wd = ns.weight_decay if ns.end_weight_decay is None or wd_style == "constant" else ns.end_weight_decay
-    cfg = ScheduleConfig(
-        lr=ns.lr,
-        min_lr=ns.min_lr,
-        lr_warmup_init=ns.lr_warmup_init,
-        lr_decay_style=ns.lr_decay_style,
-        unit=unit,
-        seq_length=seq,
-        lr_decay=decay,
-        lr_wsd_decay_style=ns.lr_wsd_decay_style,
-        constant_lr=ns.constant_lr,
-        lr_timescale=ns.lr_timescale,
-        start_weight_decay=start_wd,
-        end_weight_decay=end_wd,
-        weight_decay_incr_style=wd_style,
-        wd_incr=train,
-        **conv,
-    )
-    iters = math.ceil(to_samples(cfg, train) / gbs - 1e-9)
-    return Run(label or cfg.lr_decay_style, cfg, gbs, seq, max(iters, 1))
+            raise ConfigError("give the run length: --train-iters, --train-samples or --train-tokens")
+        t.train_samples = math.ceil(convert_length(*decay, "samples", global_batch_size=gbs, seq_length=seq))
+    sched = schedule_config(cfg)
+    iters = math.ceil(run_length_samples(cfg) / gbs)
+    return Run(label or sched.lr_decay_style, sched, gbs, seq, max(iters, 1))
 
 
 def split_compare(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -363,24 +357,23 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
     plt.close(fig)
 
 
-def _build_runs(
-    parser: argparse.ArgumentParser, argv: list[str]
-) -> tuple[argparse.Namespace, list[Run], CheckpointMark | None]:
-    """The namespace, the runs to draw (the checkpoint's first with --load) and the checkpoint mark or None."""
+def _build_runs(argv: list[str]) -> tuple[argparse.Namespace, list[Run], CheckpointMark | None]:
+    """The tool's options, the runs to draw (the checkpoint's first with --load) and the checkpoint mark or None."""
     base, compares = split_compare(argv)
-    ns = parser.parse_args(base)
+    ns, flags = build_parser().parse_known_args(base)
     if ns.load is None:
         if ns.iteration is not None:
             raise ScheduleError("--iteration needs --load")
-        runs = [config_from_args(parser.parse_args(base + shlex.split(c)), label=c.strip()) for c in compares]
-        return ns, runs or [config_from_args(ns)], None
+        runs = [run_from_flags(flags + shlex.split(c), label=c.strip()) for c in compares]
+        return ns, runs or [run_from_flags(flags)], None
     ckpt, mark = load_checkpoint_run(Path(ns.load), ns.iteration)
     # The checkpoint's run is what a planned schedule continues: its sizes and LRs are the defaults.
-    sizes = {"global_batch_size": ckpt.global_batch_size, "seq_length": ckpt.seq_length}
-    parser.set_defaults(**sizes, lr=ckpt.config.lr, min_lr=ckpt.config.min_lr)
+    saved = ckpt.config
+    defaults = ["--global-batch-size", str(ckpt.global_batch_size), "--seq-length", str(ckpt.seq_length)]
+    defaults += ["--lr", repr(saved.lr), "--min-lr", repr(saved.min_lr)]
     runs = [ckpt]
     for c in compares:
-        run = config_from_args(parser.parse_args(base + shlex.split(c)), label=c.strip())
+        run = run_from_flags(defaults + flags + shlex.split(c), label=c.strip())
         if ns.compare_as == "restart":
             run = replace(run, start=mark.iteration, start_tokens=mark.tokens)
         else:
@@ -392,13 +385,14 @@ def _build_runs(
 def main(argv: list[str] | None = None) -> int:
     """Parse, print each schedule's description, draw the PNG; 2 on a user mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
-        ns, runs, mark = _build_runs(parser, argv)
+        ns, runs, mark = _build_runs(argv)
         check_image_path("--out", ns.out)
-    except (ScheduleError, argparse.ArgumentTypeError, ValueError) as e:
+    except ValueError as e:  # ScheduleError, ConfigError and the tool's own
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # pretrain_gpt.py's parser: its one error line is printed, or --help
+        return e.code if isinstance(e.code, int) else 2
     for run in runs:
         span = f" (iterations {run.start:g} -> {run.end:g})" if run.start else ""
         print(f"[{run.label}] {run.train_iters} iterations of {run.global_batch_size} x {run.seq_length} tokens{span}")

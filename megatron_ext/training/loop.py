@@ -49,14 +49,8 @@ from megatron_ext.data.tokenizers import Tokenizer, TokenizerError, build_tokeni
 from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
 from megatron_ext.training import checkpointing
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
-from megatron_ext.training.optim import (
-    build_optimizer,
-    build_scheduler,
-    run_length_samples,
-    schedule_config,
-    wrap_model,
-)
-from megatron_ext.training.schedules import ParamScheduler
+from megatron_ext.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_ext.training.schedules import ParamScheduler, run_length_samples, schedule_config
 
 
 class TrainingStopped(RuntimeError):

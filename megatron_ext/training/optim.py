@@ -1,8 +1,6 @@
-"""Model wrapping (fp16/bf16, DDP), optimizer and learning-rate schedule, all from megatron-core."""
+"""Model wrapping (fp16/bf16, DDP), optimizer (megatron-core's) and the learning-rate scheduler built on it."""
 
 from __future__ import annotations
-
-import re
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -11,8 +9,8 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext.config import LR_LENGTHS, Config, ConfigError
-from megatron_ext.training.schedules import ParamScheduler, ScheduleConfig, ScheduleError, resolve_lengths
+from megatron_ext.config import Config
+from megatron_ext.training.schedules import ParamScheduler, schedule_config
 
 
 def wrap_model(cfg: Config, config: TransformerConfig, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
@@ -107,87 +105,6 @@ def _saved_as_built(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
     return state_dict
 
 
-def run_length_samples(cfg: Config) -> int:
-    """Total training samples (the unit the schedule counts in, so it survives batch-size changes)."""
-    t = cfg.training
-    if t.train_samples is not None:
-        return t.train_samples
-    assert t.train_iters is not None and t.global_batch_size is not None
-    return t.train_iters * t.global_batch_size
-
-
-def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
-    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples).
-
-    `start_samples`: where the schedule starts in the run (--restart-lr-schedule at a checkpoint); by default
-    the decay then ends with the run rather than a whole run length later.
-    """
-    o, sc, t = cfg.optimizer, cfg.schedule, cfg.training
-    assert t.global_batch_size is not None
-    lengths = {name: sc.length(name) for name in LR_LENGTHS}
-    if lengths["lr_decay"] is None:
-        lengths["lr_decay"] = (max(run_length_samples(cfg) - start_samples, 1), "samples")
-    unit, values = resolve_lengths(lengths, global_batch_size=t.global_batch_size, seq_length=cfg.model.seq_length)
-    if sc.lr_warmup_fraction is not None:
-        values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
-    wd = o.weight_decay
-    try:
-        return ScheduleConfig(
-            lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_init=sc.lr_warmup_init,
-            lr_decay_style=sc.lr_decay_style,
-            unit=unit,
-            seq_length=cfg.model.seq_length,
-            lr_warmup=values.get("lr_warmup", 0),
-            lr_decay=values["lr_decay"],
-            lr_wsd_decay_style=sc.lr_wsd_decay_style,
-            lr_wsd_decay=values.get("lr_wsd_decay", 0),
-            constant_lr=sc.constant_lr,
-            lr_infinite_decay=values.get("lr_infinite_decay", 0),
-            lr_cooldown=values.get("lr_cooldown", 0),
-            lr_timescale=sc.lr_timescale,
-            start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
-            end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
-            weight_decay_incr_style=sc.weight_decay_incr_style,
-        )
-    except ScheduleError as e:
-        raise ConfigError(
-            f"the LR schedule: {_schedule_message(str(e), cfg, unit, values['lr_decay'], start_samples)}"
-        ) from e
-
-
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler:
     """LR and weight-decay schedule, advanced by samples each step (lengths in tokens are converted)."""
     return ParamScheduler(optimizer, schedule_config(cfg))
-
-
-_VALUE_FIELDS = "lr|min_lr|constant_lr|lr_warmup_init|lr_timescale|start_weight_decay|end_weight_decay"
-_SCHEDULE_FLAGS = re.compile(rf"\b({_VALUE_FIELDS})\b")
-_LENGTH_NAMES = re.compile(r"\b(" + "|".join(LR_LENGTHS) + r")\b")
-
-
-def _schedule_message(message: str, cfg: Config, unit: str, decay: float, start_samples: int) -> str:
-    """A ScheduleError in the command line's terms: its value fields as flags and, when it speaks of lengths
-    (lr_decay, lr_warmup, ... in one unit, samples or tokens, whatever unit the flags gave), that unit and the
-    length flags behind them."""
-    message = _SCHEDULE_FLAGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
-    named = dict.fromkeys(_LENGTH_NAMES.findall(message))
-    if not named:
-        return message
-    sc, gbs, seq = cfg.schedule, cfg.training.global_batch_size, cfg.model.seq_length
-    lengths = {name: sc.length(name) for name in LR_LENGTHS}
-    given = [f"--{n.replace('_', '-')}-{length[1]} {length[0]}" for n, length in lengths.items() if length]
-    if lengths["lr_decay"] is None:
-        end = "the end of the run"
-        if start_samples:
-            end = f"the rest of the run ({run_length_samples(cfg)} samples) after the restart at sample {start_samples}"
-        given.append(f"lr_decay {decay:.15g}: {end}")
-    if sc.lr_warmup_fraction is not None:
-        given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
-    missing = [n for n in named if lengths[n] is None and n not in ("lr_decay", "lr_warmup")]
-    given += [f"no --{n.replace('_', '-')}-iters/-samples/-tokens" for n in missing]
-    counted = f"samples, an iteration being --global-batch-size {gbs}"
-    if unit == "tokens":
-        counted = f"tokens, a sample being --seq-length {seq} and an iteration {gbs} samples"
-    return f"{message} (counted in {counted}; " + ", ".join(given) + ")"

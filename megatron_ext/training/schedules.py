@@ -15,9 +15,12 @@ tokens (``increment * seq_length`` per step, so a later ``--seq-length`` change 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
+
+from megatron_ext.config import LR_LENGTHS, Config, ConfigError
 
 LR_DECAY_STYLES = (
     "constant",
@@ -563,3 +566,88 @@ class ParamScheduler:
         if cfg.seq_length:
             where += f" (tokens {_count(to_samples(cfg, self.position) * cfg.seq_length)})"
         return f"{cfg.describe()}\n{where}: {self.phase().name}, lr {lr_at(cfg, self.position):.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schedule a command line gives
+
+
+def run_length_samples(cfg: Config) -> int:
+    """Total training samples (the unit the schedule counts in, so it survives batch-size changes)."""
+    t = cfg.training
+    if t.train_samples is not None:
+        return t.train_samples
+    assert t.train_iters is not None and t.global_batch_size is not None
+    return t.train_iters * t.global_batch_size
+
+
+def schedule_config(cfg: Config, start_samples: int = 0) -> ScheduleConfig:
+    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples).
+
+    `start_samples`: where the schedule starts in the run (--restart-lr-schedule at a checkpoint); by default
+    the decay then ends with the run rather than a whole run length later.
+    """
+    o, sc, t = cfg.optimizer, cfg.schedule, cfg.training
+    assert t.global_batch_size is not None
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    if lengths["lr_decay"] is None:
+        lengths["lr_decay"] = (max(run_length_samples(cfg) - start_samples, 1), "samples")
+    unit, values = resolve_lengths(lengths, global_batch_size=t.global_batch_size, seq_length=cfg.model.seq_length)
+    if sc.lr_warmup_fraction is not None:
+        values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
+    wd = o.weight_decay
+    try:
+        return ScheduleConfig(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_init=sc.lr_warmup_init,
+            lr_decay_style=sc.lr_decay_style,
+            unit=unit,
+            seq_length=cfg.model.seq_length,
+            lr_warmup=values.get("lr_warmup", 0),
+            lr_decay=values["lr_decay"],
+            lr_wsd_decay_style=sc.lr_wsd_decay_style,
+            lr_wsd_decay=values.get("lr_wsd_decay", 0),
+            constant_lr=sc.constant_lr,
+            lr_infinite_decay=values.get("lr_infinite_decay", 0),
+            lr_cooldown=values.get("lr_cooldown", 0),
+            lr_timescale=sc.lr_timescale,
+            start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
+            end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
+            weight_decay_incr_style=sc.weight_decay_incr_style,
+        )
+    except ScheduleError as e:
+        raise ConfigError(
+            f"the LR schedule: {_schedule_message(str(e), cfg, unit, values['lr_decay'], start_samples)}"
+        ) from e
+
+
+_VALUE_FIELDS = "lr|min_lr|constant_lr|lr_warmup_init|lr_timescale|start_weight_decay|end_weight_decay"
+_SCHEDULE_FLAGS = re.compile(rf"\b({_VALUE_FIELDS})\b")
+_LENGTH_NAMES = re.compile(r"\b(" + "|".join(LR_LENGTHS) + r")\b")
+
+
+def _schedule_message(message: str, cfg: Config, unit: str, decay: float, start_samples: int) -> str:
+    """A ScheduleError in the command line's terms: its value fields as flags and, when it speaks of lengths
+    (lr_decay, lr_warmup, ... in one unit, samples or tokens, whatever unit the flags gave), that unit and the
+    length flags behind them."""
+    message = _SCHEDULE_FLAGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    named = dict.fromkeys(_LENGTH_NAMES.findall(message))
+    if not named:
+        return message
+    sc, gbs, seq = cfg.schedule, cfg.training.global_batch_size, cfg.model.seq_length
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    given = [f"--{n.replace('_', '-')}-{length[1]} {length[0]}" for n, length in lengths.items() if length]
+    if lengths["lr_decay"] is None:
+        end = "the end of the run"
+        if start_samples:
+            end = f"the rest of the run ({run_length_samples(cfg)} samples) after the restart at sample {start_samples}"
+        given.append(f"lr_decay {decay:.15g}: {end}")
+    if sc.lr_warmup_fraction is not None:
+        given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
+    missing = [n for n in named if lengths[n] is None and n not in ("lr_decay", "lr_warmup")]
+    given += [f"no --{n.replace('_', '-')}-iters/-samples/-tokens" for n in missing]
+    counted = f"samples, an iteration being --global-batch-size {gbs}"
+    if unit == "tokens":
+        counted = f"tokens, a sample being --seq-length {seq} and an iteration {gbs} samples"
+    return f"{message} (counted in {counted}; " + ", ".join(given) + ")"
