@@ -6,6 +6,9 @@
   into a concatenation with the empty pass-through part).
 - swiglu: `models.gpt.SwiGLU` against megatron-core's unfused GLU (which adds the zero `glu_linear_offset` and
   whose gradient halves autograd concatenates).
+- wgrad: a linear's weight gradient summed into megatron-core DDP's gradient buffer inside the matmul
+  (`models.gpt._LinearIntoMainGrad`) against autograd's fresh gradient that DDP's hook then adds into the buffer
+  (megatron-core without its CUDA-only gradient-accumulation fusion); the MLP's first linear's shape.
 
 The shapes are `bench/train_throughput.py`'s default model (tokens 256 x 8, hidden 512, 8 heads of 64, SwiGLU ffn
 1408). Pairs alternate (megatron-core, ours); the median time of each and the median of the per-pair ratios
@@ -106,6 +109,31 @@ def swiglu_pair(tokens: tuple[int, int], ffn: int) -> tuple[Step, Step]:
     return fwd_bwd(megatron_glu, y, grad), fwd_bwd(_SwiGLUFunction.apply, y, grad)
 
 
+def wgrad_pair(tokens: tuple[int, int], hidden: int, out: int) -> tuple[Step, Step]:
+    from megatron_ext.models.gpt import _LinearIntoMainGrad
+
+    def ddp_weight() -> torch.nn.Parameter:
+        """A weight with a gradient-buffer slice and megatron-core DDP's backward hook."""
+        weight = torch.nn.Parameter(0.02 * torch.randn(out, hidden, generator=torch.Generator().manual_seed(0)))
+        weight.main_grad = torch.zeros_like(weight)  # type: ignore[attr-defined]
+        weight.grad_added_to_main_grad = False  # type: ignore[attr-defined]
+
+        def hook(p: torch.Tensor) -> None:  # DistributedDataParallel._make_backward_post_hook, one rank
+            if not p.grad_added_to_main_grad:  # type: ignore[attr-defined]
+                p.main_grad.add_(p.grad)  # type: ignore[attr-defined]
+            p.grad = None
+
+        weight.register_post_accumulate_grad_hook(hook)
+        return weight
+
+    plain, fused = ddp_weight(), ddp_weight()
+    x, grad = torch.randn(*tokens, hidden), torch.randn(*tokens, out)
+    return (
+        fwd_bwd(lambda t: F.linear(t, plain), x, grad),
+        fwd_bwd(lambda t: _LinearIntoMainGrad.apply(t, fused, None), x, grad),
+    )
+
+
 def measure(name: str, megatron: Step, ours: Step, pairs: int) -> None:
     assert torch.allclose(megatron(), ours(), rtol=1e-5, atol=1e-6), f"{name}: the gradients differ"
     for _ in range(3):
@@ -136,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     measure("linear", *linear_pair(tokens, 512, 1536), a.pairs)
     measure("rope", *rope_pair(tokens, heads=8, groups=2, dim=64), a.pairs)
     measure("swiglu", *swiglu_pair(tokens, ffn=1408), a.pairs)
+    measure("wgrad", *wgrad_pair(tokens, 512, 2 * 1408), a.pairs)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
