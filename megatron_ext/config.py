@@ -17,6 +17,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +46,19 @@ def opt(
 
 def parse_count(text: str) -> int:
     """2000, 5e9, 300B, 2T, 1_000 -> a whole count (K/M/B/T are powers of 1000): the type of every length flag
-    (`--train-iters`, `--lr-warmup-tokens`, ...), so token budgets can be written as people say them. A minus
-    sign is kept, for the range checks to name the flag."""
-    m = re.fullmatch(r"(-?[0-9][0-9_]*\.?[0-9]*(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)", text.strip())
-    if m is not None:
-        value = float(m.group(1).replace("_", "")) * _COUNT_SUFFIXES[m.group(2).lower()]
-        if value == int(value):
+    (`--train-iters`, `--lr-warmup-tokens`, ...), so token budgets can be written as people say them. Exact
+    (decimal, not float); an exponent with a suffix (1e3K) is refused as a likely typo. A minus sign is kept, for
+    the range checks to name the flag."""
+    m = re.fullmatch(r"(-?[0-9][0-9_]*(?:\.[0-9]*)?)(?:[eE]([+-]?[0-9]{1,3}))?\s*([kKmMbBgGtT]?)", text.strip())
+    if m is not None and not (m.group(2) and m.group(3)):
+        value = Decimal(m.group(1).replace("_", "")).scaleb(int(m.group(2) or 0)) * _COUNT_SUFFIXES[m.group(3).lower()]
+        if value == value.to_integral_value() and abs(value) <= MAX_COUNT:
             return int(value)
     raise argparse.ArgumentTypeError(f"{text!r}: expected a whole count such as 2000, 5e9, 300B or 2T")
 
 
 LENGTH_UNITS = ("_iters", "_samples", "_tokens")
+MAX_COUNT = 10**18  # far beyond any run: 1e400 is a typo, not a length
 _COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 

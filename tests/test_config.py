@@ -130,7 +130,8 @@ def test_lengths_take_counts() -> None:
         2 * 10**9,
     )
     assert parse_count("1_000") == 1000 and parse_count(" 22e9 ") == 22 * 10**9 and parse_count("1.5T") == 15 * 10**11
-    for bad in ("1.5", "B", "2X", "1e-3", ""):
+    assert parse_count("9007199254740993") == 9007199254740993 and parse_count("1e18") == 10**18  # exact
+    for bad in ("1.5", "B", "2X", "1e-3", "", "1e400", "1e3k", "1.0000000000000001", "nan", "0x10"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a whole count"):
             parse_count(bad)
     assert parse_args(["--eval-iters", "10"]).logging.eval_iters == 10  # not a length: a plain integer

@@ -380,6 +380,7 @@ def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
         (["--train-iters", "10"], "error: give --global-batch-size"),
         (["--global-batch-size", "8"], "error: give the run length"),
         (["--global-batch-size", "8", "--train-iters", "9", "--train-tokens", "1M"], "error: give one of --train-tok"),
+        (["--global-batch-size", "8", "--train-tokens", "0"], "error: --train-tokens must be positive, not 0"),
         (["--global-batch-size", "8", "--train-iters", "9", "--min-lr", "1"], "error: --min-lr 1.0 must be in"),
         (["--global-batch-size", "8", "--train-iters", "9", "--lr-decay-stlye", "WSD"], "error: unrecognized arg"),
     ):
@@ -441,4 +442,6 @@ def test_plot_lr_from_checkpoint(tmp_path, capsys):
         assert plot_tool().main([*bad, "--out", str(tmp_path / "bad.png")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --load ") and err.count("\n") == 1, err
+    assert plot_tool().main(["--load", str(ckpt), "--lr-decay-stlye", "WSD", "--out", str(tmp_path / "bad.png")]) == 2
+    assert capsys.readouterr().err.startswith("error: unrecognized arguments: --lr-decay-stlye WSD")
     assert not (tmp_path / "bad.png").exists()

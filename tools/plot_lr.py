@@ -72,12 +72,15 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage, so every mistake is one ``error:`` line."""
 
     def error(self, message: str) -> NoReturn:
-        raise ScheduleError(f"{message} (see --help)")
+        raise ScheduleError(f"{message} (see plot_lr.py --help)")
 
 
 def _schedule_flags_help() -> str:
     """The schedule flags with their help, from the configuration schema (``--help``'s epilog)."""
-    rows = [(flag_of(f), f.metadata["help"]) for f in _schedule_fields()]
+    rows = [
+        (flag_of(f), f.metadata["help"] + ("" if f.default is None else f" Default: {f.default}."))
+        for f in _schedule_fields()
+    ]
     rows.append(
         (
             "--train-tokens N",
@@ -85,10 +88,14 @@ def _schedule_flags_help() -> str:
             "ceil(N / (--seq-length x --global-batch-size)).",
         )
     )
-    lines = ["schedule flags (pretrain_gpt.py's own; lengths also take counts such as 5e9, 300B or 2T):"]
+    lines = [
+        "schedule flags (pretrain_gpt.py's own; lengths also take counts such as 5e9, 300B or 2T;",
+        "--global-batch-size is needed unless --load gives it, and --load's batch, sequence length and LRs become",
+        "the defaults of --compare):",
+    ]
     for flag, text in rows:
         lines.append(
-            textwrap.fill(text, 118, initial_indent=f"  {flag:<28}", subsequent_indent=" " * 30, break_on_hyphens=False)
+            textwrap.fill(text, 118, initial_indent=f"  {flag:<30}", subsequent_indent=" " * 32, break_on_hyphens=False)
         )
     return "\n".join(lines)
 
@@ -190,6 +197,8 @@ def run_from_flags(flags: list[str], label: str = "") -> Run:
     if gbs is None:
         raise ConfigError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
     if train_tokens is not None:
+        if train_tokens <= 0:
+            raise ConfigError(f"--train-tokens must be positive, not {train_tokens}")
         if t.train_iters is not None or t.train_samples is not None:
             raise ConfigError("give one of --train-tokens, --train-iters and --train-samples")
         t.train_iters = math.ceil(train_tokens / (seq * gbs))
@@ -372,6 +381,8 @@ def _build_runs(argv: list[str]) -> tuple[argparse.Namespace, list[Run], Checkpo
     defaults = ["--global-batch-size", str(ckpt.global_batch_size), "--seq-length", str(ckpt.seq_length)]
     defaults += ["--lr", repr(saved.lr), "--min-lr", repr(saved.min_lr)]
     runs = [ckpt]
+    if not compares:  # flags outside --compare only shape --compare schedules, but a typo is still an error
+        parse_args(_train_tokens(flags)[1], prog="plot_lr.py")
     for c in compares:
         run = run_from_flags(defaults + flags + shlex.split(c), label=c.strip())
         if ns.compare_as == "restart":
