@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_ext import config as schema
-from megatron_ext.config import Config, ConfigError
+from megatron_ext.config import Config, ConfigError, OneLineParser
 from megatron_ext.distributed import expand_hostlist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -941,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`--from-env [--launcher L] [--mpi-flavor F] [--mpi-exe E] [--emit FILE] -- [pretrain flags]`."""
     args = list(sys.argv[1:] if argv is None else argv)
     own, extra = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else ([], args)
-    p = argparse.ArgumentParser(prog="python -m megatron_ext.config --from-env")
+    p = OneLineParser(prog="python -m megatron_ext.config --from-env")
     p.add_argument("--launcher", default="auto", choices=("auto", *LAUNCHERS))
     p.add_argument("--mpi-flavor", default="mpich", choices=MPI_FLAVORS)
     p.add_argument("--mpi-exe", default="mpiexec")
@@ -1014,7 +1014,7 @@ def progress(run_dir: str | Path) -> tuple[int, int, int]:
 
 
 def _cli(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_ext.alcf_env", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m megatron_ext.alcf_env", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("docs", help="print the MODEL_ARCH and variable tables (markdown)")
     pr = sub.add_parser("progress", help="print `START LATEST TRAIN_ITERS` of a run folder (chained jobs)")

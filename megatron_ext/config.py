@@ -673,8 +673,9 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits with status 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage dump) and exits with status 2: every command line
+    of the project (pretrain_gpt.py, the tools, the ALCF front end) answers a bad flag this way."""
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -684,7 +685,7 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
     """Every field of the schema as a flag; the run's and the schedule's lengths (`--train-iters`,
     `--lr-warmup-tokens`, ...) also take counts such as 300B (`parse_count`). `prog` names the tool in error
     lines (tools that read a training command line)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog,
         description="Train a GPT on megatron-core. Flags follow Megatron-LM; Megatron-DeepSpeed aliases accepted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -120,6 +120,43 @@ def test_cli_mistakes_exit_2_with_one_line() -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
+TOOLS = [
+    *(f"tools/{t.name}" for t in sorted((ROOT / "tools").glob("*.py"))),
+    "megatron_ext.data.builtin_corpus",
+    "megatron_ext.alcf_env",
+]
+
+
+def test_every_command_line_answers_a_bad_flag_in_one_line() -> None:
+    """Each tool (and the ALCF front end), given an unknown flag: exit status 2 and one `error:` line."""
+    script = """
+import contextlib, io, runpy, sys
+for tool in sys.argv[1:]:
+    sys.argv = [tool, "--no-such-flag"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if tool.endswith(".py"):
+                sys.path.insert(0, tool.rsplit("/", 1)[0])  # as `python tools/x.py` does
+                runpy.run_path(tool, run_name="__main__")
+            else:
+                runpy.run_module(tool, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    print(f"{tool}\t{code}\t{err.getvalue()!r}")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TOOLS], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    rows = [line.split("\t") for line in proc.stdout.splitlines() if line.count("\t") == 2]
+    assert [r[0] for r in rows] == TOOLS, proc.stdout + proc.stderr[-3000:]
+    for tool, code, err in rows:
+        text = eval(err)  # the repr printed above
+        assert code == "2" and text.startswith("error: ") and text.count("\n") == 1, (tool, code, text)
+
+
 def test_lengths_take_counts() -> None:
     cfg = parse_args("--train-iters 2K --lr-warmup-tokens 1.5M --lr-decay-samples 3e4 --lr-wsd-decay-tokens 2B".split())
     s = cfg.schedule

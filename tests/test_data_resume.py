@@ -130,3 +130,7 @@ def test_build_data_cache_ahead_of_time(lists: dict[str, Path], tmp_path: Path) 
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}:1:") and proc.stderr.count("\n") == 1
     proc = subprocess.run([*tool, *args, "--start-offsets", '{"nocorpus": 5}'], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --start-offsets: unknown corpus nocorpus")
+    below_a_file = [*args[:-1], str(bad / "cache")]
+    proc = subprocess.run([*tool, *below_a_file], capture_output=True, text=True, timeout=120)
+    expected = f"error: --data-cache-path {bad / 'cache'}: {bad} is a file; expected a folder\n"
+    assert proc.returncode == 2 and proc.stderr == expected, proc.stderr

@@ -25,8 +25,15 @@ quiet_optional_dependency_warnings()
 
 from inspect_data import parse_token_count  # noqa: E402
 
+from megatron_ext.config import file_in_the_way  # noqa: E402
 from megatron_ext.data.blend import BlendSpec, CorpusBlend, split_fractions  # noqa: E402
-from megatron_ext.data.data_list import DataListError, parse_data_lists, parse_data_path, validate  # noqa: E402
+from megatron_ext.data.data_list import (  # noqa: E402
+    DataListError,
+    ToolArgumentParser,
+    parse_data_lists,
+    parse_data_path,
+    validate,
+)
 
 
 def _size(folder: Path) -> int:
@@ -46,8 +53,10 @@ def _check_args(args: argparse.Namespace, corpora: list[str]) -> tuple[int, dict
     if args.train_samples is not None and args.train_samples <= 0:
         raise DataListError(f"--train-samples {args.train_samples}: expected a positive number")
     samples = args.train_samples or -(-parse_token_count(args.train_tokens) // args.seq_length)
-    if args.data_cache_path and Path(args.data_cache_path).is_file():
-        raise DataListError(f"--data-cache-path {args.data_cache_path}: is a file; expected a folder")
+    blocker = file_in_the_way(args.data_cache_path)
+    if blocker is not None:
+        where = "is a file" if blocker == Path(args.data_cache_path) else f"{blocker} is a file"
+        raise DataListError(f"--data-cache-path {args.data_cache_path}: {where}; expected a folder")
     if not args.start_offsets:
         return samples, None
     try:
@@ -64,7 +73,7 @@ def _check_args(args: argparse.Namespace, corpora: list[str]) -> tuple[int, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-file-list", nargs="+", help="data list file(s): 'weight prefix [corpus]' lines")
     source.add_argument("--data-path", nargs="+", help="weight prefix pairs; corpus = parent folder name")
@@ -79,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="969,30,1")
     parser.add_argument("--data-cache-path", required=True)
     parser.add_argument("--start-offsets", help="JSON {corpus: samples consumed}, from consumed_per_corpus")
-    args = parser.parse_args(argv)
-
     try:
+        args = parser.parse_args(argv)
         entries = parse_data_lists(args.data_file_list) if args.data_file_list else parse_data_path(args.data_path)
         validate(entries)
         files = [(e.weight, e.prefix, e.corpus) for e in entries]

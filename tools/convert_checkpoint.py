@@ -24,22 +24,16 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere without installing the package
     sys.path.insert(0, str(ROOT))
 
+from megatron_ext.config import OneLineParser  # noqa: E402
 from megatron_ext.convert import ConvertError  # noqa: E402 - light import (no torch, no megatron-core)
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _print_mapping(rows: list, dry_run: bool, save: str) -> None:
@@ -161,12 +155,12 @@ def _common(p: argparse.ArgumentParser, load_help: str, save_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="tools/convert_checkpoint.py",
         description="Convert checkpoints between our Megatron layout and other formats.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     hf = sub.add_parser("to-hf", help="Our checkpoint -> Hugging Face Llama folder (Llama-like models only).")
     _common(hf, "Our checkpoint folder (with latest_checkpointed_iteration.txt) or an iter_* folder.", "New folder.")

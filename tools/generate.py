@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_ext.config import OneLineParser
 from megatron_ext.training import layout
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def load_model(ckpt: Path, device: str = "auto", tokenizer_model: str | None = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="tools/generate.py",
         description="Sample text from a checkpoint (model and tokenizer settings come from the checkpoint).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -40,7 +40,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere without installing the package
@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:  # run from anywhere without installing the packag
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from megatron_ext.config import OneLineParser  # noqa: E402
 from megatron_ext.convert import ConvertError, read_common  # noqa: E402
 from megatron_ext.convert.universal import common_step  # noqa: E402
 from megatron_ext.training import layout  # noqa: E402
@@ -76,13 +77,6 @@ _STORAGE_DTYPES = {
 }
 
 Shape = tuple[int, ...]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 @dataclass(frozen=True)
@@ -835,7 +829,7 @@ def _print_compare(a: Source, b: Source, p: Pairing, read: bool, progress: bool,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="tools/inspect_checkpoint.py",
         description="Show a checkpoint's counters, layout, config and per-tensor norms, or compare two checkpoints.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

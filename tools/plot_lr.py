@@ -38,9 +38,9 @@ import sys
 import textwrap
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from megatron_ext.config import SECTIONS, ConfigError, flag_of, parse_args, parse_count
+from megatron_ext.config import SECTIONS, ConfigError, OneLineParser, flag_of, parse_args, parse_count
 from megatron_ext.data.data_list import check_image_path
 from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
@@ -66,13 +66,6 @@ RESUME_ONLY = ("override_opt_param_scheduler", "use_checkpoint_opt_param_schedul
 PHASE_COLORS = {"warmup": "tab:orange", "decay": "tab:blue", "stable": "tab:green", "cooldown": "tab:red"}
 PHASE_COLORS["final"] = "tab:gray"
 MAX_POINTS = 2000
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so every mistake is one ``error:`` line."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ScheduleError(f"{message} (see plot_lr.py --help)")
 
 
 def _schedule_flags_help() -> str:
@@ -112,7 +105,7 @@ def _schedule_fields() -> list[dataclasses.Field]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The tool's own options; the schedule's flags are pretrain_gpt.py's (see `run_from_flags`)."""
-    p = _Parser(
+    p = OneLineParser(
         prog="plot_lr.py",
         description=__doc__,
         epilog=_schedule_flags_help(),
@@ -181,7 +174,7 @@ class CheckpointMark:
 
 def _train_tokens(flags: list[str]) -> tuple[int | None, list[str]]:
     """``--train-tokens N`` (the tool's own length flag, as TRAIN_TOKENS) and the other flags."""
-    p = _Parser(prog="plot_lr.py", add_help=False, allow_abbrev=False)
+    p = OneLineParser(prog="plot_lr.py", add_help=False, allow_abbrev=False)
     p.add_argument("--train-tokens", type=parse_count, default=None)
     ns, rest = p.parse_known_args(flags)
     return ns.train_tokens, rest
@@ -399,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns, runs, mark = _build_runs(argv)
         check_image_path("--out", ns.out)
-    except ValueError as e:  # ScheduleError, ConfigError and the tool's own
+    except ValueError as e:  # ScheduleError, ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # pretrain_gpt.py's parser: its one error line is printed, or --help
+    except SystemExit as e:  # a bad flag (its one error line is printed) or --help
         return e.code if isinstance(e.code, int) else 2
     for run in runs:
         span = f" (iterations {run.start:g} -> {run.end:g})" if run.start else ""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_ext.config import OneLineParser  # noqa: E402
 from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def _train_sentencepiece(spm: object, lines: Iterator[str], prefix: str, args: a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="jsonl files or folders of them")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--json-key", default="text", help="the json field holding the text")

@@ -33,7 +33,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from megatron_ext.config import file_in_the_way
+from megatron_ext.config import OneLineParser, file_in_the_way
 from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -434,7 +434,7 @@ def preprocess(
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``tools/preprocess_data.py`` flags (Megatron-LM's names where it has them)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="preprocess_data.py",
         description="Tokenize jsonl (.jsonl, .jsonl.gz, .jsonl.zst) into Megatron .bin/.idx datasets.",
     )
