@@ -399,7 +399,13 @@ def parse_count(name: str, raw: str) -> int:
 def _typed(name: str, flag: str, raw: str) -> str:
     """Checks `raw` against the schema field's type and choices, so a typo names the variable, not the flag."""
     _, f, kind = FIELDS[flag]
-    if kind in (int, float):
+    if schema.is_length(f):
+        try:
+            schema.parse_count(raw)
+        except argparse.ArgumentTypeError:
+            what = f.metadata["help"].rstrip(".").lower()
+            raise EnvError(f"{name}={raw!r} is not a count; expected {what} (e.g. 2000, 5e9 or 300B)") from None
+    elif kind in (int, float):
         try:
             kind(raw)
         except ValueError:

@@ -57,9 +57,13 @@ def parse_count(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r}: expected a whole count such as 2000, 5e9, 300B or 2T")
 
 
-LENGTH_UNITS = ("_iters", "_samples", "_tokens")
 MAX_COUNT = 10**18  # far beyond any run: 1e400 is a typo, not a length
 _COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def is_length(f: dataclasses.Field) -> bool:
+    """A length of the run or of the schedule (`train_iters`, `lr_warmup_tokens`, ...): a flag that takes counts."""
+    return f.name.startswith(("train_", "lr_")) and f.name.endswith(("_iters", "_samples", "_tokens"))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -705,7 +709,7 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             nargs = f.metadata.get("nargs") or ("+" if is_list else None)
-            if kind is int and f.name.startswith(("train_", "lr_")) and f.name.endswith(LENGTH_UNITS):
+            if is_length(f):
                 kind = parse_count
             group.add_argument(
                 *names,

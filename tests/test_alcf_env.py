@@ -94,6 +94,7 @@ def test_variables_map_to_schema_settings(tmp_path: Path) -> None:
         "LR_WARMUP_FRAC": "0.01", "LR": "0.001", "MIN_LR": "0.0001", "LR_DECAY_STYLE": "WSD", "SEED": "7",
         "USE_ACTIVATION_CHECKPOINTING": "1", "OVERRIDE_CKPT_OPT_PARAM": "1", "NO_TENSORBOARD": "1",
         "NLAYERS": "4", "SEQ": "256", "EVAL_INTERVAL": "9", "EVAL_ITERS": "3", "SAVE_INTERVAL": "5",
+        "LR_DECAY_ITERS": "1.5K",
     }  # fmt: skip
     plan = _plan(tmp_path, env)
     cfg = plan.config
@@ -101,6 +102,7 @@ def test_variables_map_to_schema_settings(tmp_path: Path) -> None:
     assert cfg.parallel.sequence_parallel and cfg.parallel.use_distributed_optimizer
     assert cfg.precision.bf16 and cfg.optimizer.optimizer == "sgd" and cfg.training.seed == 7
     assert cfg.schedule.lr_warmup_fraction == 0.01 and cfg.schedule.lr_decay_style == "WSD"
+    assert cfg.schedule.lr_decay_iters == 1500  # lengths take counts, as their flags do
     assert cfg.optimizer.lr == 0.001 and cfg.optimizer.min_lr == 0.0001
     assert cfg.training.recompute_activations and cfg.schedule.override_opt_param_scheduler
     assert cfg.logging.tensorboard_dir is None and cfg.model.num_layers == 4 and cfg.model.seq_length == 256
@@ -182,6 +184,7 @@ ERRORS = [
     ({"OPT": "lamb"}, "OPT='lamb' is not supported; expected adamw"),
     ({"DTYPE": "fp8"}, "DTYPE='fp8' is not a precision; expected bf16, fp16, fp32 or auto"),
     ({"MICRO_BATCH": "two"}, "MICRO_BATCH='two' is not an integer"),
+    ({"LR_DECAY_ITERS": "2.5"}, "LR_DECAY_ITERS='2.5' is not a count; expected where the lr reaches --min-lr"),
     ({"GRAD_ACC_STEPS": "0"}, "GRAD_ACC_STEPS=0 is out of range; expected a whole number >= 1"),
     ({"NGPU_PER_HOST": "0"}, "NGPU_PER_HOST=0 is out of range"),
     ({"TOKENIZER_TYPE": "SentencePieceTokenizer"},
