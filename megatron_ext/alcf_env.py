@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import shlex
@@ -730,7 +729,7 @@ def resolve(
             raise EnvError(f"TRAIN_TOKENS={tokens_raw} and TRAIN_ITERS={iters_raw} are both set; expected one of them")
         if tokens_raw:
             tokens = parse_count("TRAIN_TOKENS", tokens_raw)
-            iters = math.ceil(tokens / (seq * gb))
+            iters = schema.iterations_for_tokens(tokens, seq, gb)
             plan.explain.append(
                 f"TRAIN_ITERS={iters} = ceil(TRAIN_TOKENS {tokens:,} / (SEQ {seq} x GLOBAL_BATCH {gb})) "
                 f"({iters * seq * gb:,} tokens)"

@@ -77,6 +77,22 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return existing if existing is not None and not existing.is_dir() else None
 
 
+def folder_problem(folder: str | Path) -> str | None:
+    """Why no folder can be made at `folder` (a typo like `--save log.txt`, or `log.txt/ckpt`), or None."""
+    blocker = file_in_the_way(folder)
+    if blocker is None:
+        return None
+    return (
+        "is a file; expected a folder" if blocker == Path(folder) else f"{blocker} is a file; expected a folder there"
+    )
+
+
+def iterations_for_tokens(tokens: int, seq_length: int, global_batch_size: int) -> int:
+    """A run length in tokens as whole iterations, rounded up (train_alcf.sh's TRAIN_TOKENS, plot_lr's
+    --train-tokens)."""
+    return -(-tokens // (seq_length * global_batch_size))
+
+
 def _check_positive(section: object, *names: str) -> None:
     """Each named field of `section`, where set (not None), is > 0."""
     for name in names:
@@ -532,11 +548,8 @@ class Config:
             "--data-cache-path": self.data.data_cache_path,
         }
         for flag, folder in folders.items():
-            blocker = None if folder is None else file_in_the_way(folder)  # log.txt/ckpt cannot be made either
-            if blocker is not None:
-                problem = f"{blocker} is a file; expected a folder there"
-                if blocker == Path(folder):  # type: ignore[arg-type]
-                    problem = "is a file; expected a folder"
+            problem = None if folder is None else folder_problem(folder)
+            if problem is not None:
                 raise ConfigError(f"{flag} {folder}: {problem}")
 
     def __post_init__(self) -> None:

@@ -132,5 +132,5 @@ def test_build_data_cache_ahead_of_time(lists: dict[str, Path], tmp_path: Path) 
     assert proc.returncode == 2 and proc.stderr.startswith("error: --start-offsets: unknown corpus nocorpus")
     below_a_file = [*args[:-1], str(bad / "cache")]
     proc = subprocess.run([*tool, *below_a_file], capture_output=True, text=True, timeout=120)
-    expected = f"error: --data-cache-path {bad / 'cache'}: {bad} is a file; expected a folder\n"
+    expected = f"error: --data-cache-path {bad / 'cache'}: {bad} is a file; expected a folder there\n"
     assert proc.returncode == 2 and proc.stderr == expected, proc.stderr

@@ -25,7 +25,7 @@ quiet_optional_dependency_warnings()
 
 from inspect_data import parse_token_count  # noqa: E402
 
-from megatron_ext.config import file_in_the_way  # noqa: E402
+from megatron_ext.config import folder_problem  # noqa: E402
 from megatron_ext.data.blend import BlendSpec, CorpusBlend, split_fractions  # noqa: E402
 from megatron_ext.data.data_list import (  # noqa: E402
     DataListError,
@@ -53,10 +53,9 @@ def _check_args(args: argparse.Namespace, corpora: list[str]) -> tuple[int, dict
     if args.train_samples is not None and args.train_samples <= 0:
         raise DataListError(f"--train-samples {args.train_samples}: expected a positive number")
     samples = args.train_samples or -(-parse_token_count(args.train_tokens) // args.seq_length)
-    blocker = file_in_the_way(args.data_cache_path)
-    if blocker is not None:
-        where = "is a file" if blocker == Path(args.data_cache_path) else f"{blocker} is a file"
-        raise DataListError(f"--data-cache-path {args.data_cache_path}: {where}; expected a folder")
+    problem = folder_problem(args.data_cache_path)
+    if problem is not None:
+        raise DataListError(f"--data-cache-path {args.data_cache_path}: {problem}")
     if not args.start_offsets:
         return samples, None
     try:

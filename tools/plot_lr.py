@@ -40,7 +40,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.config import SECTIONS, ConfigError, OneLineParser, flag_of, parse_args, parse_count
+from megatron_ext.config import (
+    SECTIONS,
+    ConfigError,
+    OneLineParser,
+    flag_of,
+    iterations_for_tokens,
+    parse_args,
+    parse_count,
+)
 from megatron_ext.data.data_list import check_image_path
 from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
@@ -194,7 +202,7 @@ def run_from_flags(flags: list[str], label: str = "") -> Run:
             raise ConfigError(f"--train-tokens must be positive, not {train_tokens}")
         if t.train_iters is not None or t.train_samples is not None:
             raise ConfigError("give one of --train-tokens, --train-iters and --train-samples")
-        t.train_iters = math.ceil(train_tokens / (seq * gbs))
+        t.train_iters = iterations_for_tokens(train_tokens, seq, gbs)
     if t.train_iters is None and t.train_samples is None:
         decay = cfg.schedule.length("lr_decay")
         if decay is None:
