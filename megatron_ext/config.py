@@ -698,6 +698,37 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """Every field of the dataclass `cls` (built with `opt`) as a flag in its own `--help` group, stored under
+    `section.field`: the schema's sections, and tools with a typed config of their own, render alike."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        dest = f"{section}.{f.name}"
+        names = [flag_of(f), *f.metadata.get("aliases", ())]
+        kind, is_list = base_type(hints[f.name])
+        help_text = f.metadata["help"]
+        if kind is bool:
+            group.add_argument(*names, dest=dest, action="store_true", default=f.default, help=help_text)
+            negative = "--no-" + flag_of(f)[2:]
+            group.add_argument(negative, dest=dest, action="store_false", help=argparse.SUPPRESS)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        nargs = f.metadata.get("nargs") or ("+" if is_list else None)
+        if is_length(f):
+            kind = parse_count
+        group.add_argument(
+            *names,
+            dest=dest,
+            type=kind,
+            default=default,
+            choices=f.metadata.get("choices"),
+            nargs=nargs,
+            metavar=f.metadata.get("metavar"),
+            help=help_text,
+        )
+
+
 def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
     """Every field of the schema as a flag; the run's and the schedule's lengths (`--train-iters`,
     `--lr-warmup-tokens`, ...) also take counts such as 300B (`parse_count`). `prog` names the tool in error
@@ -707,33 +738,8 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
         description="Train a GPT on megatron-core. Flags follow Megatron-LM; Megatron-DeepSpeed aliases accepted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
-        for f in dataclasses.fields(cls):
-            dest = f"{section}.{f.name}"
-            names = [flag_of(f), *f.metadata.get("aliases", ())]
-            kind, is_list = base_type(hints[section][f.name])
-            help_text = f.metadata["help"]
-            if kind is bool:
-                group.add_argument(*names, dest=dest, action="store_true", default=f.default, help=help_text)
-                negative = "--no-" + flag_of(f)[2:]
-                group.add_argument(negative, dest=dest, action="store_false", help=argparse.SUPPRESS)
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            nargs = f.metadata.get("nargs") or ("+" if is_list else None)
-            if is_length(f):
-                kind = parse_count
-            group.add_argument(
-                *names,
-                dest=dest,
-                type=kind,
-                default=default,
-                choices=f.metadata.get("choices"),
-                nargs=nargs,
-                metavar=f.metadata.get("metavar"),
-                help=help_text,
-            )
+        add_section(parser, section, cls)
     compat = parser.add_argument_group("compatibility", "Megatron-DeepSpeed spellings.")
     for alias, (section, name, value) in VALUE_ALIASES.items():
         target = f"--{name.replace('_', '-')} {value}" if section else "ignored"
