@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import shutil
-import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_ext.data.indexed import read_index
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -51,7 +52,6 @@ MIN_EPOCH_DOCS = 1 << 16  # smaller corpora repeat inside an epoch rather than m
 MAX_EPOCH_DOCS = 1 << 24  # bounds the build's working memory (~0.5 GiB) for huge corpora
 COUNT_BLOCK = 1 << 16  # consumed_per_corpus stores cumulative counts every COUNT_BLOCK samples
 _BLEND_CHUNK = 1 << 22  # blend index built this many samples at a time
-_IDX_HEADER = b"MMIDIDX\x00\x00"
 _U64 = np.uint64
 
 
@@ -103,20 +103,6 @@ def split_range(split: str, split_index: int, num_sequences: int) -> tuple[int, 
     lo = sum(fractions[:split_index])
     hi = lo + fractions[split_index]
     return int(round(lo * float(num_sequences))), int(round(hi * float(num_sequences)))
-
-
-def read_sequence_lengths(prefix: str) -> np.ndarray:
-    """The int32 sequence lengths of ``prefix.idx``, read without touching the .bin (cheap for 1000s of files)."""
-    path = prefix + ".idx"
-    with open(path, "rb") as f:
-        head = f.read(34)
-        if len(head) < 34 or head[:9] != _IDX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
-            raise ValueError(f"{path} is not a Megatron indexed dataset index (version 1)")
-        count = struct.unpack("<Q", head[18:26])[0]
-        lengths = np.fromfile(f, dtype=np.int32, count=count)
-    if lengths.shape[0] != count:
-        raise ValueError(f"{path} is truncated: {lengths.shape[0]} of {count} sequence lengths")
-    return lengths
 
 
 def cache_key(spec: BlendSpec, num_samples: int, start_offsets: dict[str, int] | None = None) -> str:
@@ -208,7 +194,7 @@ def _corpus_files(spec: BlendSpec, corpus: str) -> _CorpusFiles:
     for w, prefix, c in spec.files:
         if c != corpus:
             continue
-        lengths = read_sequence_lengths(prefix)
+        lengths = read_index(prefix + ".idx").lengths
         lo, hi = split_range(spec.split, spec.split_index, len(lengths))
         prefixes.append(prefix)
         weights.append(w)

@@ -7,8 +7,9 @@ because a user with 2,500 lines needs to be pointed at the bad one, not handed a
 megatron-core an hour into a queued job.
 
 Checks read only ``stat`` and the ``.idx`` header and sequence lengths (never the ``.bin`` and never
-megatron-core's ``IndexedDataset``), so a full list validates in well under a second. The module imports only
-numpy: the command-line tools built on it must start fast on a login node.
+megatron-core's ``IndexedDataset``; the reader is :func:`megatron_ext.data.indexed.read_index`), so a full list
+validates in well under a second. The module imports only numpy: the command-line tools built on it must start
+fast on a login node.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import argparse
 import math
 import os
 import re
-import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +27,8 @@ from typing import NoReturn, TypeVar
 
 import numpy as np
 
-_INDEX_HEADER = b"MMIDIDX\x00\x00"
-_HEADER_STRUCT = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
-_HEADER_SIZE = len(_INDEX_HEADER) + _HEADER_STRUCT.size  # 34 bytes
-# megatron.core.datasets.indexed_dataset.DType: code -> bytes per token
-_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}
+from megatron_ext.data.indexed import read_index
+
 # A comment starts with '#' at the start of a line or after whitespace, so a path may still contain '#'.
 _COMMENT = re.compile(r"(^|\s)#.*$")
 
@@ -134,43 +131,6 @@ def parse_data_path(tokens: Sequence[str]) -> list[DataEntry]:
         weight = _parse_weight(tokens[i], source, "pairs 'weight prefix'")
         entries.append(DataEntry(weight, tokens[i + 1], corpus_from_prefix(tokens[i + 1]), source))
     return entries
-
-
-# ---- the .idx header ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """What a ``.idx`` says about its ``.bin``: enough to check the pair and count tokens."""
-
-    tokens: int
-    token_size: int
-    sequences: int
-    documents: int
-
-    @property
-    def bin_size(self) -> int:
-        return self.tokens * self.token_size
-
-
-def read_index(idx_path: str) -> IndexInfo:
-    """Header and sequence lengths of one ``.idx`` (megatron-core's ``_IndexReader`` layout), checked for
-    truncation; raises ``ValueError`` with a reason (no file:line: the caller knows the source)."""
-    with open(idx_path, "rb") as f:
-        head = f.read(_HEADER_SIZE)
-        if len(head) < _HEADER_SIZE or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
-            raise ValueError(f"{idx_path} is not a Megatron .idx file (bad header)")
-        version, code, sequences, documents = _HEADER_STRUCT.unpack(head[len(_INDEX_HEADER) :])
-        if version != 1 or code not in _DTYPE_SIZES:
-            raise ValueError(f"{idx_path} has an unknown version {version} or dtype code {code}")
-        needed = _HEADER_SIZE + 12 * sequences + 8 * documents  # int32 lengths, int64 pointers, int64 doc indices
-        size = os.fstat(f.fileno()).st_size
-        if size < needed:
-            raise ValueError(f"{idx_path} is truncated: {size} bytes, its header implies {needed}")
-        lengths = np.frombuffer(f.read(4 * sequences), dtype="<i4")  # cheaper than np.fromfile per small file
-    if sequences and int(lengths.min()) < 0:
-        raise ValueError(f"{idx_path} is corrupt: negative sequence lengths")
-    return IndexInfo(int(lengths.sum(dtype=np.int64)), _DTYPE_SIZES[code], int(sequences), int(documents))
 
 
 def _extension_hint(prefix: str) -> str:

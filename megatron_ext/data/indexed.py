@@ -1,9 +1,12 @@
-"""Writer for Megatron's ``.bin``/``.idx`` indexed dataset format that never leaves a half-written prefix.
+"""Megatron's ``.bin``/``.idx`` indexed dataset format: the one place that writes it and parses its ``.idx`` header.
 
-The bytes are exactly what megatron-core's ``IndexedDatasetBuilder`` writes for the same documents (the tests
+The writer never leaves a half-written prefix.
+The writer's bytes are exactly what megatron-core's ``IndexedDatasetBuilder`` writes for the same documents (the tests
 compare them), but this writer needs no torch, checks token ranges, and publishes the files atomically:
 both are written under ``.tmp-<pid>`` names and renamed into place only by :meth:`finalize`, .bin first and
 .idx last, so a reader that finds the .idx (megatron-core opens the .idx first) finds the matching .bin.
+:func:`read_index` reads the header and sequence lengths without the ``.bin`` and without megatron-core (data
+lists and blends read thousands of them); :func:`read_documents` reads the tokens through megatron-core.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -18,7 +22,10 @@ import numpy as np
 
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
+_HEADER_STRUCT = struct.Struct("<QBQQ")  # version, dtype code, sequence count, document count
+_HEADER_SIZE = len(_INDEX_HEADER) + _HEADER_STRUCT.size  # 34 bytes
 _DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron.core.datasets.indexed_dataset.DType
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # the same enum: code -> bytes per token
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -148,6 +155,47 @@ class IndexedDatasetWriter:
                 self.close()
             except Exception:
                 pass
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What a ``.idx`` says about its ``.bin``: enough to check the pair, count tokens and blend."""
+
+    lengths: np.ndarray  # int32 [sequences]: tokens per sequence
+    token_size: int
+    documents: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum(dtype=np.int64))
+
+    @property
+    def sequences(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def bin_size(self) -> int:
+        return self.tokens * self.token_size
+
+
+def read_index(idx_path: str) -> IndexInfo:
+    """Header and sequence lengths of one ``.idx`` (megatron-core's ``_IndexReader`` layout), checked for
+    truncation; raises ``ValueError`` with a reason (no file:line: the caller knows the source)."""
+    with open(idx_path, "rb") as f:
+        head = f.read(_HEADER_SIZE)
+        if len(head) < _HEADER_SIZE or head[: len(_INDEX_HEADER)] != _INDEX_HEADER:
+            raise ValueError(f"{idx_path} is not a Megatron .idx file (bad header)")
+        version, code, sequences, documents = _HEADER_STRUCT.unpack(head[len(_INDEX_HEADER) :])
+        if version != _INDEX_VERSION or code not in _DTYPE_SIZES:
+            raise ValueError(f"{idx_path} has an unknown version {version} or dtype code {code}")
+        needed = _HEADER_SIZE + 12 * sequences + 8 * documents  # int32 lengths, int64 pointers, int64 doc indices
+        size = os.fstat(f.fileno()).st_size
+        if size < needed:
+            raise ValueError(f"{idx_path} is truncated: {size} bytes, its header implies {needed}")
+        lengths = np.frombuffer(f.read(4 * sequences), dtype="<i4")  # cheaper than np.fromfile per small file
+    if sequences and int(lengths.min()) < 0:
+        raise ValueError(f"{idx_path} is corrupt: negative sequence lengths")
+    return IndexInfo(lengths, _DTYPE_SIZES[code], int(documents))
 
 
 def read_documents(prefix: str | Path) -> Iterator[np.ndarray]:
