@@ -21,8 +21,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.cli import OneLineParser, UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user mistake in the configuration; the message is one line naming the option and the fix."""
 
 
@@ -690,14 +692,6 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits with status 2: every command line
-    of the project (pretrain_gpt.py, the tools, the ALCF front end) answers a bad flag this way."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
     """Every field of the dataclass `cls` (built with `opt`) as a flag in its own `--help` group, stored under
     `section.field`: the schema's sections, and tools with a typed config of their own, render alike."""
@@ -775,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(alcf_env.main(args[1:]))
     try:
         cfg = parse_args(args)
-    except ConfigError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 

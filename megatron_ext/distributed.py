@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
+from megatron_ext.cli import UserError
+
 __all__ = [
     "DEFAULT_MASTER_ADDR",
     "DEFAULT_MASTER_PORT",
@@ -47,7 +49,7 @@ JOB_PORT_SPAN = 10000
 MPI_LAUNCHERS = frozenset({"openmpi", "pals", "mpi4py"})
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """A launcher variable is missing or malformed; the message names it and says what is expected."""
 
 

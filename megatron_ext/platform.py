@@ -39,8 +39,10 @@ from typing import Any
 
 import torch
 
+from megatron_ext.cli import UserError
 
-class PlatformError(RuntimeError):
+
+class PlatformError(UserError, RuntimeError):
     """The requested device or backend cannot be used here; the message says what is missing."""
 
 

@@ -377,7 +377,8 @@ def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
         "(see plot_lr.py --help)\n"
     )
     for flags, message in (
-        (["--train-iters", "10"], "error: give --global-batch-size"),
+        (["--train-tokens", "1M"], "error: give --global-batch-size"),  # a length in tokens needs the batch
+        (["--train-iters", "10", "--lr-warmup-samples", "8"], "error: give --global-batch-size"),
         (["--global-batch-size", "8"], "error: give the run length"),
         (["--global-batch-size", "8", "--train-iters", "9", "--train-tokens", "1M"], "error: give one of --train-tok"),
         (["--global-batch-size", "8", "--train-tokens", "0"], "error: --train-tokens must be positive, not 0"),
@@ -388,6 +389,22 @@ def test_plot_lr_mistakes_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_plot_lr_output_and_iteration_schedules_without_a_batch_size(tmp_path, capsys):
+    """--output names the PNG (--out is its earlier name); a schedule counted in iterations needs no batch size
+    and is the same per iteration as with any batch size."""
+    flags = ["--lr-decay-style", "cosine", "--lr-warmup-iters", "10", "--train-iters", "100"]
+    for name in ("--output", "--out"):
+        out = tmp_path / f"{name.strip('-')}.png"
+        assert plot_tool().main([*flags, name, str(out)]) == 0
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "100 iterations (no batch size given)" in capsys.readouterr().out
+    free = plot_tool().run_from_flags(flags)
+    batched = plot_tool().run_from_flags([*flags, "--global-batch-size", "32"])
+    assert not free.tokens_known and batched.tokens_known and free.train_iters == batched.train_iters == 100
+    for it in (0, 5, 10, 37, 99, 100):
+        assert lr_at(free.config, free.position(it)) == pytest.approx(lr_at(batched.config, batched.position(it)))
 
 
 def test_plot_lr_draws_what_training_builds(capsys):

@@ -17,23 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_ext.platform import quiet_optional_dependency_warnings  # noqa: E402
+from megatron_ext.platform import quiet_optional_dependency_warnings
 
 quiet_optional_dependency_warnings()
 
-from inspect_data import parse_token_count  # noqa: E402
-
+from megatron_ext.cli import OneLineParser, UserError, report  # noqa: E402
 from megatron_ext.config import folder_problem  # noqa: E402
 from megatron_ext.data.blend import BlendSpec, CorpusBlend, split_fractions  # noqa: E402
-from megatron_ext.data.data_list import (  # noqa: E402
-    DataListError,
-    ToolArgumentParser,
-    parse_data_lists,
-    parse_data_path,
-    validate,
-)
+from megatron_ext.data.data_list import DataListError, parse_data_lists, parse_data_path, validate  # noqa: E402
+from megatron_ext.data.mixture import parse_token_count  # noqa: E402
 
 
 def _size(folder: Path) -> int:
@@ -72,7 +64,7 @@ def _check_args(args: argparse.Namespace, corpora: list[str]) -> tuple[int, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ToolArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-file-list", nargs="+", help="data list file(s): 'weight prefix [corpus]' lines")
     source.add_argument("--data-path", nargs="+", help="weight prefix pairs; corpus = parent folder name")
@@ -94,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         files = [(e.weight, e.prefix, e.corpus) for e in entries]
         corpora = sorted({c for _, _, c in files})
         samples, offsets = _check_args(args, corpora)
-    except DataListError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     print(f"{len(files)} files in {len(corpora)} corpora; {samples:,} training samples of {args.seq_length} tokens")
     jobs = [("train", 0, samples, offsets)] + ([("valid", 1, args.valid_samples, None)] if args.valid_samples else [])
     for name, index, n, start in jobs:

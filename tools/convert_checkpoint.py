@@ -26,12 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from anywhere without installing the package
-    sys.path.insert(0, str(ROOT))
-
-from megatron_ext.config import OneLineParser  # noqa: E402
-from megatron_ext.convert import ConvertError  # noqa: E402 - light import (no torch, no megatron-core)
+from megatron_ext.cli import OneLineParser, UserError
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
@@ -224,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error(e: Exception) -> bool:
     """Mistakes in the input (ours, config checks, unreadable files, megatron-core's checkpoint errors)."""
     checkpointing = sys.modules.get("megatron.core.dist_checkpointing.core")
-    known: tuple[type, ...] = (ConvertError, ValueError, OSError)
+    known: tuple[type, ...] = (UserError, ValueError, OSError)
     if checkpointing is not None:
         known += (checkpointing.CheckpointingException,)
     return isinstance(e, known)

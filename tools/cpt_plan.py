@@ -28,28 +28,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-if _TOOLS not in sys.path:
-    sys.path.insert(0, _TOOLS)  # the sibling tools, also when this file is imported by path (tests)
-
-from inspect_data import CorpusUsage, parse_token_count, usage, warnings_for  # noqa: E402
-from mix_datasets import MixInput, plot_mixture  # noqa: E402
-
-from megatron_ext.data.data_list import (  # noqa: E402
+from megatron_ext.cli import OneLineParser, format_table, run_tool
+from megatron_ext.data.data_list import (
     DataEntry,
     DataListError,
-    ToolArgumentParser,
     format_data_list,
-    format_table,
     mix_lists,
     parse_data_list,
     parse_data_lists,
     prefix_key,
-    run_tool,
     token_counts,
     validate,
     write_data_list,
 )
+from megatron_ext.data.mixture import CorpusUsage, MixInput, parse_token_count, plot_mixture, usage, warnings_for
 
 PRESETS: dict[str, tuple[float, float, float]] = {
     "weak": (0.05, 0.95, 0.0),
@@ -197,8 +189,8 @@ def read_mixture(paths: Sequence[str]) -> list[DataEntry]:
     return entries
 
 
-def build_parser() -> ToolArgumentParser:
-    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--d0", nargs="+", required=True, metavar="LIST", help="the original pre-training mixture")
     parser.add_argument("--stage", nargs="+", required=True, metavar="LIST", help="this stage's new data (Di)")
     parser.add_argument("--buffer", required=True, metavar="LIST", help="data list of earlier stages (may not exist)")

@@ -21,14 +21,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_ext.cli import OneLineParser, run_tool
 from megatron_ext.data.data_list import (
     DataEntry,
     DataListError,
-    ToolArgumentParser,
     corpus_table,
     format_corpus_table,
     format_data_list,
-    run_tool,
     token_counts,
     validate,
     write_data_list,
@@ -95,8 +94,8 @@ def scan(root: Path, how: str) -> list[DataEntry]:
     return entries
 
 
-def build_parser() -> ToolArgumentParser:
-    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, type=Path, help="folder searched recursively for *.idx")
     parser.add_argument("--output", help="data list to write (default: stdout)")
     parser.add_argument(

@@ -20,14 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from megatron_ext.config import OneLineParser
+from megatron_ext.cli import OneLineParser, UserError, report
 from megatron_ext.training import layout
 
 if TYPE_CHECKING:
     import torch
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """A user mistake (missing checkpoint or prompt file, bad sampling values); the message is one line."""
 
 
@@ -264,9 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         prompt = _read_prompt(args)
         ckpt = find_checkpoint(args.load, args.iteration)
-    except GenerateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
 
     from megatron_ext.platform import quiet_optional_dependency_warnings
 
@@ -275,13 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from megatron_ext import distributed
-    from megatron_ext.config import ConfigError
-    from megatron_ext.platform import PlatformError
 
     try:
         try:
             model, tokenizer, device, cfg, common = load_model(ckpt, args.device, args.tokenizer_model, args.seed)
-        except (GenerateError, ConfigError, PlatformError, CheckpointingException, ValueError, OSError) as e:
+        except (UserError, CheckpointingException, ValueError, OSError) as e:
             print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         iteration = common.get("iteration", "?")

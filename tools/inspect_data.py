@@ -13,51 +13,14 @@ the training share of each file, as training does (the default counts every toke
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-import numpy as np
-
-from megatron_ext.config import parse_count
-from megatron_ext.data.data_list import (
-    DataEntry,
-    DataListError,
-    ToolArgumentParser,
-    corpus_table,
-    format_table,
-    parse_data_lists,
-    parse_data_path,
-    run_tool,
-    token_counts,
-    validate,
-)
-
-
-def parse_token_count(text: str) -> int:
-    """``2000000``, ``2e12``, ``1.5T``, ``300B``: how researchers write training budgets (`config.parse_count`)."""
-    try:
-        value = parse_count(text)
-    except argparse.ArgumentTypeError:
-        value = 0
-    if value <= 0:
-        raise DataListError(f"--train-tokens {text!r}: expected a positive count such as 2000000, 2e12, 300B or 2T")
-    return value
-
-
-@dataclass(frozen=True)
-class CorpusUsage:
-    """One corpus over a run: how much of it is on disk and how much of it training would read."""
-
-    corpus: str
-    files: int
-    tokens: int
-    share: float
-    sampled_tokens: float
-    epochs: float
-    max_file_epochs: float
+from megatron_ext.cli import OneLineParser, format_table, run_tool
+from megatron_ext.data.data_list import DataListError, parse_data_lists, parse_data_path, token_counts, validate
+from megatron_ext.data.mixture import parse_token_count, usage, warnings_for
 
 
 def train_fraction(split: str) -> float:
@@ -73,41 +36,8 @@ def train_fraction(split: str) -> float:
     return parts[0] / sum(parts)
 
 
-def usage(entries: list[DataEntry], tokens: np.ndarray, train_tokens: int, fraction: float = 1.0) -> list[CorpusUsage]:
-    """Per-corpus usage for a run of ``train_tokens`` over the ``fraction`` of each file that is the train split;
-    also each corpus's worst file, whose epochs can exceed its corpus's when weights are not proportional to size."""
-    total = math.fsum(e.weight for e in entries)
-    file_epochs = {}
-    for e, n in zip(entries, tokens):
-        sampled = e.weight / total * train_tokens
-        file_epochs[e.prefix] = sampled / (int(n) * fraction) if n else math.inf
-    rows = []
-    for row in corpus_table(entries, tokens):
-        sampled = row.share * train_tokens
-        worst = max(file_epochs[e.prefix] for e in entries if e.corpus == row.corpus)
-        epochs = sampled / (row.tokens * fraction) if row.tokens else math.inf
-        rows.append(CorpusUsage(row.corpus, row.files, row.tokens, row.share, sampled, epochs, worst))
-    return rows
-
-
-def warnings_for(rows: list[CorpusUsage], max_epochs: float) -> list[str]:
-    """One WARNING line per corpus over the limit, and per corpus with a file over it (uneven weights)."""
-    lines = []
-    for r in rows:
-        if r.epochs > max_epochs:
-            lines.append(
-                f"WARNING: corpus {r.corpus} would be repeated {r.epochs:.3g} times (> --max-epochs {max_epochs:g})"
-            )
-        elif r.max_file_epochs > max_epochs * (1 + 1e-9):  # tolerance: float noise in weight = tokens lists
-            lines.append(
-                f"WARNING: corpus {r.corpus}: some file would be repeated {r.max_file_epochs:.3g} times "
-                f"(> --max-epochs {max_epochs:g}) although the corpus as a whole is at {r.epochs:.3g}"
-            )
-    return lines
-
-
-def build_parser() -> ToolArgumentParser:
-    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("lists", nargs="*", metavar="LIST", help="data lists (several make one mixture)")
     parser.add_argument("--data-path", nargs="+", metavar="W PREFIX", help="Megatron-style 'w p w p ...' instead")
     parser.add_argument("--train-tokens", required=True, help="tokens the run trains on (2e12, 300B, 2T)")

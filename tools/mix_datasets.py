@@ -16,31 +16,20 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from megatron_ext.cli import OneLineParser, check_image_path, run_tool
 from megatron_ext.data.data_list import (
     DataEntry,
     DataListError,
-    ToolArgumentParser,
-    check_image_path,
     corpus_table,
     format_corpus_table,
     mix_lists,
     parse_data_list,
-    run_tool,
     token_counts,
     validate,
     write_data_list,
 )
-
-
-@dataclass(frozen=True)
-class MixInput:
-    """One ``W LIST`` pair from --inputs, parsed and validated."""
-
-    weight: float
-    path: str
-    entries: list[DataEntry]
+from megatron_ext.data.mixture import MixInput, plot_mixture
 
 
 def parse_inputs(items: Sequence[str]) -> list[MixInput]:
@@ -69,47 +58,8 @@ def mix(inputs: Sequence[MixInput]) -> list[DataEntry]:
     return mix_lists([(m.weight, m.entries) for m in inputs])
 
 
-def plot_mixture(inputs: Sequence[MixInput], path: str) -> None:
-    """Horizontal bars of each corpus's share, stacked by the input list it came from; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    total = math.fsum(m.weight for m in inputs)
-    corpora = sorted({e.corpus for m in inputs for e in m.entries})
-    row = {c: i for i, c in enumerate(corpora)}
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.3 * len(corpora)))
-    left = [0.0] * len(corpora)
-    for m in inputs:
-        shares = [0.0] * len(corpora)
-        for e in mix_lists([(1.0, m.entries)]) if m.entries else []:  # the list's own proportions, summing to 1
-            shares[row[e.corpus]] += 100 * (m.weight / total) * e.weight
-        ax.barh(corpora, shares, left=left, label=f"{os.path.basename(m.path)} ({100 * m.weight / total:.3g}%)")
-        left = [a + b for a, b in zip(left, shares)]
-    for y, share in enumerate(left):
-        ax.text(share, y, f" {share:.3g}%", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of samples (%)")
-    ax.set_xlim(0, max(left) * 1.15 or 1)
-    ax.set_title("data mixture by corpus")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp-{os.getpid()}{ext}"  # keep the extension: it picks the image format
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        plt.close(fig)
-
-
-def build_parser() -> ToolArgumentParser:
-    parser = ToolArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", nargs="+", required=True, metavar="W LIST", help="weight and data list pairs")
     parser.add_argument("--output", required=True, help="the combined data list to write")
     parser.add_argument("--summary", action="store_true", help="print tokens and weight per corpus")

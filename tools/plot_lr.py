@@ -2,14 +2,14 @@
 
     python tools/plot_lr.py --lr 3e-4 --min-lr 3e-5 --lr-decay-style WSD --lr-wsd-decay-style minus_sqrt \\
         --lr-warmup-iters 200 --lr-wsd-decay-iters 1000 --train-iters 10000 --global-batch-size 512 \\
-        --seq-length 4096 --out wsd.png
+        --seq-length 4096 --output wsd.png
     python tools/plot_lr.py --global-batch-size 256 --train-tokens 20B --seq-length 2048 --lr-warmup-iters 100 \\
         --compare "--lr-decay-style cosine" "--lr-decay-style WSD --lr-wsd-decay-tokens 4B" \\
                   "--lr-decay-style infinite-cosine --constant-lr 1e-4 --lr-infinite-decay-tokens 5B \\
-                   --lr-cooldown-tokens 4B" --out compare.png
-    python tools/plot_lr.py --load ckpt/d0 [--iteration 40] --out d0_lr.png
+                   --lr-cooldown-tokens 4B" --output compare.png
+    python tools/plot_lr.py --load ckpt/d0 [--iteration 40] --output d0_lr.png
     python tools/plot_lr.py --load ckpt/d0 --compare "--lr-decay-style constant --lr-warmup-iters 5 --train-iters 30" \\
-        --out stage1_lr.png   # the checkpoint's schedule and a planned stage that restarts the schedule there
+        --output stage1_lr.png   # the checkpoint's schedule and a planned stage that restarts the schedule there
 
 Top panel: LR per iteration (the LR an iteration trains with, i.e. after that many scheduler steps) with the
 phases shaded and named, tokens on the upper axis. Bottom panel: LR against tokens, which is what stays
@@ -40,16 +40,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from megatron_ext.cli import OneLineParser, UserError, check_image_path, report
 from megatron_ext.config import (
+    LR_LENGTHS,
     SECTIONS,
+    Config,
     ConfigError,
-    OneLineParser,
     flag_of,
     iterations_for_tokens,
     parse_args,
     parse_count,
 )
-from megatron_ext.data.data_list import check_image_path
 from megatron_ext.training import layout
 from megatron_ext.training.schedules import (
     INFINITE_STYLES,
@@ -91,8 +92,8 @@ def _schedule_flags_help() -> str:
     )
     lines = [
         "schedule flags (pretrain_gpt.py's own; lengths also take counts such as 5e9, 300B or 2T;",
-        "--global-batch-size is needed unless --load gives it, and --load's batch, sequence length and LRs become",
-        "the defaults of --compare):",
+        "--global-batch-size is needed unless --load gives it or every length is in iterations (then the tokens",
+        "panel is left out), and --load's batch, sequence length and LRs become the defaults of --compare):",
     ]
     for flag, text in rows:
         lines.append(
@@ -120,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # an abbreviation must not take a schedule flag of pretrain_gpt.py for the tool's
     )
-    p.add_argument("--out", default="lr_schedule.png", help="PNG to write")
+    p.add_argument(
+        "--output", "--out", dest="output", default="lr_schedule.png", help="PNG to write (--out: its earlier name)"
+    )
     p.add_argument("--title", default=None)
     p.add_argument("--compare", nargs="+", default=None, metavar='"FLAGS"', help="overlay these flag sets")
     p.add_argument("--load", metavar="CKPT_DIR", help="draw the schedule stored in this checkpoint folder")
@@ -149,6 +152,7 @@ class Run:
     train_iters: int
     start: float = 0.0
     start_tokens: float = 0.0
+    tokens_known: bool = True  # False: no batch size given, the schedule counts iterations (no tokens panel)
 
     @property
     def end(self) -> float:
@@ -194,9 +198,12 @@ def run_from_flags(flags: list[str], label: str = "") -> Run:
     train_tokens, flags = _train_tokens(flags)
     cfg = parse_args(flags, prog="plot_lr.py")
     t, seq = cfg.training, cfg.model.seq_length
+    tokens_known = t.global_batch_size is not None
+    if not tokens_known:
+        if not _counts_iterations(cfg, train_tokens):
+            raise ConfigError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
+        t.global_batch_size = 1  # the shape per iteration does not depend on the batch size
     gbs = t.global_batch_size
-    if gbs is None:
-        raise ConfigError("give --global-batch-size (or --load a checkpoint, whose batch size is the default)")
     if train_tokens is not None:
         if train_tokens <= 0:
             raise ConfigError(f"--train-tokens must be positive, not {train_tokens}")
@@ -210,7 +217,15 @@ def run_from_flags(flags: list[str], label: str = "") -> Run:
         t.train_samples = math.ceil(convert_length(*decay, "samples", global_batch_size=gbs, seq_length=seq))
     sched = schedule_config(cfg)
     iters = math.ceil(run_length_samples(cfg) / gbs)
-    return Run(label or sched.lr_decay_style, sched, gbs, seq, max(iters, 1))
+    return Run(label or sched.lr_decay_style, sched, gbs, seq, max(iters, 1), tokens_known=tokens_known)
+
+
+def _counts_iterations(cfg: Config, train_tokens: int | None) -> bool:
+    """Whether the run length and every schedule length are in iterations (or not given): then the schedule
+    has the same shape per iteration at any batch size."""
+    lengths = [cfg.schedule.length(name) for name in LR_LENGTHS]
+    iterations = all(length is None or length[1] == "iters" for length in lengths)
+    return iterations and train_tokens is None and cfg.training.train_samples is None
 
 
 def split_compare(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -313,10 +328,12 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
-    fig, (ax_it, ax_tok) = plt.subplots(2, 1, figsize=(11, 7.5 + 0.2 * len(runs)), constrained_layout=True)
     first = runs[0]
+    tokens = all(run.tokens_known for run in runs)
+    size = (11, (7.5 if tokens else 4.5) + 0.2 * len(runs))
+    fig, axes = plt.subplots(2 if tokens else 1, 1, figsize=size, constrained_layout=True, squeeze=False)
+    ax_it, ax_tok = axes[0][0], (axes[1][0] if tokens else None)
     for k, run in enumerate(runs):
         its = _iterations(run)
         color = f"C{k}"
@@ -328,7 +345,8 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
         for xs, ls, label in pieces:
             lrs = [lr_at(run.config, run.position(i)) for i in xs]
             ax_it.plot(xs, lrs, color=color, lw=1.8, ls=ls, label=label)
-            ax_tok.plot([run.tokens(i) for i in xs], lrs, color=color, lw=1.8, ls=ls, label=label)
+            if ax_tok is not None:
+                ax_tok.plot([run.tokens(i) for i in xs], lrs, color=color, lw=1.8, ls=ls, label=label)
         if k > 0:  # only the first run is shaded; others mark their phase changes
             for p in run.config.phases()[1:]:
                 if run.iteration(p.start) <= run.end:
@@ -342,21 +360,14 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
         ax_it.axvspan(a, b, color=color, alpha=0.12, lw=0)
         if b - a >= 0.01 * first.train_iters:  # name only spans wide enough to read
             ax_it.text((a + b) / 2, 0.97, p.name, transform=ax_it.get_xaxis_transform(), ha="center", va="top")
-        ax_tok.axvspan(first.tokens(a), first.tokens(b), color=color, alpha=0.08 if len(runs) > 1 else 0.12, lw=0)
-    if mark is not None:
+        if ax_tok is not None:
+            ax_tok.axvspan(first.tokens(a), first.tokens(b), color=color, alpha=0.08 if len(runs) > 1 else 0.12, lw=0)
+    if mark is not None and ax_tok is not None:  # a checkpoint's run always knows its batch size
         _mark_checkpoint(ax_it, ax_tok, mark)
-    scale = first.global_batch_size * first.seq_length
-
-    def to_iteration(tokens: Any) -> Any:
-        return first.start + (tokens - first.start_tokens) / scale
-
-    top = ax_it.secondary_xaxis("top", functions=(first.tokens, to_iteration))
-    top.set_xlabel("tokens" + (f" ({first.label})" if len(runs) > 1 else ""))
-    top.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
     ax_it.set_xlabel("iteration")
-    ax_tok.set_xlabel("tokens")
-    ax_tok.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
-    for ax in (ax_it, ax_tok):
+    if ax_tok is not None:
+        _token_axes(ax_it, ax_tok, first, len(runs) > 1)
+    for ax in (ax_it,) if ax_tok is None else (ax_it, ax_tok):
         ax.set_ylabel("learning rate")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -365,6 +376,22 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
     fig.suptitle(title or ("LR schedule" if len(runs) > 1 else f"LR schedule: {first.label}"))
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _token_axes(ax_it: Any, ax_tok: Any, first: Run, several: bool) -> None:
+    """Tokens on the upper axis of the iteration panel (the first run's) and on the tokens panel."""
+    from matplotlib.ticker import FuncFormatter
+
+    scale = first.global_batch_size * first.seq_length
+
+    def to_iteration(tokens: Any) -> Any:
+        return first.start + (tokens - first.start_tokens) / scale
+
+    top = ax_it.secondary_xaxis("top", functions=(first.tokens, to_iteration))
+    top.set_xlabel("tokens" + (f" ({first.label})" if several else ""))
+    top.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
+    ax_tok.set_xlabel("tokens")
+    ax_tok.xaxis.set_major_formatter(FuncFormatter(_fmt_count))
 
 
 def _build_runs(argv: list[str]) -> tuple[argparse.Namespace, list[Run], CheckpointMark | None]:
@@ -399,19 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         ns, runs, mark = _build_runs(argv)
-        check_image_path("--out", ns.out)
-    except ValueError as e:  # ScheduleError, ConfigError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_image_path("--output", ns.output)
+    except UserError as e:  # ScheduleError, ConfigError, a bad --output
+        return report(e)
     except SystemExit as e:  # a bad flag (its one error line is printed) or --help
         return e.code if isinstance(e.code, int) else 2
     for run in runs:
         span = f" (iterations {run.start:g} -> {run.end:g})" if run.start else ""
-        print(f"[{run.label}] {run.train_iters} iterations of {run.global_batch_size} x {run.seq_length} tokens{span}")
+        shape = f"of {run.global_batch_size} x {run.seq_length} tokens" if run.tokens_known else "(no batch size given)"
+        print(f"[{run.label}] {run.train_iters} iterations {shape}{span}")
         print(run.config.describe())
     if mark is not None:
         print(f"{mark.path}: iteration {mark.iteration}, {mark.phase}, lr {mark.lr:.4g}")
-    out = Path(ns.out)
+    out = Path(ns.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(runs, out, ns.title, mark)
     print(f"wrote {out}")

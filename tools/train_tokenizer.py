@@ -19,10 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_ext.config import OneLineParser  # noqa: E402
-from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input  # noqa: E402
+from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input
 
 
 def iter_lines(files: Sequence[Path], key: str, max_documents: int | None) -> Iterator[str]:
@@ -106,7 +104,9 @@ def _train_sentencepiece(spm: object, lines: Iterator[str], prefix: str, args: a
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(
+        prog="train_tokenizer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--input", nargs="+", required=True, help="jsonl files or folders of them")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--json-key", default="text", help="the json field holding the text")
@@ -125,9 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = train(args)
-    except PreprocessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report(e)
     except RuntimeError as e:  # sentencepiece's own complaints, e.g. a vocabulary larger than the text allows
         print(f"error: sentencepiece: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2

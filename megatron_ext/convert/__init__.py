@@ -19,12 +19,9 @@ from typing import Any, TypeVar
 
 from megatron_ext.training import layout
 from megatron_ext.training.layout import COMMON_STATE
+from megatron_ext.training.universal import ConvertError
 
 T = TypeVar("T")
-
-
-class ConvertError(ValueError):
-    """A user mistake (missing or unsupported input, existing output); the message is one line."""
 
 
 def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:

@@ -30,7 +30,8 @@ from typing import Any
 
 from megatron_ext.config import Config, ConfigError, parse_args
 from megatron_ext.convert import ConvertError, check_output_dir
-from megatron_ext.convert.universal import ZERO, read_state, write_renamed
+from megatron_ext.convert.universal import write_renamed
+from megatron_ext.training.universal import ZERO, read_state
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 _LAYER_PARTS = {

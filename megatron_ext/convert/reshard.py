@@ -32,7 +32,8 @@ from megatron_ext.convert import (
     read_tensors,
     world_of_one,
 )
-from megatron_ext.convert.universal import describe_checkpoint, read_meta
+from megatron_ext.convert.universal import describe_checkpoint
+from megatron_ext.training.universal import check_shape, read_meta, source_tensor, state_of, target_shape
 
 
 def _target_config(meta: dict[str, Any], tp: int | None, pp: int | None, distributed_optimizer: bool | None) -> Config:
@@ -162,13 +163,11 @@ Reader = Callable[[list[tuple[str, int | None, tuple[int, ...]]]], list[Any]]
 
 
 def _universal_reader(univ: Path, meta: dict[str, Any]) -> Reader:
-    from megatron_ext.convert.universal import source_tensor
 
     return lambda wanted: [source_tensor(univ, meta, key, layer, shape) for key, layer, shape in wanted]
 
 
 def _checkpoint_reader(ckpt: Path, meta: dict[str, Any], sources: Any, tensors: Any) -> Reader:
-    from megatron_ext.convert.universal import check_shape, state_of
 
     def read(wanted: list[tuple[str, int | None, tuple[int, ...]]]) -> list[Any]:
         names = [state_of(ckpt, meta, key, layer) for key, layer, _ in wanted]
@@ -195,7 +194,6 @@ def _write_tensors(
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-    from megatron_ext.convert.universal import target_shape
     from megatron_ext.training.layout import without_record_crc
 
     items: list[WriteItem] = []

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from megatron_ext.config import OneLineParser
+from megatron_ext.cli import OneLineParser
 from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -182,7 +182,7 @@ def build_builtin_corpus(out_dir: str | Path, tokenizer: Tokenizer, max_document
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m megatron_ext.data.builtin_corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="directory for the .bin/.idx/.json files")
     parser.add_argument("--tokenizer-type", default="ByteTokenizer", choices=TOKENIZER_TYPES)
     parser.add_argument("--tokenizer-model", default=None, help="model file/folder for non-byte tokenizers")

@@ -14,26 +14,25 @@ fast on a login node.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
+from megatron_ext.cli import UserError, format_table
 from megatron_ext.data.indexed import read_index
 
 # A comment starts with '#' at the start of a line or after whitespace, so a path may still contain '#'.
 _COMMENT = re.compile(r"(^|\s)#.*$")
 
 
-class DataListError(ValueError):
+class DataListError(UserError, ValueError):
     """A mistake in a data list or the files it names; the message is one ``file:line: ...`` line."""
 
 
@@ -353,18 +352,7 @@ def write_data_list(entries: Sequence[DataEntry], path: str | os.PathLike[str], 
             os.remove(tmp)
 
 
-# ---- shared by the command-line tools -----------------------------------------------------------------------
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain aligned text table: first column left-aligned, the numbers right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
-        return "  ".join(parts).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+# ---- printed by the command-line tools -----------------------------------------------------------------------
 
 
 def format_corpus_table(rows: Sequence[CorpusRow]) -> str:
@@ -373,33 +361,3 @@ def format_corpus_table(rows: Sequence[CorpusRow]) -> str:
     total_weight = math.fsum(r.weight for r in rows)
     total = ["TOTAL", str(sum(r.files for r in rows)), f"{sum(r.tokens for r in rows):,}", f"{total_weight:.6g}"]
     return format_table(["corpus", "files", "tokens", "weight", "share"], [*body, [*total, "100.0000%"]])
-
-
-class ToolArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`DataListError` instead of printing usage and exiting, so every tool reports
-    a bad command line the same way as a bad list: one ``error:`` line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise DataListError(f"{message} (see --help)")
-
-
-def check_image_path(flag: str, path: str | os.PathLike[str]) -> None:
-    """A plot's output must be a file name whose extension matplotlib writes (checked before any work)."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes()
-    ext = os.path.splitext(str(path))[1].lstrip(".").lower()
-    if os.path.isdir(path) or ext not in formats:
-        raise DataListError(f"{flag} {path}: expected an image file name ending in .png, .pdf, .svg, ...")
-
-
-def run_tool(run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Runs a data tool's `run(argv)`; user mistakes end in one ``error:`` line on stderr and exit status 2."""
-    try:
-        return run(argv)
-    except DataListError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2

@@ -33,7 +33,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from megatron_ext.config import OneLineParser, file_in_the_way
+from megatron_ext.cli import OneLineParser, UserError, report
+from megatron_ext.config import file_in_the_way
 from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -45,7 +46,7 @@ _MAX_BATCH_BYTES = 8 << 20
 _WATCHDOG_INTERVAL = 0.25
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError, ValueError):
     """A user mistake (missing file, bad json line, ...); the message is one line naming the file (and line)."""
 
 
@@ -480,9 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             skip_bad_lines=args.skip_bad_lines,
             progress=not args.quiet and sys.stderr.isatty(),
         )
-    except PreprocessError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     except KeyboardInterrupt as err:
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else int(signal.SIGINT)
         # Outputs are all-or-nothing: either the run finished publishing or nothing of it is left behind.

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_ext.cli import UserError
+
 TOKENIZER_TYPES = (
     "ByteTokenizer",
     "SentencePieceTokenizer",
@@ -52,7 +54,7 @@ def _digest(*chunks: bytes) -> str:
     return h.hexdigest()[:8]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be built from what the user gave (one line: the flag and what is expected)."""
 
 

@@ -28,7 +28,8 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext.convert import ConvertError, universal
+from megatron_ext.cli import UserError
+from megatron_ext.training import universal
 from megatron_ext.training.layout import (
     TRACKER,
     CheckpointNotFound,
@@ -40,9 +41,10 @@ from megatron_ext.training.layout import (
 )
 from megatron_ext.training.optim import torch_optimizers
 from megatron_ext.training.schedules import ParamScheduler
+from megatron_ext.training.universal import ConvertError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint can be resumed from; the message says what was found."""
 
 

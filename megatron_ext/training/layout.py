@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from megatron_ext.cli import UserError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON_STATE = "common.pt"  # dist_checkpointing's non-sharded state: config, schedule, counters
 MANIFEST = "manifest.json"  # our file sizes of a finished save, written last
 
 
-class CheckpointNotFound(ValueError):
+class CheckpointNotFound(UserError, ValueError):
     """--load names no readable checkpoint; the message says what is missing."""
 
 

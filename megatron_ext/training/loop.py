@@ -35,9 +35,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import distributed, platform
+from megatron_ext.cli import UserError
 from megatron_ext.config import Config, ConfigError, parse_args
-from megatron_ext.convert import universal
-from megatron_ext.data.data_list import DataListError
 from megatron_ext.data.gpt_data import (
     MicroBatches,
     TrainData,
@@ -45,9 +44,9 @@ from megatron_ext.data.gpt_data import (
     build_validation_sets,
     training_entries,
 )
-from megatron_ext.data.tokenizers import Tokenizer, TokenizerError, build_tokenizer, padded_vocab_size
+from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
 from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
-from megatron_ext.training import checkpointing
+from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
 from megatron_ext.training.optim import build_optimizer, build_scheduler, wrap_model
 from megatron_ext.training.schedules import ParamScheduler, run_length_samples, schedule_config
@@ -473,10 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
         tr = setup(cfg)
-    except (
-        ConfigError, DataListError, TokenizerError, checkpointing.CheckpointError, platform.PlatformError,
-        distributed.LaunchError, FileNotFoundError,
-    ) as e:  # fmt: skip
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Protocol
 
+from megatron_ext.cli import UserError
 from megatron_ext.config import LR_LENGTHS, Config, ConfigError
 
 LR_DECAY_STYLES = (
@@ -50,7 +51,7 @@ STYLE_ALIASES = {
 STATE_FORMAT = "megatron_ext.schedule/1"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A schedule that cannot be followed (bad style, lengths out of order): one readable line for the user."""
 
 
