@@ -20,15 +20,8 @@ copied between its sequence-first layout and the attention kernel's, linear in t
 gradient for the contiguous gradient buffer: zeroing it and scaling it by 1/tokens, and adding into it for the
 parameters outside the layers' linears, whose matmuls sum into it themselves; a fixed Python cost per step) shrinks
 against the matrix work, quadratic in the hidden size, as the model grows. A transformer layer alone (forward +
-backward) runs at parity with the plain block. Measured on the 2-core development VM, ours against plain with fused
-AdamW, median ratios: hidden 512, 0.977-1.069 over 10 runs of earlier sessions (GPT-2 style 1.044, 1.020, 1.016,
-0.977, 1.069, 0.990 and 0.997 over 15 alternating single steps; --llama 1.056, 0.982, 0.991), pooled median 1.0065;
-after the warmup below and `SwiGLU`: GPT-2 style 0.988, --llama 0.999 and 1.001, 0.972 over 30 single steps (fastest
-single steps 0.987-0.998); with the weight-gradient fusion: --llama 1.037, 1.003 and 1.010 over 20 repeats (fastest
-single steps 1.039), GPT-2 style 0.996 and 0.961 (a disturbed day: single repeats 0.83-1.41). That is parity within
-the noise, about 1% either way (single steps swing 2.4-3.6 s: the 2 torch threads share the 2 vCPUs with the
-kernel's memory scanner (kdamond) and a preempted thread stalls a whole parallel kernel); FEASIBILITY.md's 9.6M
-model (`--num-layers 12 --hidden-size 256`, head dimension 32) 0.95-0.99, and 0.97 with 4 heads of dimension 64.
+backward) runs at parity with the plain block. The ratios measured so far, and why single steps swing on a shared
+machine: bench/results/train_throughput.md.
 Both run with fixed glibc malloc thresholds (see `tune_malloc`; `--no-malloc-tune` keeps glibc's defaults), and
 page faults per step are printed. The three models share one heap, which keeps growing for a few steps (ours took
 fresh memory from the kernel, ~100k page faults, until its 4th step): the warmup goes on until a step of ours
