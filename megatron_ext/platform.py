@@ -1,6 +1,6 @@
 """Device and backend choice, and the one place where megatron-core is taught to run on a CPU.
 
-megatron-core 0.16 assumes CUDA in a few dozen spots (see shared/FEASIBILITY.md): `torch.cuda.current_device()`
+megatron-core 0.16 assumes CUDA in a few dozen spots: `torch.cuda.current_device()`
 for allocations, literal `device="cuda"` factory calls, CUDA RNG state in the tensor-parallel RNG tracker,
 `torch.cuda.synchronize()`, `Tensor.cuda()` and optimizer checks of `param.type()` against CUDA type names.
 On CPU we substitute, in this module only:
@@ -19,8 +19,10 @@ On CPU we substitute, in this module only:
    gradient tensor, no scaled copy of every gradient), and the unfused rotary embedding skips its final copy
    (`torch.cat` with an empty pass-through part) when it rotates whole heads.
 
-Nothing is changed on CUDA or XPU. `tests/test_platform.py` checks that each substituted spot still exists in
-megatron-core (so an upgrade that fixes or moves one fails loudly) and that it works on CPU.
+On CUDA and XPU none of this is installed. One fix applies on every device: megatron-core's distributed optimizer,
+when it falls back to torch's AdamW (no Apex / Transformer Engine), gets each parameter's Adam step restored as a
+tensor of its own on load (`keep_adam_step_on_load`). `tests/test_platform.py` checks that each substituted spot
+still exists in megatron-core (so an upgrade that fixes or moves one fails loudly) and that it works on CPU.
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
-        # Batched p2p with both pipeline neighbours on one rank mismatches messages on gloo (FEASIBILITY.md).
+        # Batched p2p with both pipeline neighbours on one rank (interleaved PP=2) mismatches messages on gloo.
         batch_p2p_comm=platform.backend != "gloo",
         masked_softmax_fusion=fused,
         bias_activation_fusion=fused and not m.disable_bias_linear,
