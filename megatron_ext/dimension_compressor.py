@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_ext.config import ConfigError, OneLineParser, add_section, folder_problem, opt
+from megatron_ext.cli import OneLineParser, UserError, report
+from megatron_ext.config import ConfigError, add_section, folder_problem, opt
 from megatron_ext.hidden_states import (
     HiddenSourceConfig,
     HiddenStore,
@@ -320,7 +321,8 @@ class Logs:
 
         t = cfg.training
         self.log = log
-        self.writer = SummaryWriter(t.tensorboard_dir or str(run_dir / "tensorboard"))
+        folder = Path(t.tensorboard_dir) / (f"d{d}" if cfg.compressor.sweep else "") if t.tensorboard_dir else None
+        self.writer = SummaryWriter(str(folder or run_dir / "tensorboard"))
         self.wandb: Any = None
         if t.use_wandb:
             try:
@@ -364,105 +366,131 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_one(
-    cfg: RunConfig,
-    data: Data,
-    axes: torch.Tensor,
-    d: int,
-    pca: dict[str, float],
-    run_dir: Path,
-    log: Callable[[str], None],
-) -> Result:
-    """Trains one D' and keeps its best weights in `run_dir/stage<S>_best.pt`; `axes` are PCA's (rows)."""
-    from megatron_ext.training.schedules import ParamScheduler, ScheduleConfig
+def lr_schedule(t: CompressorTrainingConfig, total_steps: int) -> Any:
+    """Linear warmup from 0 over --lr-warmup-fraction of the steps, then cosine decay to --min-lr at the last step
+    (the project's schedule code, positions counted in steps)."""
+    from megatron_ext.training.schedules import ScheduleConfig
 
-    t, c = cfg.training, cfg.compressor
-    device = _device(cfg.hidden.device)
-    H = data.hidden_size
-    generator = torch.Generator().manual_seed(t.seed)
+    return ScheduleConfig(
+        lr=t.lr,
+        min_lr=t.min_lr,
+        lr_decay_style="cosine",
+        lr_warmup=int(t.lr_warmup_fraction * total_steps),
+        lr_decay=max(total_steps, 1),
+        start_weight_decay=t.weight_decay,
+        end_weight_decay=t.weight_decay,
+    )
+
+
+def initial_model(cfg: RunConfig, axes: torch.Tensor, H: int, d: int, run_dir: Path, log: Callable) -> Any:
+    """W at step 0: orthogonal or PCA (--init) for stage 1a; stage 1a's best (--init-from) for stage 1b."""
+    c = cfg.compressor
+    generator = torch.Generator().manual_seed(cfg.training.seed)
     model = TiedLinearCompressor(H, d, basis=axes[:d] if c.init == "pca" else None, generator=generator)
     if c.stage == "1b":
         source = Path(c.init_from) if c.init_from else run_dir / "stage1a_best.pt"
         state = load_checkpoint(source, "--init-from", H, d)
         model.weight.data.copy_(state["weight"])
         log(f"stage 1b from {source} (validation mse {state['metrics']['mse']:.4e} on its own data)")
-    model.to(device)
+    return model
+
+
+def train_step(
+    forward: Callable,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    clip_grad: float,
+) -> tuple[float, float]:
+    """One AdamW step on the MSE over real tokens; returns (loss, gradient norm before clipping)."""
+    loss = masked_mse(forward(x), x, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    optimizer.step()
+    scheduler.step(1)
+    return float(loss.detach()), float(grad_norm)
+
+
+@dataclass
+class Evaluations:
+    """Evaluates on the validation sequences, logs beside PCA, keeps the best weights, decides early stopping."""
+
+    cfg: RunConfig
+    data: Data
+    pca: dict[str, float]
+    best_path: Path
+    logs: Logs
+    device: torch.device
+    stopper: EarlyStopping
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: float = 0.0
+
+    def __call__(self, model: TiedLinearCompressor, forward: Callable, step: int, epoch: float) -> bool:
+        """One evaluation; True when training should stop."""
+        model.eval()
+        metrics = evaluate(forward, self.data, self.cfg.training.micro_batch_size, self.device)
+        model.train()
+        improved = self.stopper.update(metrics["mse"])
+        self.history.append({"step": step, "epoch": epoch, **metrics})
+        self.logs.scalars(step, metrics, "valid/")
+        self.logs.log(_eval_line(epoch, step, metrics, self.pca, improved))
+        if improved:
+            self.best, self.best_epoch = metrics, epoch
+            info = {
+                "stage": self.cfg.compressor.stage,
+                "step": step,
+                "epoch": epoch,
+                "metrics": metrics,
+                "pca_metrics": self.pca,
+                "store": self.data.store.meta.get("inputs"),
+                "config": self.cfg.to_dict(),
+            }
+            save_checkpoint(self.best_path, model, info)
+        return self.cfg.training.early_stopping and self.stopper.stop
+
+
+def train_one(
+    cfg: RunConfig, data: Data, axes: torch.Tensor, d: int, pca: dict[str, float], run_dir: Path, log: Callable
+) -> Result:
+    """Trains one D' and keeps its best weights in `run_dir/stage<S>_best.pt`; `axes` are PCA's (rows)."""
+    from megatron_ext.training.schedules import ParamScheduler
+
+    t = cfg.training
+    device = _device(cfg.hidden.device)
+    model = initial_model(cfg, axes, data.hidden_size, d, run_dir, log).to(device)
     use_compile = t.torch_compile if t.torch_compile is not None else device.type == "cuda"
     forward = torch.compile(model) if use_compile else model
-
     steps_per_epoch = math.ceil(len(data.train_ids) / t.micro_batch_size)
     total = steps_per_epoch * t.num_epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    schedule = ScheduleConfig(
-        lr=t.lr,
-        min_lr=t.min_lr,
-        lr_decay_style="cosine",
-        lr_warmup=int(t.lr_warmup_fraction * total),
-        lr_decay=total,
-        start_weight_decay=t.weight_decay,
-        end_weight_decay=t.weight_decay,
-    )
-    scheduler = ParamScheduler(optimizer, schedule)
+    scheduler = ParamScheduler(optimizer, lr_schedule(t, total))
     logs = Logs(run_dir, cfg, d, log)
     stopper = EarlyStopping(t.early_stopping_patience, t.early_stopping_min_delta)
-    best_path = run_dir / f"stage{c.stage}_best.pt"
+    evaluations = Evaluations(cfg, data, pca, run_dir / f"stage{cfg.compressor.stage}_best.pt", logs, device, stopper)
     eval_every = t.eval_interval or steps_per_epoch
     rng = np.random.default_rng(t.seed)
-    history: list[dict[str, float]] = []
     start = time.perf_counter()
-    step, best_epoch, stopped = 0, 0.0, False
-    best: dict[str, float] = {}
-
-    def evaluation() -> bool:
-        nonlocal best_epoch
-        model.eval()
-        metrics = evaluate(forward, data, t.micro_batch_size, device)
-        model.train()
-        epoch = step / steps_per_epoch
-        improved = stopper.update(metrics["mse"])
-        history.append({"step": step, "epoch": epoch, **metrics})
-        logs.scalars(step, metrics, "valid/")
-        log(_eval_line(epoch, step, metrics, pca, improved))
-        if improved:
-            best_epoch = epoch
-            best.update(metrics)
-            save_checkpoint(
-                best_path,
-                model,
-                {
-                    "stage": c.stage,
-                    "step": step,
-                    "epoch": epoch,
-                    "metrics": metrics,
-                    "pca_metrics": pca,
-                    "store": data.store.meta.get("inputs"),
-                    "config": cfg.to_dict(),
-                },
-            )
-        return t.early_stopping and stopper.stop
-
     logs.scalars(0, pca, "pca/")
-    stopped = evaluation()
-    epoch = 0
+    step, epoch = 0, 0
+    stopped = evaluations(model, forward, 0, 0.0)
     while epoch < t.num_epochs and not stopped:
-        order = rng.permutation(data.train_ids)
-        for x, mask in data.store.batches(order, t.micro_batch_size):
-            x, mask = x.to(device), mask.to(device)
-            loss = masked_mse(forward(x), x, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad or math.inf)
-            optimizer.step()
-            scheduler.step(1)
+        for x, mask in data.store.batches(rng.permutation(data.train_ids), t.micro_batch_size):
+            loss, grad_norm = train_step(
+                forward, model, optimizer, scheduler, x.to(device), mask.to(device), t.clip_grad
+            )
             step += 1
             if step % t.log_interval == 0:
-                values = {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
+                values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
                 logs.scalars(step, values, "train/")
                 log(
-                    f"epoch {step / steps_per_epoch:.2f} step {step}/{total} | loss {values['loss']:.4e} | "
-                    f"lr {values['lr']:.3e} | grad_norm {values['grad_norm']:.3e}"
+                    f"epoch {step / steps_per_epoch:.2f} step {step}/{total} | loss {loss:.4e} | "
+                    f"lr {values['lr']:.3e} | grad_norm {grad_norm:.3e}"
                 )
-            if step % eval_every == 0 and evaluation():
+            if step % eval_every == 0 and evaluations(model, forward, step, step / steps_per_epoch):
                 stopped = True
                 break
         epoch += 1
@@ -470,7 +498,17 @@ def train_one(
         log(f"early stopping after {t.early_stopping_patience} evaluations without improvement (epoch {epoch})")
     logs.close()
     return Result(
-        d, H, best, pca, epoch, step, best_epoch, stopped, time.perf_counter() - start, str(best_path), history
+        d,
+        data.hidden_size,
+        evaluations.best,
+        pca,
+        epoch,
+        step,
+        evaluations.best_epoch,
+        stopped,
+        time.perf_counter() - start,
+        str(evaluations.best_path),
+        evaluations.history,
     )
 
 
@@ -586,16 +624,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Result]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: parse, train; a user mistake is one `error:` line and exit status 2."""
     from megatron_ext.platform import quiet_optional_dependency_warnings
-    from megatron_ext.training.layout import CheckpointNotFound
 
     quiet_optional_dependency_warnings()
     try:
-        cfg = parse_args(argv)
-        run(cfg)
-    except (ConfigError, CheckpointNotFound, OSError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        run(parse_args(argv))
+    except (UserError, OSError) as e:
+        return report(e)
     return 0
 
 

@@ -120,6 +120,16 @@ def test_early_stopping_counts_non_improving_evaluations() -> None:
     assert stopper.best == 0.4
 
 
+def test_lr_warms_up_then_decays_by_cosine() -> None:
+    from megatron_ext.training.schedules import lr_at
+
+    t = dc.parse_args(["--hidden-store", "s", "--lr", "0.01", "--min-lr", "0.001", "--warmup-ratio", "0.1"]).training
+    schedule = dc.lr_schedule(t, 100)
+    points = {0: 0.0, 5: 0.005, 10: 0.01, 55: 0.001 + 0.009 * 0.5, 100: 0.001}
+    assert {p: lr_at(schedule, p) for p in points} == pytest.approx(points)
+    assert schedule.lr_decay_style == "cosine"
+
+
 # ---- training on stored hidden states ------------------------------------------------------------------------------
 
 

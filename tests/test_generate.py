@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.training.layout import CheckpointNotFound
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "generate.py"
 _spec = importlib.util.spec_from_file_location("generate_tool", SCRIPT)
@@ -120,10 +122,10 @@ def test_generate_sampling_is_reproducible_with_a_seed() -> None:
 
 
 def test_find_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(gen.GenerateError, match="latest_checkpointed_iteration.txt is missing"):
+    with pytest.raises(CheckpointNotFound, match="latest_checkpointed_iteration.txt is missing"):
         gen.find_checkpoint(tmp_path)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
-    with pytest.raises(gen.GenerateError, match="iteration 7"):
+    with pytest.raises(CheckpointNotFound, match="iteration 7"):
         gen.find_checkpoint(tmp_path)
     for it in (5, 7):
         (tmp_path / f"iter_{it:07d}").mkdir()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_ext.config import ConfigError, OneLineParser, add_section
+from megatron_ext.cli import OneLineParser, UserError, report
+from megatron_ext.config import add_section
 from megatron_ext.hidden_states import HiddenSourceConfig, extract, prepare
-from megatron_ext.training.layout import CheckpointNotFound
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = HiddenSourceConfig(**{key.split(".", 1)[1]: value for key, value in args.items()})
         extract(source, prepare(source), output, log=lambda line: print(line, file=sys.stderr))
-    except (ConfigError, CheckpointNotFound, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return report(e)
     return 0
 
 

@@ -4,7 +4,8 @@
                              [--greedy | --temperature 0.8 --top-p 0.9 --top-k 0] [--seed 1] [--iteration N] [--json]
 
 The model shape and tokenizer come from the checkpoint itself (its common state holds the run's Config), so no
-model flags are repeated here. One process (TP=1, PP=1) loads any layout: dist_checkpointing reshards on load.
+model flags are repeated here. One process (TP=1, PP=1) loads any layout: dist_checkpointing reshards on load
+(megatron_ext/training/inference.py).
 Decoding runs a full forward over the growing sequence each step (no KV cache): simple, and fast enough for
 eyeballing. User mistakes end in one `error: ...` line on stderr and exit status 2.
 """
@@ -13,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from megatron_ext.cli import OneLineParser, UserError, report
-from megatron_ext.training import layout
+from megatron_ext.training.inference import find_checkpoint, load_model
 
 if TYPE_CHECKING:
     import torch
 
 
 class GenerateError(UserError, ValueError):
-    """A user mistake (missing checkpoint or prompt file, bad sampling values); the message is one line."""
+    """A user mistake (missing prompt file, bad sampling values); the message is one line."""
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------
@@ -106,99 +105,6 @@ def generate(
             ids.append(token)
             new.append(token)
     return new
-
-
-# ---- checkpoint and model ---------------------------------------------------------------------------------
-
-
-def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
-    """The iter_%07d folder to read (import-free, so a wrong --load fails at once); a miss is a GenerateError."""
-    try:
-        path = layout.find_checkpoint(load, iteration)
-    except layout.CheckpointNotFound as e:
-        raise GenerateError(str(e)) from None
-    problem = layout.verify(path)
-    if problem is not None:
-        raise GenerateError(f"--load {path}: damaged checkpoint ({problem})")
-    return path
-
-
-def single_process_config(saved: dict[str, Any]) -> tuple[Any, int]:
-    """(Config for one process, the saved TP size): the padded vocabulary depends on the TP it was saved with."""
-    from megatron_ext.config import Config
-
-    d = json.loads(json.dumps(saved))  # a deep copy that also proves it is plain data
-    parallel = d.setdefault("parallel", {})
-    saved_tp = int(parallel.get("tensor_model_parallel_size", 1))
-    parallel.update(
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        num_layers_per_virtual_pipeline_stage=None,
-        sequence_parallel=False,
-        use_distributed_optimizer=False,
-        overlap_grad_reduce=False,
-    )
-    d.setdefault("training", {})["recompute_activations"] = False
-    return Config.from_dict(d), saved_tp
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def load_model(ckpt: Path, device: str = "auto", tokenizer_model: str | None = None, seed: int = 1) -> tuple:
-    """(model in eval mode, tokenizer, torch device, Config, common state) from an iter_%07d folder.
-
-    Starts a world-of-1 process group (megatron-core needs its parallel state even for one process); call
-    `megatron_ext.distributed.destroy()` when done.
-    """
-    import torch
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_ext import distributed, platform
-    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
-    from megatron_ext.models.gpt import build_model, transformer_config
-
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    saved = common.get("config")
-    if saved is None:  # a checkpoint written by another tool: use the run's config.json beside it
-        run_config = ckpt.parent / "config.json"
-        if not run_config.is_file():
-            raise GenerateError(f"{ckpt}: the checkpoint holds no config and {run_config} is missing")
-        saved = json.loads(run_config.read_text())
-    cfg, saved_tp = single_process_config(saved)
-    if tokenizer_model is not None:
-        cfg.data.tokenizer_model = tokenizer_model
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, saved_tp)
-
-    plat = platform.select(device, "auto")
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
-    distributed.init_process_group(plat.backend, env=env)
-    platform.setup_device(plat, 0)
-    distributed.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(seed)
-
-    config = transformer_config(cfg, plat)
-    gpt = build_model(cfg, plat, config, vocab)
-    # Sharded-tensor keys are global (layer offsets included), so one full chunk reads what was saved under
-    # "model" or "model0".."modelN" (virtual pipeline) alike; the dict key only nests the result.
-    model = Float16Module(config, gpt) if cfg.precision.bf16 or cfg.precision.fp16 else gpt
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor/load_state_dict deprecation notes
-        loaded = dist_checkpointing.load(
-            {"model": gpt.sharded_state_dict()}, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED
-        )
-        gpt.load_state_dict(loaded["model"])
-    target = plat.current_device()
-    model.to(target).eval()
-    return model, tokenizer, target, cfg, common
 
 
 # ---- command line -----------------------------------------------------------------------------------------
