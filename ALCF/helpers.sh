@@ -3,8 +3,8 @@
 # signals. Sourced, not run. Nothing is downloaded and nothing is installed here.
 #
 # What each variable means, its default and its validation live in megatron_ext/alcf_env.py (one typed schema,
-# megatron_ext/config.py); this file only chooses between mpiexec, srun, torchrun and python, and runs the command
-# the resolver prints.
+# megatron_ext/config.py; the launch command lines in megatron_ext/launch.py); this file only chooses between
+# mpiexec, srun, torchrun and python, and runs the command the resolver prints.
 
 # The repository: where this file lies (a PBS job runs a spooled copy of train_alcf.sh, so not from $0).
 ALCF_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,7 +84,7 @@ alcf_resolve() {
   local py emit rc=0
   py="$(alcf_python)" || return 2
   emit="$(mktemp "${TMPDIR:-/tmp}/train_alcf.XXXXXX")"
-  PYTHONPATH="${ALCF_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" "${py}" -m megatron_ext.config --from-env \
+  PYTHONPATH="${ALCF_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" "${py}" -m megatron_ext.alcf_env resolve \
     --launcher "${ALCF_LAUNCHER}" --mpi-flavor "${ALCF_MPI_FLAVOR}" --mpi-exe "${ALCF_MPI_EXE}" --emit "${emit}" \
     -- "$@" || rc=$?
   if [[ "${rc}" != 0 ]]; then

@@ -1,14 +1,14 @@
-"""Environment-variable runs for `train_alcf.sh`: the variable table, model presets, derived sizes, launch command.
+"""Environment-variable runs for `train_alcf.sh`: the variable table, model presets, derived sizes.
 
 On ALCF machines users set a few variables (`MODEL_ARCH=7B TP=2 TRAIN_TOKENS=... bash train_alcf.sh`) instead of
 typing flags. This module is the one place those variables mean anything: each is turned into the
 `pretrain_gpt.py` flag of the typed schema (`megatron_ext.config`) and validated by it, so the bash script only
-picks the launcher. The job's shape (hosts from `$PBS_NODEFILE` or Slurm, ranks per node) gives the world size,
-from which the data-parallel size, the global batch and the run length in iterations are derived and checked.
-Every mistake is one `error: ...` line naming the variable, before anything is launched.
+picks the launcher. The job's shape (hosts from `$PBS_NODEFILE` or Slurm, ranks per node: `megatron_ext.launch`)
+gives the world size, from which the data-parallel size, the global batch and the run length in iterations are
+derived and checked. Every mistake is one `error: ...` line naming the variable, before anything is launched.
 
-Entry points: `python -m megatron_ext.config --from-env [--launcher L ... --] [pretrain flags]` (what
-`train_alcf.sh` runs), and `python -m megatron_ext.alcf_env docs|progress RUN_DIR` (docs tables, chained jobs).
+Entry points: `python -m megatron_ext.alcf_env resolve [--launcher L ... --] [pretrain flags]` (what
+`train_alcf.sh` runs), `python -m megatron_ext.alcf_env docs|progress RUN_DIR` (docs tables, chained jobs).
 Nothing here imports torch: the resolver starts in a fraction of a second on a login node.
 """
 
@@ -20,29 +20,34 @@ import json
 import os
 import re
 import shlex
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_ext import config as schema
+from megatron_ext.cli import UserError
 from megatron_ext.config import Config, ConfigError, OneLineParser
-from megatron_ext.distributed import expand_hostlist
+from megatron_ext.launch import (
+    LAUNCHERS,
+    MPI_FLAVORS,
+    EnvError,
+    Job,
+    JobShape,
+    choose_launcher,
+    cpu_counts,
+    detect_accelerators,
+    detect_job,
+    launch_command,
+)
+from megatron_ext.models.size import num_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pretrain_gpt.py"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-LAUNCHERS = ("python", "torchrun", "mpiexec", "srun")
-MPI_FLAVORS = ("mpich", "openmpi")
-
-
-class EnvError(ValueError):
-    """A variable is missing, malformed or inconsistent; the message is one line naming it and what is expected."""
 
 
 # ---- model presets --------------------------------------------------------------------------------------------
@@ -79,130 +84,148 @@ LLAMA_FLAGS = (
 )  # fmt: skip
 
 
+def preset_flags(p: Preset) -> list[str]:
+    """The model flags of a preset: Llama-style, its RoPE base and the shape its variables default to."""
+    shape = [arg for v in VARIABLES if v.preset and v.section == "model" for arg in (v.flag, str(getattr(p, v.preset)))]
+    return [*LLAMA_FLAGS, "--rotary-base", str(p.rotary_base), *shape]  # type: ignore[list-item]
+
+
 def preset_parameters(p: Preset, vocab: int = 32000) -> int:
-    """Parameter count of a preset with a `vocab`-token vocabulary (untied input and output embeddings)."""
-    head_dim = p.hidden_size // p.heads
-    attention = p.hidden_size * (p.heads + 2 * p.kv_heads) * head_dim + p.heads * head_dim * p.hidden_size
-    mlp = 3 * p.hidden_size * p.ffn_hidden_size
-    layer = attention + mlp + 2 * p.hidden_size
-    return p.num_layers * layer + p.hidden_size + 2 * vocab * p.hidden_size
+    """Parameter count of a preset with a `vocab`-token vocabulary (untied input and output embeddings): the
+    schema's model, counted as training counts it."""
+    return num_parameters(schema.parse_args(preset_flags(p)), vocab)
 
 
 # ---- the variable table ---------------------------------------------------------------------------------------
 
 
+def _schema_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
+    """Every schema flag (and alias) -> (dest "section.name", field, element type)."""
+    out: dict[str, tuple[str, dataclasses.Field, type]] = {}
+    for section, cls in schema.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind, _ = schema.base_type(hints[f.name])
+            for flag in (schema.flag_of(f), *f.metadata.get("aliases", ())):
+                out[flag] = (f"{section}.{f.name}", f, kind)
+    return out
+
+
+FIELDS = _schema_fields()
+
+
+def dest_of(flag: str) -> str:
+    return FIELDS[flag][0]
+
+
 @dataclass(frozen=True)
 class Var:
-    """One environment variable: what it sets (a schema flag when it maps to one), its default and help."""
+    """One environment variable: what it sets (a schema flag when it maps to one), its default and help (by
+    default the help of its flag: said once, in the schema)."""
 
     name: str
     section: str
     default: str
-    help: str
     flag: str | None = None  # the pretrain_gpt.py flag the value is passed to, as is
     preset: str | None = None  # Preset field that gives the default
+    help: str = ""
 
 
 # fmt: off
-VARIABLES: tuple[Var, ...] = (
+_TABLE: tuple[Var, ...] = (
     # model
-    Var("MODEL_ARCH", "model", "tiny", "Model preset: " + ", ".join(PRESETS) + " (see the preset table)."),
-    Var("NLAYERS", "model", "preset", "Transformer layers.", "--num-layers", "num_layers"),
-    Var("HIDDEN", "model", "preset", "Hidden size.", "--hidden-size", "hidden_size"),
-    Var("HEADS", "model", "preset", "Attention heads.", "--num-attention-heads", "heads"),
-    Var("NUM_KV_HEAD", "model", "preset", "Key/value heads (GQA groups).", "--num-query-groups", "kv_heads"),
-    Var("FFN_HIDDEN_SIZE", "model", "preset", "SwiGLU MLP hidden size.", "--ffn-hidden-size", "ffn_hidden_size"),
-    Var("SEQ", "model", "preset", "Sequence length.", "--seq-length", "seq_length"),
+    Var("MODEL_ARCH", "model", "tiny", help="Model preset: " + ", ".join(PRESETS) + " (see the preset table)."),
+    Var("NLAYERS", "model", "preset", "--num-layers", "num_layers"),
+    Var("HIDDEN", "model", "preset", "--hidden-size", "hidden_size"),
+    Var("HEADS", "model", "preset", "--num-attention-heads", "heads"),
+    Var("NUM_KV_HEAD", "model", "preset", "--num-query-groups", "kv_heads"),
+    Var("FFN_HIDDEN_SIZE", "model", "preset", "--ffn-hidden-size", "ffn_hidden_size", help="SwiGLU MLP hidden size."),
+    Var("SEQ", "model", "preset", "--seq-length", "seq_length"),
     # parallelism and the job's shape
-    Var("TP", "parallel", "1", "Tensor-parallel size.", "--tensor-model-parallel-size"),
-    Var("PP", "parallel", "1", "Pipeline-parallel size.", "--pipeline-model-parallel-size"),
-    Var("SP", "parallel", "1",
+    Var("TP", "parallel", "1", "--tensor-model-parallel-size"),
+    Var("PP", "parallel", "1", "--pipeline-model-parallel-size"),
+    Var("SP", "parallel", "1", "--sequence-parallel", help=(
         "Sequence parallelism: 1 is off; a value equal to TP turns on Megatron sequence parallelism over the "
-        "tensor-parallel group (it takes no extra ranks, unlike DeepSpeed-Ulysses degrees).", "--sequence-parallel"),
-    Var("NGPU_PER_HOST", "parallel", "detected",
+        "tensor-parallel group (it takes no extra ranks, unlike DeepSpeed-Ulysses degrees).")),
+    Var("NGPU_PER_HOST", "parallel", "detected", help=(
         "Ranks per node: the node's GPUs (CUDA_VISIBLE_DEVICES, nvidia-smi, XPU), else SLURM_NTASKS_PER_NODE, "
-        "else one per physical core of a CPU-only node."),
-    Var("CPUS_PER_RANK", "parallel", "detected", "CPUs per rank (mpiexec -d, srun --cpus-per-task, OMP_NUM_THREADS)."),
-    Var("ZERO_STAGE", "parallel", "0",
+        "else one per physical core of a CPU-only node.")),
+    Var("CPUS_PER_RANK", "parallel", "detected",
+        help="CPUs per rank (mpiexec -d, srun --cpus-per-task, OMP_NUM_THREADS)."),
+    Var("ZERO_STAGE", "parallel", "0", "--use-distributed-optimizer", help=(
         "From ALCF DeepSpeed scripts: 1 or 2 use megatron-core's distributed optimizer (optimizer state sharded "
-        "over data-parallel ranks); 3 is not supported.", "--use-distributed-optimizer"),
+        "over data-parallel ranks); 3 is not supported.")),
     Var("USE_DEEPSPEED", "parallel", "0",
-        "Accepted from ALCF scripts: there is no DeepSpeed engine; 1 makes ZERO_STAGE default to 1."),
+        help="Accepted from ALCF scripts: there is no DeepSpeed engine; 1 makes ZERO_STAGE default to 1."),
     # batch and run length
-    Var("MICRO_BATCH", "batch", "preset", "Samples per micro-batch per data-parallel rank.", "--micro-batch-size",
-        "micro_batch"),
-    Var("GRAD_ACC_STEPS", "batch", "1", "Gradient-accumulation steps (derived from GLOBAL_BATCH when only it is set)."),
-    Var("GLOBAL_BATCH", "batch", "derived",
-        "Samples per step: MICRO_BATCH x GRAD_ACC_STEPS x DP when not set; checked against them when set.",
-        "--global-batch-size"),
-    Var("TRAIN_TOKENS", "batch", "",
-        "Run length in tokens (22000000000, 22e9, 22B): TRAIN_ITERS = ceil(TRAIN_TOKENS / (SEQ x GLOBAL_BATCH))."),
-    Var("TRAIN_ITERS", "batch", "preset",
-        "Run length in iterations (instead of TRAIN_TOKENS); 50 for the tiny preset, the others need one of the two.",
-        "--train-iters", "train_iters"),
-    Var("SEED", "batch", "1234", "Random seed.", "--seed"),
-    Var("DTYPE", "batch", "auto", "bf16, fp16 or fp32; auto is bf16 on GPUs, fp32 on CPUs."),
-    Var("USE_ACTIVATION_CHECKPOINTING", "batch", "0", "1: recompute activations in backward.",
-        "--recompute-activations"),
+    Var("MICRO_BATCH", "batch", "preset", "--micro-batch-size", "micro_batch"),
+    Var("GRAD_ACC_STEPS", "batch", "1",
+        help="Gradient-accumulation steps (derived from GLOBAL_BATCH when only it is set)."),
+    Var("GLOBAL_BATCH", "batch", "derived", "--global-batch-size",
+        help="Samples per step: MICRO_BATCH x GRAD_ACC_STEPS x DP when not set; checked against them when set."),
+    Var("TRAIN_TOKENS", "batch", "", help=(
+        "Run length in tokens (22000000000, 22e9, 22B): TRAIN_ITERS = ceil(TRAIN_TOKENS / (SEQ x GLOBAL_BATCH)).")),
+    Var("TRAIN_ITERS", "batch", "preset", "--train-iters", "train_iters", help=(
+        "Run length in iterations (instead of TRAIN_TOKENS); 50 for the tiny preset, the others need one of the "
+        "two.")),
+    Var("SEED", "batch", "1234", "--seed"),
+    Var("DTYPE", "batch", "auto", help="bf16, fp16 or fp32; auto is bf16 on GPUs, fp32 on CPUs."),
+    Var("USE_ACTIVATION_CHECKPOINTING", "batch", "0", "--recompute-activations"),
     # optimizer
-    Var("OPT", "optimizer", "adamw", "adamw (adam is the same AdamW) or sgd.", "--optimizer"),
-    Var("LR", "optimizer", "0.0002", "Peak learning rate.", "--lr"),
-    Var("MIN_LR", "optimizer", "0", "Learning rate at the end of the decay.", "--min-lr"),
-    Var("WEIGHT_DECAY", "optimizer", "0.1", "AdamW weight decay.", "--weight-decay"),
-    Var("ADAM_BETA1", "optimizer", "0.9", "Adam beta1.", "--adam-beta1"),
-    Var("ADAM_BETA2", "optimizer", "0.95", "Adam beta2.", "--adam-beta2"),
-    Var("ADAM_EPS", "optimizer", "1e-05", "Adam epsilon.", "--adam-eps"),
-    Var("CLIP_GRAD", "optimizer", "1.0", "Gradient-norm clipping (0 disables).", "--clip-grad"),
+    Var("OPT", "optimizer", "adamw", "--optimizer", help="adamw (adam is the same AdamW) or sgd."),
+    Var("LR", "optimizer", "0.0002", "--lr"),
+    Var("MIN_LR", "optimizer", "0", "--min-lr"),
+    Var("WEIGHT_DECAY", "optimizer", "0.1", "--weight-decay"),
+    Var("ADAM_BETA1", "optimizer", "0.9", "--adam-beta1"),
+    Var("ADAM_BETA2", "optimizer", "0.95", "--adam-beta2"),
+    Var("ADAM_EPS", "optimizer", "1e-05", "--adam-eps"),
+    Var("CLIP_GRAD", "optimizer", "1.0", "--clip-grad"),
     # schedule
-    Var("LR_DECAY_STYLE", "schedule", "cosine",
-        "constant, linear, cosine, inverse-square-root, WSD, infinite-cosine, infinite-inv-sqrt.", "--lr-decay-style"),
-    Var("LR_WARMUP_FRACTION", "schedule", "0.05", "Warmup as a fraction of the decay length.", "--lr-warmup-fraction"),
-    Var("LR_WARMUP_FRAC", "schedule", "", "Alias of LR_WARMUP_FRACTION (the name ALCF scripts read).",
-        "--lr-warmup-fraction"),
-    Var("LR_DECAY_ITERS", "schedule", "", "Where the LR reaches MIN_LR; default: the end of the run.",
-        "--lr-decay-iters"),
-    Var("OVERRIDE_CKPT_OPT_PARAM", "schedule", "0", "1: on resume follow these LR settings, not the checkpoint's.",
-        "--override-opt_param-scheduler"),
+    Var("LR_DECAY_STYLE", "schedule", "cosine", "--lr-decay-style"),
+    Var("LR_WARMUP_FRACTION", "schedule", "0.05", "--lr-warmup-fraction"),
+    Var("LR_WARMUP_FRAC", "schedule", "", "--lr-warmup-fraction",
+        help="Alias of LR_WARMUP_FRACTION (the name ALCF scripts read)."),
+    Var("LR_DECAY_ITERS", "schedule", "", "--lr-decay-iters"),
+    Var("OVERRIDE_CKPT_OPT_PARAM", "schedule", "0", "--override-opt_param-scheduler"),
     # data
-    Var("DATA_FILE_LIST", "data", "", "Data list(s) (`weight prefix [corpus]` lines); unset: the built-in corpus.",
-        "--data-file-list"),
-    Var("TOKENIZER_TYPE", "data", "ByteTokenizer",
-        "ByteTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or HuggingFaceTokenizer.",
-        "--tokenizer-type"),
-    Var("TOKENIZER_MODEL", "data", "", "SentencePiece .model or Hugging Face tokenizer file/folder.",
-        "--tokenizer-model"),
-    Var("DATA_CACHE_PATH", "data", "data_cache", "Index caches (and the built-in corpus).", "--data-cache-path"),
+    Var("DATA_FILE_LIST", "data", "", "--data-file-list",
+        help="Data list(s) (`weight prefix [corpus]` lines); unset: the built-in corpus."),
+    Var("TOKENIZER_TYPE", "data", "ByteTokenizer", "--tokenizer-type",
+        help="ByteTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or HuggingFaceTokenizer."),
+    Var("TOKENIZER_MODEL", "data", "", "--tokenizer-model"),
+    Var("DATA_CACHE_PATH", "data", "data_cache", "--data-cache-path"),
     # checkpoints
-    Var("SAVE", "checkpoint", "checkpoints/ARCH_nlL_hsH_seqS_DATA",
-        "Checkpoint folder; the default depends on the model and data only, never on the node count.", "--save"),
-    Var("LOAD", "checkpoint", "SAVE", "Checkpoint to start from (regular or universal); must exist when set.",
-        "--load"),
-    Var("SAVE_INTERVAL", "checkpoint", "50", "Save every N iterations (and at the end, and on a signal).",
-        "--save-interval"),
-    Var("CONTINUE", "checkpoint", "0",
+    Var("SAVE", "checkpoint", "checkpoints/ARCH_nlL_hsH_seqS_DATA", "--save",
+        help="Checkpoint folder; the default depends on the model and data only, never on the node count."),
+    Var("LOAD", "checkpoint", "SAVE", "--load",
+        help="Checkpoint to start from (regular or universal); must exist when set."),
+    Var("SAVE_INTERVAL", "checkpoint", "50", "--save-interval"),
+    Var("CONTINUE", "checkpoint", "0", help=(
         "1: continue this run from SAVE, ignoring LOAD and the one-time flags (--finetune, --no-load-optim, "
-        "--no-load-rng, --restart-lr-schedule, --universal-checkpoint, --ckpt-step); chained jobs set it."),
+        "--no-load-rng, --restart-lr-schedule, --universal-checkpoint, --ckpt-step); chained jobs set it.")),
     # logging
-    Var("LOG_INTERVAL", "logging", "1", "Print a metrics line every N iterations.", "--log-interval"),
-    Var("EVAL_INTERVAL", "logging", "100", "Validate every N iterations.", "--eval-interval"),
-    Var("EVAL_ITERS", "logging", "20", "Validation batches per evaluation.", "--eval-iters"),
-    Var("NO_TENSORBOARD", "logging", "0", "1: no tensorboard logs (default: RUN_DIR/tensorboard).",
-        "--tensorboard-dir"),
-    Var("WANDB_PROJECT", "logging", "",
+    Var("LOG_INTERVAL", "logging", "1", "--log-interval"),
+    Var("EVAL_INTERVAL", "logging", "100", "--eval-interval"),
+    Var("EVAL_ITERS", "logging", "20", "--eval-iters"),
+    Var("NO_TENSORBOARD", "logging", "0", "--tensorboard-dir",
+        help="1: no tensorboard logs (default: RUN_DIR/tensorboard)."),
+    Var("WANDB_PROJECT", "logging", "", help=(
         "Weights & Biases project: the run prints the `wandb sync` command for its tensorboard logs (no W&B "
-        "client runs inside training)."),
-    Var("RUN_DIR", "logging", "runs/alcf/DATE-TIME_ARCH_JOBID",
-        "The run folder: .env, config.json, launch.sh, output.log, train.log, tensorboard/.", "--run-dir"),
-    Var("EXIT_DURATION_MINS", "logging", "",
-        "Save and exit after this many minutes (the job templates use a signal instead).", "--exit-duration-in-mins"),
+        "client runs inside training).")),
+    Var("RUN_DIR", "logging", "runs/alcf/DATE-TIME_ARCH_JOBID", "--run-dir",
+        help="The run folder: .env, config.json, launch.sh, output.log, train.log, tensorboard/."),
+    Var("EXIT_DURATION_MINS", "logging", "", "--exit-duration-in-mins"),
     # launch
-    Var("LAUNCH_WITH", "launch", "auto",
+    Var("LAUNCH_WITH", "launch", "auto", help=(
         "auto (PBS: mpiexec, Slurm: srun, else torchrun, or python for one rank), mpiexec (also mpirun, MPICH), "
-        "srun, torchrun or python."),
-    Var("DRY_RUN", "launch", "0", "1: print the resolved variables, configuration and command, launch nothing."),
-    Var("PYTHON", "launch", ".venv/bin/python", "Interpreter for the resolver and the ranks (else python3)."),
+        "srun, torchrun or python.")),
+    Var("DRY_RUN", "launch", "0", help="1: print the resolved variables, configuration and command, launch nothing."),
+    Var("PYTHON", "launch", ".venv/bin/python", help="Interpreter for the resolver and the ranks (else python3)."),
 )
 # fmt: on
+VARIABLES: tuple[Var, ...] = tuple(
+    dataclasses.replace(v, help=v.help or FIELDS[v.flag][1].metadata["help"]) if v.flag else v for v in _TABLE
+)
 VAR_BY_NAME = {v.name: v for v in VARIABLES}
 SECTIONS = ("model", "parallel", "batch", "optimizer", "schedule", "data", "checkpoint", "logging", "launch")
 
@@ -229,138 +252,22 @@ ONE_TIME_FLAGS = {
     "--finetune": 0, "--no-load-optim": 0, "--no-load-rng": 0, "--restart-lr-schedule": 0,
     "--universal-checkpoint": 0, "--load": 1, "--ckpt-step": 1,
 }  # fmt: skip
+# DTYPE's spellings: the schema's precision names, torch's dtype names and `half`.
+DTYPE_NAMES = {**{dtype: name for name, dtype in schema.PRECISIONS.items()}, "half": "fp16"}
 
 
-def _schema_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
-    """Every schema flag (and alias) -> (dest "section.name", field, element type)."""
-    out: dict[str, tuple[str, dataclasses.Field, type]] = {}
-    for section in dataclasses.fields(Config):
-        cls = section.default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            kind, _ = schema.base_type(hints[f.name])
-            for flag in (schema.flag_of(f), *f.metadata.get("aliases", ())):
-                out[flag] = (f"{section.name}.{f.name}", f, kind)
-    return out
-
-
-FIELDS = _schema_fields()
-
-
-def dest_of(flag: str) -> str:
-    return FIELDS[flag][0]
-
-
-# ---- job, accelerators, hosts ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """Where the run happens: a PBS or Slurm job (its hosts), or this machine."""
-
-    kind: str  # "pbs" | "slurm" | "local"
-    hosts: tuple[str, ...]
-    nodefile: str | None = None
-    job_id: str | None = None
-
-
-def detect_job(env: Mapping[str, str]) -> Job:
-    """Hosts from $PBS_NODEFILE (unique, in order) inside PBS, from the Slurm node list inside Slurm."""
-    if env.get("PBS_JOBID"):
-        path = env.get("PBS_NODEFILE", "")
-        if not path:
-            raise EnvError("PBS_NODEFILE is not set although PBS_JOBID is; expected the job's host file")
-        try:
-            lines = Path(path).read_text().split()
-        except OSError as e:
-            raise EnvError(f"PBS_NODEFILE={path} cannot be read ({e.strerror}); expected the job's host file") from None
-        hosts = tuple(dict.fromkeys(lines))
-        if not hosts:
-            raise EnvError(f"PBS_NODEFILE={path} is empty; expected one host name per line")
-        return Job("pbs", hosts, path, env["PBS_JOBID"])
-    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    if job_id:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
-        try:
-            hosts = tuple(expand_hostlist(nodelist)) if nodelist else ()
-        except ValueError as e:
-            raise EnvError(f"SLURM_JOB_NODELIST={nodelist!r} is malformed ({e})") from None
-        count = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or ""
-        if not hosts and count.isdigit() and int(count) > 0:
-            hosts = tuple(f"node{i}" for i in range(int(count)))
-        if not hosts:
-            raise EnvError(
-                "SLURM_JOB_NODELIST and SLURM_JOB_NUM_NODES are not set although SLURM_JOB_ID is; "
-                "expected to run inside an allocation (sbatch or salloc)"
-            )
-        return Job("slurm", hosts, None, job_id)
-    return Job("local", (socket.gethostname(),))
-
-
-def detect_accelerators(env: Mapping[str, str]) -> tuple[str, int]:
-    """(kind, count) of this node's GPUs without importing torch where possible: ("cpu", 0) when none."""
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return "cuda", len([d for d in visible.split(",") if d.strip()])
-    if visible is None and shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            out = ""
-        count = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-        if count:
-            return "cuda", count
-    if env.get("ZE_AFFINITY_MASK"):
-        return "xpu", len(env["ZE_AFFINITY_MASK"].split(","))
-    if list(Path("/dev/dri").glob("renderD*")) or Path("/dev/kfd").exists():  # Intel or AMD GPUs: ask torch
-        try:
-            import torch
-
-            if hasattr(torch, "xpu") and torch.xpu.is_available():
-                return "xpu", torch.xpu.device_count()
-            if torch.cuda.is_available():
-                return "cuda", torch.cuda.device_count()
-        except Exception:  # noqa: BLE001 - any failure means: no usable accelerator
-            pass
-    return "cpu", 0
-
-
-def cpu_counts() -> tuple[int, int]:
-    """(logical CPUs this process may use, physical cores among them)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or logical
-    except ImportError:
-        physical = logical
-    return logical, max(1, min(logical, physical))
-
-
-# ---- the plan -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """Everything train_alcf.sh needs: resolved variables, derived sizes, the validated config and the command."""
-
-    values: dict[str, tuple[str, str]] = field(default_factory=dict)  # NAME -> (value, source)
-    derived: dict[str, str] = field(default_factory=dict)
-    explain: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    argv: list[str] = field(default_factory=list)
-    config: Config | None = None
-    command: list[str] = field(default_factory=list)
-    exports: dict[str, str] = field(default_factory=dict)
-    run_dir: str = ""
-    signal: str = "TERM"
-    dry_run: bool = False
+# ---- reading a variable ---------------------------------------------------------------------------------------
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:
     """The variable's value, stripped; None when unset or empty (as `${VAR:-default}` in bash)."""
     raw = env.get(name)
     return raw.strip() if raw is not None and raw.strip() else None
+
+
+def _source(env: Mapping[str, str], name: str, otherwise: str = "default") -> str:
+    """Where a variable's value came from: "env" when it is set, else `otherwise`."""
+    return "env" if _value(env, name) else otherwise
 
 
 def _bool(env: Mapping[str, str], name: str) -> bool:
@@ -416,29 +323,69 @@ def _typed(name: str, flag: str, raw: str) -> str:
     return raw
 
 
-def _given_dests(extra: Sequence[str]) -> set[str]:
-    """The schema fields that the pass-through command line sets (argparse with every default suppressed)."""
-    parser = schema.build_parser()
-    for action in parser._actions:  # set_defaults() would put the SUPPRESS marker into the namespace
-        action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(list(extra))))
-    for alias, (section, name, _) in schema.VALUE_ALIASES.items():
-        if f"_alias{alias}" in given and section:
-            given.add(f"{section}.{name}")
-    return {g for g in given if not g.startswith("_alias")}
+def _flag_value(flag: str, text: str | None) -> Any:
+    """A flag's argument as the schema's field holds it (a switch, None, is True)."""
+    _, f, kind = FIELDS[flag]
+    if text is None:
+        return True
+    return schema.parse_count(text) if schema.is_length(f) else kind(text)
 
 
-def _reword(message: str, names: Mapping[str, str]) -> str:
-    """A schema message with each flag that came from a variable shown as `VAR (--flag)`."""
-
-    def sub(m: re.Match[str]) -> str:
-        flag = m.group(0)
-        return f"{names[flag]} ({flag})" if flag in names else flag
-
-    return re.sub(r"--[A-Za-z0-9_-]+", sub, message)
+# ---- the plan -------------------------------------------------------------------------------------------------
 
 
-def _strip_one_time(extra: Sequence[str]) -> tuple[list[str], list[str]]:
+@dataclass
+class Report:
+    """What the resolver tells: every variable's value and where it came from, the derived sizes, the arithmetic
+    behind them and notes."""
+
+    values: dict[str, tuple[str, str]] = field(default_factory=dict)  # NAME -> (value, source)
+    derived: dict[str, str] = field(default_factory=dict)
+    explain: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def set(self, name: str, value: str, source: str) -> None:
+        self.values[name] = (value, source)
+
+
+@dataclass
+class Plan(Report):
+    """Everything train_alcf.sh needs: resolved variables, derived sizes, the validated config and the command."""
+
+    argv: list[str] = field(default_factory=list)
+    config: Config | None = None
+    command: list[str] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)
+    run_dir: str = ""
+    signal: str = "TERM"
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A variable's value and its source; with a flag, the arguments it adds unless the command line sets a field
+    of the flag's group (then the command line wins)."""
+
+    name: str
+    value: str
+    source: str
+    flag: str | None = None
+    args: tuple[str, ...] = ()
+    note: str | None = None
+
+
+@dataclass
+class Flags:
+    """The variables as pretrain_gpt.py flags, and which variable each flag came from (for error messages)."""
+
+    argv: list[str]
+    names: dict[str, str]
+
+
+# ---- the command line passed through --------------------------------------------------------------------------
+
+
+def strip_one_time(extra: Sequence[str]) -> tuple[list[str], list[str]]:
     """(extra without the one-time flags, the flags dropped) for CONTINUE=1."""
     kept, dropped, skip = [], [], 0
     for arg in extra:
@@ -453,6 +400,315 @@ def _strip_one_time(extra: Sequence[str]) -> tuple[list[str], list[str]]:
             continue
         kept.append(arg)
     return kept, dropped
+
+
+def given_dests(extra: Sequence[str]) -> set[str]:
+    """The schema fields that the pass-through command line sets. argparse fills in a default only where the
+    namespace has no value yet, so a namespace holding a marker for every field tells given from default."""
+    unset = object()
+    fields = {dest for dest, _, _ in FIELDS.values()}
+    aliases = {f"_alias{alias}": target for alias, target in schema.VALUE_ALIASES.items()}
+    namespace = argparse.Namespace(**dict.fromkeys([*fields, *aliases], unset))
+    parsed = vars(schema.build_parser().parse_args(list(extra), namespace))
+    given = {dest for dest in fields if parsed[dest] is not unset}
+    return given | {f"{s}.{name}" for key, (s, name, _) in aliases.items() if s and parsed[key] is not unset}
+
+
+def name_variables(message: str, names: Mapping[str, str]) -> str:
+    """A schema message with each flag that came from a variable shown as `VAR (--flag)`: the schema words every
+    mistake once, in flags; a flag is a whole `--word` of the message."""
+    return re.sub(r"--[A-Za-z0-9_-]+", lambda m: f"{names[m[0]]} ({m[0]})" if m[0] in names else m[0], message)
+
+
+# ---- variables -> flags ---------------------------------------------------------------------------------------
+
+
+def model_preset(env: Mapping[str, str], report: Report) -> str:
+    """MODEL_ARCH as the name of a preset (any case)."""
+    raw = _value(env, "MODEL_ARCH") or "tiny"
+    arch = next((k for k in PRESETS if k.lower() == raw.lower()), None)
+    if arch is None:
+        raise EnvError(f"MODEL_ARCH={raw!r} is not a preset; expected one of {', '.join(PRESETS)}")
+    report.set("MODEL_ARCH", arch, _source(env, "MODEL_ARCH"))
+    return arch
+
+
+def job_shape(env: Mapping[str, str], report: Report) -> JobShape:
+    """The job's hosts x NGPU_PER_HOST ranks (given, Slurm's tasks per node, the node's GPUs or its physical
+    cores), with CPUS_PER_RANK each (given, Slurm's CPUs per task or the node's CPUs shared out)."""
+    job = detect_job(env)
+    accel, n_accel = detect_accelerators(env)
+    logical, physical = cpu_counts()
+    ppn_raw, tasks = _value(env, "NGPU_PER_HOST"), _value(env, "SLURM_NTASKS_PER_NODE")
+    if ppn_raw:
+        ppn, ppn_source = _int("NGPU_PER_HOST", ppn_raw), "env"
+    elif job.kind == "slurm" and tasks:
+        ppn, ppn_source = _int("SLURM_NTASKS_PER_NODE", tasks.split("(")[0]), "SLURM_NTASKS_PER_NODE"
+    elif n_accel:
+        ppn, ppn_source = n_accel, f"{n_accel} {accel} device(s)"
+    else:
+        ppn, ppn_source = physical, f"no GPU: one rank per physical core ({physical} of {logical} CPUs)"
+    report.set("NGPU_PER_HOST", str(ppn), "env" if ppn_source == "env" else "detected")
+    cpus = _value(env, "CPUS_PER_RANK")
+    slurm_cpus = _value(env, "SLURM_CPUS_PER_TASK") if job.kind == "slurm" else None
+    if cpus:
+        cpus_per_rank, cpus_source = _int("CPUS_PER_RANK", cpus), "env"
+    elif slurm_cpus:
+        cpus_per_rank, cpus_source = _int("SLURM_CPUS_PER_TASK", slurm_cpus), "SLURM_CPUS_PER_TASK"
+    else:
+        cpus_per_rank, cpus_source = max(1, logical // ppn), f"detected: {logical} CPUs / {ppn} ranks"
+    report.set("CPUS_PER_RANK", str(cpus_per_rank), cpus_source)
+    shape = JobShape(job, ppn, cpus_per_rank, n_accel)
+    world = shape.world_size
+    report.derived["NHOSTS"] = str(len(job.hosts))
+    report.derived["WORLD_SIZE"] = str(world)
+    where = {"pbs": f"PBS_NODEFILE {job.nodefile}", "slurm": "the Slurm node list", "local": "this machine"}[job.kind]
+    report.explain.append(
+        f"WORLD_SIZE={world} = {len(job.hosts)} host(s) from {where} x NGPU_PER_HOST {ppn} ({ppn_source})"
+    )
+    return shape
+
+
+def _direct_settings(env: Mapping[str, str], preset: Preset) -> list[Setting]:
+    """The variables passed to their flag as they are: the value set, else the preset's, else the default."""
+    out = []
+    for name in DIRECT:
+        var = VAR_BY_NAME[name]
+        assert var.flag is not None
+        raw, source = _value(env, name), "env"
+        if raw is None and var.preset:
+            preset_value = getattr(preset, var.preset)
+            raw, source = (None if preset_value is None else str(preset_value)), "preset"
+        if raw is None and var.default not in ("", "preset", "derived"):
+            raw, source = var.default, "default"
+        if raw is None:
+            out.append(Setting(name, "", "unset"))
+        else:
+            out.append(Setting(name, raw, source, var.flag, (var.flag, _typed(name, var.flag, raw))))
+    return out
+
+
+def _warmup_settings(env: Mapping[str, str]) -> list[Setting]:
+    """LR_WARMUP_FRACTION or its alias LR_WARMUP_FRAC (they must agree when both are set)."""
+    warm, frac = _value(env, "LR_WARMUP_FRACTION"), _value(env, "LR_WARMUP_FRAC")
+    for name, raw in (("LR_WARMUP_FRACTION", warm), ("LR_WARMUP_FRAC", frac)):
+        if raw:
+            _typed(name, "--lr-warmup-fraction", raw)
+    if warm and frac and float(warm) != float(frac):
+        raise EnvError(f"LR_WARMUP_FRACTION={warm} and its alias LR_WARMUP_FRAC={frac} disagree; set one of them")
+    name = "LR_WARMUP_FRAC" if frac and not warm else "LR_WARMUP_FRACTION"
+    other = "LR_WARMUP_FRACTION" if name == "LR_WARMUP_FRAC" else "LR_WARMUP_FRAC"
+    value = warm or frac or VAR_BY_NAME["LR_WARMUP_FRACTION"].default
+    flag = "--lr-warmup-fraction"
+    return [
+        Setting(name, value, "env" if warm or frac else "default", flag, (flag, value)),
+        Setting(other, value, f"alias of {name}"),
+    ]
+
+
+def _data_setting(env: Mapping[str, str]) -> Setting:
+    lists = _value(env, "DATA_FILE_LIST")
+    if not lists:
+        return Setting("DATA_FILE_LIST", "", "unset: built-in corpus")
+    return Setting("DATA_FILE_LIST", lists, "env", "--data-file-list", ("--data-file-list", *lists.split()))
+
+
+def _sequence_parallel_setting(env: Mapping[str, str]) -> Setting:
+    """SP: 1 is off, TP turns on Megatron sequence parallelism (no DeepSpeed-Ulysses degrees)."""
+    sp = _value(env, "SP") or "1"
+    sp_n = _int("SP", sp, minimum=0)
+    if sp_n <= 1:
+        return Setting("SP", sp, _source(env, "SP"))
+    tp_n = _int("TP", _value(env, "TP") or "1")
+    if sp_n != tp_n:
+        raise EnvError(
+            f"SP={sp_n} must be 1 (off) or equal to TP={tp_n}: Megatron sequence parallelism splits the sequence "
+            "over the tensor-parallel group (DeepSpeed-Ulysses degrees are not supported)"
+        )
+    return Setting("SP", sp, "env", "--sequence-parallel", ("--sequence-parallel",))
+
+
+def _zero_settings(env: Mapping[str, str]) -> list[Setting]:
+    """ZERO_STAGE 1/2 (default 1 with USE_DEEPSPEED=1) -> megatron-core's distributed optimizer."""
+    deepspeed = _bool(env, "USE_DEEPSPEED")
+    zero_raw = _value(env, "ZERO_STAGE")
+    zero = _int("ZERO_STAGE", zero_raw, minimum=0) if zero_raw else (1 if deepspeed else 0)
+    if zero > 2:
+        raise EnvError(
+            f"ZERO_STAGE={zero} (parameter sharding) is not supported; expected 0, or 1/2 for the distributed "
+            "optimizer, with TP/PP to split the weights"
+        )
+    flag = "--use-distributed-optimizer"
+    stage = Setting("ZERO_STAGE", "0", _source(env, "ZERO_STAGE"))
+    if zero:
+        note = (
+            f"ZERO_STAGE={zero}: mapped to --use-distributed-optimizer (megatron-core shards the optimizer state "
+            "over data-parallel ranks and reduce-scatters gradients; no DeepSpeed engine)"
+        )
+        stage = Setting("ZERO_STAGE", str(zero), "env" if zero_raw else "USE_DEEPSPEED=1", flag, (flag,), note)
+    note = "USE_DEEPSPEED=1: accepted for ALCF scripts; training runs on megatron-core, not DeepSpeed"
+    source = _source(env, "USE_DEEPSPEED")
+    return [stage, Setting("USE_DEEPSPEED", str(int(deepspeed)), source, note=note if deepspeed else None)]
+
+
+def _dtype_setting(env: Mapping[str, str], devices: int) -> Setting:
+    """DTYPE (bf16, fp16, fp32 or their dtype names); auto is bf16 on GPUs, fp32 on CPUs."""
+    raw = _value(env, "DTYPE")
+    dtype = DTYPE_NAMES.get((raw or "auto").lower(), (raw or "auto").lower())
+    if dtype not in ("auto", *schema.PRECISIONS):
+        raise EnvError(f"DTYPE={raw!r} is not a precision; expected bf16, fp16, fp32 or auto")
+    source = "env"
+    if dtype == "auto":
+        dtype, source = ("bf16" if devices else "fp32"), "detected"
+    return Setting("DTYPE", dtype, source, "--bf16", () if dtype == "fp32" else (f"--{dtype}",))
+
+
+def _optimizer_setting(env: Mapping[str, str]) -> Setting:
+    opt = (_value(env, "OPT") or "adamw").lower()
+    flag = {"adamw": "adam", "adam": "adam", "sgd": "sgd"}.get(opt)
+    if flag is None:
+        raise EnvError(f"OPT={opt!r} is not supported; expected adamw (or adam, the same AdamW) or sgd")
+    return Setting("OPT", opt, _source(env, "OPT"), "--optimizer", ("--optimizer", flag))
+
+
+def _switch_settings(env: Mapping[str, str]) -> list[Setting]:
+    out = []
+    for name in ("USE_ACTIVATION_CHECKPOINTING", "OVERRIDE_CKPT_OPT_PARAM"):
+        flag = VAR_BY_NAME[name].flag
+        assert flag is not None
+        on = _bool(env, name)
+        out.append(Setting(name, "1", "env", flag, (flag,)) if on else Setting(name, "0", _source(env, name)))
+    return out
+
+
+def variables_to_flags(env: Mapping[str, str], preset: Preset, devices: int, given: set[str], report: Report) -> Flags:
+    """Every variable as its pretrain_gpt.py flags, after the preset's Llama-style flags; a variable whose flag
+    group the command line sets steps aside (with a note when the variable was set)."""
+    settings = [
+        *_direct_settings(env, preset), *_warmup_settings(env), _data_setting(env), _sequence_parallel_setting(env),
+        *_zero_settings(env), _dtype_setting(env, devices), _optimizer_setting(env), *_switch_settings(env),
+    ]  # fmt: skip
+    argv = [*LLAMA_FLAGS, "--rotary-base", str(preset.rotary_base)]
+    # flag -> variable, for error messages: every flag a variable can set, unless the command line sets it
+    names = {v.flag: v.name for v in reversed(VARIABLES) if v.flag and dest_of(v.flag) not in given}
+    for s in settings:
+        dest = dest_of(s.flag) if s.flag else ""
+        clash = [g for g in GROUPS.get(dest, (dest,)) if g in given] if s.flag else []
+        report.set(s.name, s.value, f"{s.source}, overridden by the command line" if clash else s.source)
+        if clash and s.source == "env":
+            report.notes.append(f"{s.name}={s.value} is overridden by the command line ({', '.join(clash)})")
+        elif s.flag and not clash:
+            argv.extend(s.args)
+            names[s.flag] = s.name
+        if s.note:
+            report.notes.append(s.note)
+    return Flags(argv, names)
+
+
+def parse_config(argv: Sequence[str], names: Mapping[str, str]) -> Config:
+    """The schema's validated config of `argv`; its mistakes name the variables the flags came from."""
+    try:
+        return schema.parse_args(list(argv))
+    except ConfigError as e:
+        raise ConfigError(name_variables(str(e), names)) from None
+
+
+# ---- derived sizes --------------------------------------------------------------------------------------------
+
+
+def data_parallel_size(cfg: Config, shape: JobShape, report: Report) -> int:
+    """DP = WORLD_SIZE / (TP x PP), which must divide."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    world = shape.world_size
+    try:
+        dp = cfg.data_parallel_size(world)
+    except ConfigError:
+        raise EnvError(
+            f"WORLD_SIZE {world} ({len(shape.job.hosts)} host(s) x NGPU_PER_HOST {shape.ranks_per_node}) is not "
+            f"divisible by TP {tp} x PP {pp} = {tp * pp}; expected a multiple: change NGPU_PER_HOST, the node "
+            "count, TP or PP"
+        ) from None
+    report.derived["DP"] = str(dp)
+    report.explain.append(f"DP={dp} = WORLD_SIZE {world} / (TP {tp} x PP {pp})")
+    return dp
+
+
+def global_batch(env: Mapping[str, str], cfg: Config, dp: int, report: Report) -> tuple[int, bool]:
+    """(GLOBAL_BATCH, whether derived): MICRO_BATCH x GRAD_ACC_STEPS x DP, or the one given, which must agree."""
+    mb = cfg.training.micro_batch_size
+    gas_raw = _value(env, "GRAD_ACC_STEPS")
+    gas = _int("GRAD_ACC_STEPS", gas_raw) if gas_raw else None
+    given = cfg.training.global_batch_size
+    if given is not None and gas is not None and given != mb * gas * dp:
+        raise EnvError(
+            f"GLOBAL_BATCH={given} does not equal MICRO_BATCH {mb} x GRAD_ACC_STEPS {gas} x DP {dp} = "
+            f"{mb * gas * dp}; expected them to agree: unset GRAD_ACC_STEPS (then derived) or GLOBAL_BATCH"
+        )
+    if given is None:
+        gb = mb * (gas or 1) * dp
+        report.explain.append(f"GLOBAL_BATCH={gb} = MICRO_BATCH {mb} x GRAD_ACC_STEPS {gas or 1} x DP {dp}")
+        report.set("GLOBAL_BATCH", str(gb), "derived")
+        report.set("GRAD_ACC_STEPS", str(gas or 1), "env" if gas else "default")
+    else:
+        gb = given
+        derived_gas = gb // (mb * dp) if gas is None else gas
+        report.explain.append(
+            f"GLOBAL_BATCH={gb} given: GRAD_ACC_STEPS {derived_gas} = GLOBAL_BATCH {gb} / (MICRO_BATCH {mb} x DP {dp})"
+        )
+        report.set("GRAD_ACC_STEPS", str(derived_gas), "env" if gas else "derived")
+    report.derived["GLOBAL_BATCH"] = str(gb)
+    return gb, given is None
+
+
+def run_length(
+    env: Mapping[str, str], cfg: Config, gb: int, arch: str, given: set[str], report: Report
+) -> tuple[int | None, bool]:
+    """(TRAIN_ITERS, whether to pass it): from the command line's length, TRAIN_TOKENS, TRAIN_ITERS or the
+    preset's default run."""
+    seq, preset = cfg.model.seq_length, PRESETS[arch]
+    tokens_raw, iters_raw = _value(env, "TRAIN_TOKENS"), _value(env, "TRAIN_ITERS")
+    cli_length = [g for g in GROUPS["training.train_iters"] if g in given]
+    report.set("TRAIN_TOKENS", tokens_raw or "", _source(env, "TRAIN_TOKENS", "unset"))
+    iters: int | None
+    if cli_length:
+        if tokens_raw or iters_raw:
+            report.notes.append(f"TRAIN_TOKENS/TRAIN_ITERS ignored: the command line gives {', '.join(cli_length)}")
+        iters = cfg.training.train_iters
+        report.explain.append(f"run length from the command line ({', '.join(cli_length)})")
+    elif tokens_raw and iters_raw:
+        raise EnvError(f"TRAIN_TOKENS={tokens_raw} and TRAIN_ITERS={iters_raw} are both set; expected one of them")
+    elif tokens_raw:
+        tokens = parse_count("TRAIN_TOKENS", tokens_raw)
+        iters = schema.iterations_for_tokens(tokens, seq, gb)
+        report.explain.append(
+            f"TRAIN_ITERS={iters} = ceil(TRAIN_TOKENS {tokens:,} / (SEQ {seq} x GLOBAL_BATCH {gb})) "
+            f"({iters * seq * gb:,} tokens)"
+        )
+        report.set("TRAIN_ITERS", str(iters), "derived")
+    elif iters_raw:
+        iters = _int("TRAIN_ITERS", iters_raw)
+        report.set("TRAIN_ITERS", str(iters), "env")
+        report.explain.append(f"TRAIN_ITERS={iters} ({iters * seq * gb:,} tokens = TRAIN_ITERS x SEQ x GLOBAL_BATCH)")
+    elif preset.train_iters is not None:
+        iters = preset.train_iters
+        report.set("TRAIN_ITERS", str(iters), "preset")
+        report.explain.append(f"TRAIN_ITERS={iters} (MODEL_ARCH={arch} default)")
+    else:
+        raise EnvError(
+            f"MODEL_ARCH={arch} needs a run length; expected TRAIN_TOKENS (e.g. 2T or $((2*10**12))) or TRAIN_ITERS"
+        )
+    report.derived["TRAIN_ITERS"] = str(iters)
+    sc = cfg.schedule
+    if sc.lr_warmup_fraction is not None and iters is not None:
+        decay = sc.lr_decay_iters or iters
+        report.explain.append(
+            f"warmup {sc.lr_warmup_fraction:g} x {decay:,} decay iterations = "
+            f"{sc.lr_warmup_fraction * decay:,.1f} iterations"
+        )
+    return iters, not cli_length
+
+
+# ---- checkpoints, run folder, inputs --------------------------------------------------------------------------
 
 
 def _latest_iteration(path: str) -> int | None:
@@ -478,6 +734,125 @@ def checkpoint_iteration(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def checkpoint_paths(
+    env: Mapping[str, str], cfg: Config, arch: str, given: set[str], batch_derived: bool, report: Report
+) -> tuple[str, str]:
+    """(SAVE, LOAD): SAVE names the model and data, never the node count; LOAD defaults to SAVE (resume) and must
+    not start behind the checkpoints SAVE already holds. CONTINUE=1 resumes from SAVE whatever LOAD says."""
+    cont = _bool(env, "CONTINUE")
+    data_tag = Path(cfg.data.data_file_list[0]).stem if cfg.data.data_file_list else "builtin"
+    m = cfg.model
+    default_save = f"checkpoints/{arch}_nl{m.num_layers}_hs{m.hidden_size}_seq{m.seq_length}_{data_tag}"
+    env_save, env_load = _value(env, "SAVE"), _value(env, "LOAD")
+    cli_save = cfg.checkpoint.save if "checkpoint.save" in given else None
+    save = cli_save if cli_save is not None else env_save or default_save
+    report.set("SAVE", save, _source(env, "SAVE"))
+    explicit = None if cont else "--load" if "checkpoint.load" in given else "LOAD" if env_load else None
+    load = (cfg.checkpoint.load if explicit == "--load" else env_load) if explicit else save
+    assert load is not None
+    if cont and env_load:
+        report.notes.append(f"CONTINUE=1: LOAD={env_load} ignored, resuming from SAVE")
+    report.set("LOAD", load, "env" if explicit else "SAVE")
+    if explicit and not Path(load).exists():
+        raise EnvError(
+            f"{explicit}={load} does not exist; expected a checkpoint folder (unset LOAD to resume from SAVE)"
+        )
+    saved_at = _latest_iteration(save)
+    finetune = cfg.checkpoint.finetune and not cont
+    loaded_at = checkpoint_iteration(load)
+    start = 0 if finetune or loaded_at is None else loaded_at
+    if explicit and saved_at is not None and Path(load).resolve() != Path(save).resolve():
+        if loaded_at is None and not finetune:
+            report.notes.append(f"SAVE={save} holds iteration {saved_at}; LOAD={load} continues from its own iteration")
+        elif start < saved_at:
+            how = "--finetune starts at iteration 0" if finetune else f"LOAD holds iteration {start}"
+            raise EnvError(
+                f"SAVE={save} already holds a checkpoint (iteration {saved_at}) but {how} (LOAD={load}): its "
+                "checkpoints would fall behind; set CONTINUE=1 to continue the run in SAVE, or choose a new SAVE"
+            )
+    report.derived["START_ITERATION"] = str(start)
+    report.derived["WORKDIR"] = os.getcwd()  # relative SAVE/LOAD/RUN_DIR are relative to it
+    if loaded_at is not None and not finetune:
+        report.explain.append(f"resuming from {load} at iteration {loaded_at}")
+        if batch_derived:
+            report.notes.append(
+                f"resuming with a derived GLOBAL_BATCH {report.derived['GLOBAL_BATCH']}: it follows the node count; "
+                "set GLOBAL_BATCH to the earlier jobs' value to keep the batch when the node count changes"
+            )
+    return save, load
+
+
+def run_folder(
+    env: Mapping[str, str], arch: str, job: Job, given: set[str], report: Report, now: float | None = None
+) -> tuple[str, str | None]:
+    """(RUN_DIR, the tensorboard folder to pass, None when NO_TENSORBOARD=1 or the command line gives one)."""
+    run_dir = _value(env, "RUN_DIR")
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        run_dir = f"runs/alcf/{stamp}_{arch}" + (f"_{job.job_id.split('.')[0]}" if job.job_id else f"_{os.getppid()}")
+    report.set("RUN_DIR", run_dir, _source(env, "RUN_DIR"))
+    no_tb = _bool(env, "NO_TENSORBOARD")
+    report.set("NO_TENSORBOARD", "1" if no_tb else "0", _source(env, "NO_TENSORBOARD"))
+    wandb = _value(env, "WANDB_PROJECT")
+    report.set("WANDB_PROJECT", wandb or "", _source(env, "WANDB_PROJECT", "unset"))
+    if wandb:
+        if no_tb:
+            raise EnvError(f"WANDB_PROJECT={wandb} needs the tensorboard logs; expected NO_TENSORBOARD unset or 0")
+        report.notes.append(
+            f"WANDB_PROJECT={wandb}: no W&B client runs inside training; upload the curves with "
+            f"`wandb sync --sync-tensorboard -p {wandb} {run_dir}/tensorboard`"
+        )
+    tensorboard = None if no_tb or "logging.tensorboard_dir" in given else f"{run_dir}/tensorboard"
+    return run_dir, tensorboard
+
+
+def check_inputs(env: Mapping[str, str], cfg: Config, given: set[str], report: Report) -> None:
+    """The data lists and the tokenizer file exist (one line now, not a failure on every rank later)."""
+    lists = [*(cfg.data.data_file_list or []), *(cfg.data.valid_data_file_list or [])]
+    if lists:
+        from megatron_ext.data.data_list import DataListError, parse_data_lists, validate
+
+        for path in lists:
+            if not Path(path).is_file():
+                raise EnvError(f"DATA_FILE_LIST: {path} is not a file; expected a data list (`weight prefix` lines)")
+        try:
+            validate(parse_data_lists(lists))
+        except DataListError as e:
+            raise EnvError(f"DATA_FILE_LIST: {e}") from None
+    explicit_tokenizer = "data.tokenizer_type" in given or _value(env, "TOKENIZER_TYPE")
+    if lists and cfg.data.tokenizer_type == "ByteTokenizer" and not explicit_tokenizer:
+        report.notes.append(
+            "DATA_FILE_LIST with TOKENIZER_TYPE=ByteTokenizer: set TOKENIZER_TYPE and TOKENIZER_MODEL to the "
+            "tokenizer the data was preprocessed with, unless it was ByteTokenizer"
+        )
+    tok = cfg.data.tokenizer_model
+    if tok and not Path(tok).exists():
+        raise EnvError(f"TOKENIZER_MODEL={tok} does not exist; expected a tokenizer file or folder")
+
+
+def complete_config(
+    cfg: Config, derived: Sequence[tuple[str, str | None]], given: set[str], world: int, names: Mapping[str, str]
+) -> Config:
+    """`cfg` with the derived flags set, as parsing them before the pass-through command line gives (a field that
+    line sets keeps its value), its batch resolved at this world size and its folders checked."""
+    changes: dict[str, dict[str, Any]] = {}
+    for flag, text in derived:
+        section, name = dest_of(flag).split(".")
+        if dest_of(flag) not in given:
+            changes.setdefault(section, {})[name] = _flag_value(flag, text)
+    try:
+        sections = {s: dataclasses.replace(getattr(cfg, s), **values) for s, values in changes.items()}
+        cfg = dataclasses.replace(cfg, **sections)
+        cfg.resolve_batch(world)
+        cfg.check_folders()
+    except ConfigError as e:
+        raise ConfigError(name_variables(str(e), names)) from None
+    return cfg
+
+
+# ---- the whole resolution -------------------------------------------------------------------------------------
+
+
 def resolve(
     env: Mapping[str, str],
     extra: Sequence[str] = (),
@@ -493,402 +868,43 @@ def resolve(
     Raises EnvError (a variable) or ConfigError (the schema, reworded to name the variables) for any mistake.
     """
     plan = Plan(dry_run=_bool(env, "DRY_RUN"))
-    vals = plan.values
-    cont = _bool(env, "CONTINUE")
     extra = list(extra)
-    if cont:
-        extra, dropped = _strip_one_time(extra)
+    if _bool(env, "CONTINUE"):
+        extra, dropped = strip_one_time(extra)
         if dropped:
             plan.notes.append(f"CONTINUE=1: continuing from SAVE; ignored {' '.join(dropped)}")
-    given = _given_dests(extra)
-
-    def setv(name: str, value: str, source: str) -> None:
-        vals[name] = (value, source)
-
-    # -- model preset and shape
-    arch_raw = _value(env, "MODEL_ARCH") or "tiny"
-    arch = next((k for k in PRESETS if k.lower() == arch_raw.lower()), None)
-    if arch is None:
-        raise EnvError(f"MODEL_ARCH={arch_raw!r} is not a preset; expected one of {', '.join(PRESETS)}")
-    preset = PRESETS[arch]
-    setv("MODEL_ARCH", arch, "env" if _value(env, "MODEL_ARCH") else "default")
-
-    # -- job shape: hosts x ranks per node
-    job = detect_job(env)
-    accel, n_accel = detect_accelerators(env)
-    logical, physical = cpu_counts()
-    if _value(env, "NGPU_PER_HOST"):
-        ppn, ppn_source = _int("NGPU_PER_HOST", _value(env, "NGPU_PER_HOST") or ""), "env"
-    elif job.kind == "slurm" and _value(env, "SLURM_NTASKS_PER_NODE"):
-        tasks = (_value(env, "SLURM_NTASKS_PER_NODE") or "").split("(")[0]
-        ppn, ppn_source = _int("SLURM_NTASKS_PER_NODE", tasks), "SLURM_NTASKS_PER_NODE"
-    elif n_accel:
-        ppn, ppn_source = n_accel, f"{n_accel} {accel} device(s)"
-    else:
-        ppn, ppn_source = physical, f"no GPU: one rank per physical core ({physical} of {logical} CPUs)"
-    setv("NGPU_PER_HOST", str(ppn), "env" if ppn_source == "env" else "detected")
-    cpus = _value(env, "CPUS_PER_RANK")
-    slurm_cpus = _value(env, "SLURM_CPUS_PER_TASK") if job.kind == "slurm" else None
-    if cpus:
-        cpus_per_rank, cpus_source = _int("CPUS_PER_RANK", cpus), "env"
-    elif slurm_cpus:
-        cpus_per_rank, cpus_source = _int("SLURM_CPUS_PER_TASK", slurm_cpus), "SLURM_CPUS_PER_TASK"
-    else:
-        cpus_per_rank, cpus_source = max(1, logical // ppn), f"detected: {logical} CPUs / {ppn} ranks"
-    setv("CPUS_PER_RANK", str(cpus_per_rank), cpus_source)
-    world = len(job.hosts) * ppn
-    plan.derived["NHOSTS"] = str(len(job.hosts))
-    plan.derived["WORLD_SIZE"] = str(world)
-    where = {"pbs": f"PBS_NODEFILE {job.nodefile}", "slurm": "the Slurm node list", "local": "this machine"}[job.kind]
-    plan.explain.append(
-        f"WORLD_SIZE={world} = {len(job.hosts)} host(s) from {where} x NGPU_PER_HOST {ppn} ({ppn_source})"
-    )
-
-    # -- launcher (picked by train_alcf.sh; checked here against the job)
-    if launcher == "auto":
-        launcher = {"pbs": "mpiexec", "slurm": "srun"}.get(job.kind, "torchrun" if world > 1 else "python")
-    if launcher not in LAUNCHERS:
-        raise EnvError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
-    if launcher in ("python", "torchrun") and len(job.hosts) > 1:
-        raise EnvError(
-            f"LAUNCH_WITH={launcher} runs on one node but the job has {len(job.hosts)} hosts; "
-            "expected mpiexec (PBS) or srun (Slurm)"
-        )
-    if launcher == "python" and world > 1:
-        raise EnvError(f"LAUNCH_WITH=python starts one process but NGPU_PER_HOST is {ppn}; expected NGPU_PER_HOST=1")
+    given = given_dests(extra)
+    arch = model_preset(env, plan)
+    shape = job_shape(env, plan)
+    launcher = choose_launcher(launcher, shape)
     plan.derived["LAUNCHER"] = launcher if launcher != "mpiexec" else f"mpiexec ({mpi_flavor})"
 
-    # -- variables -> flags
-    argv: list[str] = list(LLAMA_FLAGS) + ["--rotary-base", str(preset.rotary_base)]
-    # flag -> variable, for error messages: every flag a variable can set, unless the command line sets it
-    names = {v.flag: v.name for v in reversed(VARIABLES) if v.flag and dest_of(v.flag) not in given}
+    flags = variables_to_flags(env, PRESETS[arch], shape.devices, given, plan)
+    cfg = parse_config([*flags.argv, *extra], flags.names)
+    dp = data_parallel_size(cfg, shape, plan)
+    gb, batch_derived = global_batch(env, cfg, dp, plan)
+    iters, pass_iters = run_length(env, cfg, gb, arch, given, plan)
+    save, load = checkpoint_paths(env, cfg, arch, given, batch_derived, plan)
+    plan.run_dir, tensorboard = run_folder(env, arch, shape.job, given, plan, now)
+    check_inputs(env, cfg, given, plan)
 
-    def emit(name: str, flag: str, args: Sequence[str], value: str, source: str) -> None:
-        dest = dest_of(flag)
-        clash = [g for g in GROUPS.get(dest, (dest,)) if g in given]
-        setv(name, value, f"{source}, overridden by the command line" if clash else source)
-        if clash:
-            if source == "env":
-                plan.notes.append(f"{name}={value} is overridden by the command line ({', '.join(clash)})")
-            return
-        argv.extend(args)
-        names[flag] = name
+    derived: list[tuple[str, str | None]] = [("--global-batch-size", str(gb))] if batch_derived else []
+    derived += [("--train-iters", str(iters))] if pass_iters else []
+    derived += [("--save", save), ("--load", load), ("--run-dir", plan.run_dir), ("--exit-signal-handler", None)]
+    derived += [("--tensorboard-dir", tensorboard)] if tensorboard else []
+    plan.argv = [*flags.argv, *(a for flag, text in derived for a in (flag, text) if a is not None), *extra]
+    names = {**flags.names, "--save": "SAVE", "--load": "LOAD"}
+    plan.config = complete_config(cfg, derived, given, shape.world_size, names)
 
-    for name in DIRECT:
-        var = VAR_BY_NAME[name]
-        assert var.flag is not None
-        raw = _value(env, name)
-        source = "env"
-        if raw is None and var.preset:
-            preset_value = getattr(preset, var.preset)
-            raw, source = (None if preset_value is None else str(preset_value)), "preset"
-        if raw is None and var.default not in ("", "preset", "derived"):
-            raw, source = var.default, "default"
-        if raw is None:
-            setv(name, "", "unset")
-            continue
-        emit(name, var.flag, [var.flag, _typed(name, var.flag, raw)], raw, source)
-
-    warm = _value(env, "LR_WARMUP_FRACTION")
-    frac = _value(env, "LR_WARMUP_FRAC")
-    for name, raw in (("LR_WARMUP_FRACTION", warm), ("LR_WARMUP_FRAC", frac)):
-        if raw:
-            _typed(name, "--lr-warmup-fraction", raw)
-    if warm and frac and float(warm) != float(frac):
-        raise EnvError(f"LR_WARMUP_FRACTION={warm} and its alias LR_WARMUP_FRAC={frac} disagree; set one of them")
-    warm_name = "LR_WARMUP_FRAC" if frac and not warm else "LR_WARMUP_FRACTION"
-    warm_value = warm or frac or VAR_BY_NAME["LR_WARMUP_FRACTION"].default
-    emit(warm_name, "--lr-warmup-fraction", ["--lr-warmup-fraction", warm_value], warm_value,
-         "env" if warm or frac else "default")  # fmt: skip
-    other = "LR_WARMUP_FRACTION" if warm_name == "LR_WARMUP_FRAC" else "LR_WARMUP_FRAC"
-    setv(other, warm_value, f"alias of {warm_name}")
-
-    data_lists = _value(env, "DATA_FILE_LIST")
-    if data_lists:
-        emit("DATA_FILE_LIST", "--data-file-list", ["--data-file-list", *data_lists.split()], data_lists, "env")
-    else:
-        setv("DATA_FILE_LIST", "", "unset: built-in corpus")
-
-    tp_raw = _value(env, "TP") or "1"
-    sp = _value(env, "SP") or "1"
-    sp_n = _int("SP", sp, minimum=0)
-    if sp_n > 1:
-        tp_n = _int("TP", tp_raw)
-        if sp_n != tp_n:
-            raise EnvError(
-                f"SP={sp_n} must be 1 (off) or equal to TP={tp_n}: Megatron sequence parallelism splits the sequence "
-                "over the tensor-parallel group (DeepSpeed-Ulysses degrees are not supported)"
-            )
-        emit("SP", "--sequence-parallel", ["--sequence-parallel"], sp, "env")
-    else:
-        setv("SP", sp, "env" if _value(env, "SP") else "default")
-
-    deepspeed = _bool(env, "USE_DEEPSPEED")
-    setv("USE_DEEPSPEED", "1" if deepspeed else "0", "env" if _value(env, "USE_DEEPSPEED") else "default")
-    zero_raw = _value(env, "ZERO_STAGE")
-    zero = _int("ZERO_STAGE", zero_raw, minimum=0) if zero_raw else (1 if deepspeed else 0)
-    if zero > 2:
-        raise EnvError(
-            f"ZERO_STAGE={zero} (parameter sharding) is not supported; expected 0, or 1/2 for the distributed "
-            "optimizer, with TP/PP to split the weights"
-        )
-    if zero:
-        emit("ZERO_STAGE", "--use-distributed-optimizer", ["--use-distributed-optimizer"], str(zero),
-             "env" if zero_raw else "USE_DEEPSPEED=1")  # fmt: skip
-        plan.notes.append(
-            f"ZERO_STAGE={zero}: mapped to --use-distributed-optimizer (megatron-core shards the optimizer state "
-            "over data-parallel ranks and reduce-scatters gradients; no DeepSpeed engine)"
-        )
-    else:
-        setv("ZERO_STAGE", "0", "env" if zero_raw else "default")
-    if deepspeed:
-        plan.notes.append("USE_DEEPSPEED=1: accepted for ALCF scripts; training runs on megatron-core, not DeepSpeed")
-
-    dtype = (_value(env, "DTYPE") or "auto").lower()
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}.get(dtype, dtype)
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise EnvError(f"DTYPE={_value(env, 'DTYPE')!r} is not a precision; expected bf16, fp16, fp32 or auto")
-    if dtype == "auto":
-        dtype, dtype_source = ("bf16", "detected") if n_accel else ("fp32", "detected")
-    else:
-        dtype_source = "env"
-    emit("DTYPE", "--bf16", [] if dtype == "fp32" else [f"--{dtype}"], dtype, dtype_source)
-
-    opt = (_value(env, "OPT") or "adamw").lower()
-    opt_flag = {"adamw": "adam", "adam": "adam", "sgd": "sgd"}.get(opt)
-    if opt_flag is None:
-        raise EnvError(f"OPT={opt!r} is not supported; expected adamw (or adam, the same AdamW) or sgd")
-    emit("OPT", "--optimizer", ["--optimizer", opt_flag], opt, "env" if _value(env, "OPT") else "default")
-
-    for name in ("USE_ACTIVATION_CHECKPOINTING", "OVERRIDE_CKPT_OPT_PARAM"):
-        var = VAR_BY_NAME[name]
-        assert var.flag is not None
-        on = _bool(env, name)
-        if on:
-            emit(name, var.flag, [var.flag], "1", "env")
-        else:
-            setv(name, "0", "env" if _value(env, name) else "default")
-
-    # -- first parse: the schema checks shapes, parallel sizes, schedule and data settings
-    def parse(args: list[str]) -> Config:
-        try:
-            return schema.parse_args(args)
-        except ConfigError as e:
-            raise ConfigError(_reword(str(e), names)) from None
-
-    cfg0 = parse([*argv, *extra])
-    tp, pp = cfg0.parallel.tensor_model_parallel_size, cfg0.parallel.pipeline_model_parallel_size
-    try:
-        dp = cfg0.data_parallel_size(world)
-    except ConfigError:
-        raise EnvError(
-            f"WORLD_SIZE {world} ({len(job.hosts)} host(s) x NGPU_PER_HOST {ppn}) is not divisible by TP {tp} x "
-            f"PP {pp} = {tp * pp}; expected a multiple: change NGPU_PER_HOST, the node count, TP or PP"
-        ) from None
-    plan.derived["DP"] = str(dp)
-    plan.explain.append(f"DP={dp} = WORLD_SIZE {world} / (TP {tp} x PP {pp})")
-
-    # -- batch: GLOBAL_BATCH = MICRO_BATCH x GRAD_ACC_STEPS x DP
-    mb = cfg0.training.micro_batch_size
-    gas_raw = _value(env, "GRAD_ACC_STEPS")
-    gas = _int("GRAD_ACC_STEPS", gas_raw) if gas_raw else None
-    gb_given = cfg0.training.global_batch_size
-    if gb_given is not None and gas is not None and gb_given != mb * gas * dp:
-        raise EnvError(
-            f"GLOBAL_BATCH={gb_given} does not equal MICRO_BATCH {mb} x GRAD_ACC_STEPS {gas} x DP {dp} = "
-            f"{mb * gas * dp}; expected them to agree: unset GRAD_ACC_STEPS (then derived) or GLOBAL_BATCH"
-        )
-    if gb_given is None:
-        gb = mb * (gas or 1) * dp
-        plan.explain.append(f"GLOBAL_BATCH={gb} = MICRO_BATCH {mb} x GRAD_ACC_STEPS {gas or 1} x DP {dp}")
-        argv += ["--global-batch-size", str(gb)]
-        names["--global-batch-size"] = "GLOBAL_BATCH"
-        setv("GLOBAL_BATCH", str(gb), "derived")
-        setv("GRAD_ACC_STEPS", str(gas or 1), "env" if gas else "default")
-    else:
-        gb = gb_given
-        derived_gas = gb // (mb * dp) if gas is None else gas
-        plan.explain.append(
-            f"GLOBAL_BATCH={gb} given: GRAD_ACC_STEPS {derived_gas} = GLOBAL_BATCH {gb} / (MICRO_BATCH {mb} x DP {dp})"
-        )
-        setv("GRAD_ACC_STEPS", str(derived_gas), "env" if gas else "derived")
-    plan.derived["GLOBAL_BATCH"] = str(gb)
-
-    # -- run length
-    seq = cfg0.model.seq_length
-    tokens_raw, iters_raw = _value(env, "TRAIN_TOKENS"), _value(env, "TRAIN_ITERS")
-    cli_length = [g for g in GROUPS["training.train_iters"] if g in given]
-    setv("TRAIN_TOKENS", tokens_raw or "", "env" if tokens_raw else "unset")
-    if cli_length:
-        if tokens_raw or iters_raw:
-            plan.notes.append(f"TRAIN_TOKENS/TRAIN_ITERS ignored: the command line gives {', '.join(cli_length)}")
-        iters = cfg0.training.train_iters
-        plan.explain.append(f"run length from the command line ({', '.join(cli_length)})")
-    else:
-        if tokens_raw and iters_raw:
-            raise EnvError(f"TRAIN_TOKENS={tokens_raw} and TRAIN_ITERS={iters_raw} are both set; expected one of them")
-        if tokens_raw:
-            tokens = parse_count("TRAIN_TOKENS", tokens_raw)
-            iters = schema.iterations_for_tokens(tokens, seq, gb)
-            plan.explain.append(
-                f"TRAIN_ITERS={iters} = ceil(TRAIN_TOKENS {tokens:,} / (SEQ {seq} x GLOBAL_BATCH {gb})) "
-                f"({iters * seq * gb:,} tokens)"
-            )
-            setv("TRAIN_ITERS", str(iters), "derived")
-        elif iters_raw:
-            iters = _int("TRAIN_ITERS", iters_raw)
-            setv("TRAIN_ITERS", str(iters), "env")
-            plan.explain.append(f"TRAIN_ITERS={iters} ({iters * seq * gb:,} tokens = TRAIN_ITERS x SEQ x GLOBAL_BATCH)")
-        elif preset.train_iters is not None:
-            iters = preset.train_iters
-            setv("TRAIN_ITERS", str(iters), "preset")
-            plan.explain.append(f"TRAIN_ITERS={iters} (MODEL_ARCH={arch} default)")
-        else:
-            raise EnvError(
-                f"MODEL_ARCH={arch} needs a run length; expected TRAIN_TOKENS (e.g. 2T or $((2*10**12))) or TRAIN_ITERS"
-            )
-        argv += ["--train-iters", str(iters)]
-        names["--train-iters"] = "TRAIN_ITERS"
-    plan.derived["TRAIN_ITERS"] = str(iters)
-    sc = cfg0.schedule
-    if sc.lr_warmup_fraction is not None and iters is not None:
-        decay = sc.lr_decay_iters or iters
-        plan.explain.append(
-            f"warmup {sc.lr_warmup_fraction:g} x {decay:,} decay iterations = "
-            f"{sc.lr_warmup_fraction * decay:,.1f} iterations"
-        )
-
-    # -- checkpoints and the run folder
-    data_tag = Path(cfg0.data.data_file_list[0]).stem if cfg0.data.data_file_list else "builtin"
-    m = cfg0.model
-    default_save = f"checkpoints/{arch}_nl{m.num_layers}_hs{m.hidden_size}_seq{m.seq_length}_{data_tag}"
-    save = cfg0.checkpoint.save if "checkpoint.save" in given else _value(env, "SAVE") or default_save
-    setv("SAVE", save, "env" if _value(env, "SAVE") else "default")
-    load_explicit = None
-    if not cont:
-        load_explicit = "--load" if "checkpoint.load" in given else "LOAD" if _value(env, "LOAD") else None
-    load = (cfg0.checkpoint.load if load_explicit == "--load" else _value(env, "LOAD")) if load_explicit else save
-    assert load is not None
-    if cont and _value(env, "LOAD"):
-        plan.notes.append(f"CONTINUE=1: LOAD={_value(env, 'LOAD')} ignored, resuming from SAVE")
-    setv("LOAD", load, "env" if load_explicit else "SAVE")
-    if load_explicit and not Path(load).exists():
-        raise EnvError(f"{load_explicit}={load} does not exist; expected a checkpoint folder (unset LOAD to resume "
-                       "from SAVE)")  # fmt: skip
-    saved_at = _latest_iteration(save)
-    finetune = cfg0.checkpoint.finetune and not cont
-    loaded_at = checkpoint_iteration(load)
-    start = 0 if finetune or loaded_at is None else loaded_at
-    if load_explicit and saved_at is not None and Path(load).resolve() != Path(save).resolve():
-        if loaded_at is None and not finetune:
-            plan.notes.append(f"SAVE={save} holds iteration {saved_at}; LOAD={load} continues from its own iteration")
-        elif start < saved_at:
-            how = "--finetune starts at iteration 0" if finetune else f"LOAD holds iteration {start}"
-            raise EnvError(
-                f"SAVE={save} already holds a checkpoint (iteration {saved_at}) but {how} (LOAD={load}): its "
-                "checkpoints would fall behind; set CONTINUE=1 to continue the run in SAVE, or choose a new SAVE"
-            )
-    plan.derived["START_ITERATION"] = str(start)
-    plan.derived["WORKDIR"] = os.getcwd()  # relative SAVE/LOAD/RUN_DIR are relative to it
-    if loaded_at is not None and not finetune:
-        plan.explain.append(f"resuming from {load} at iteration {loaded_at}")
-        if gb_given is None:
-            plan.notes.append(
-                f"resuming with a derived GLOBAL_BATCH {gb}: it follows the node count; set GLOBAL_BATCH to the "
-                "earlier jobs' value to keep the batch when the node count changes"
-            )
-    argv += ["--save", save, "--load", load]
-    names.update({"--save": "SAVE", "--load": "LOAD"})
-
-    run_dir = _value(env, "RUN_DIR")
-    if run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-        run_dir = f"runs/alcf/{stamp}_{arch}" + (f"_{job.job_id.split('.')[0]}" if job.job_id else f"_{os.getppid()}")
-    setv("RUN_DIR", run_dir, "env" if _value(env, "RUN_DIR") else "default")
-    plan.run_dir = run_dir
-    argv += ["--run-dir", run_dir, "--exit-signal-handler"]
-    names["--run-dir"] = "RUN_DIR"
-    no_tb = _bool(env, "NO_TENSORBOARD")
-    setv("NO_TENSORBOARD", "1" if no_tb else "0", "env" if _value(env, "NO_TENSORBOARD") else "default")
-    wandb = _value(env, "WANDB_PROJECT")
-    setv("WANDB_PROJECT", wandb or "", "env" if wandb else "unset")
-    if not no_tb and "logging.tensorboard_dir" not in given:
-        argv += ["--tensorboard-dir", f"{run_dir}/tensorboard"]
-    if wandb:
-        if no_tb:
-            raise EnvError(f"WANDB_PROJECT={wandb} needs the tensorboard logs; expected NO_TENSORBOARD unset or 0")
-        plan.notes.append(
-            f"WANDB_PROJECT={wandb}: no W&B client runs inside training; upload the curves with "
-            f"`wandb sync --sync-tensorboard -p {wandb} {run_dir}/tensorboard`"
-        )
-
-    # -- data and tokenizer files exist (one line now, not a failure on every rank later)
-    lists = [*(cfg0.data.data_file_list or []), *(cfg0.data.valid_data_file_list or [])]
-    if lists:
-        from megatron_ext.data.data_list import DataListError, parse_data_lists, validate
-
-        for path in lists:
-            if not Path(path).is_file():
-                raise EnvError(f"DATA_FILE_LIST: {path} is not a file; expected a data list (`weight prefix` lines)")
-        try:
-            validate(parse_data_lists(lists))
-        except DataListError as e:
-            raise EnvError(f"DATA_FILE_LIST: {e}") from None
-    explicit_tokenizer = "data.tokenizer_type" in given or _value(env, "TOKENIZER_TYPE")
-    if lists and cfg0.data.tokenizer_type == "ByteTokenizer" and not explicit_tokenizer:
-        plan.notes.append(
-            "DATA_FILE_LIST with TOKENIZER_TYPE=ByteTokenizer: set TOKENIZER_TYPE and TOKENIZER_MODEL to the "
-            "tokenizer the data was preprocessed with, unless it was ByteTokenizer"
-        )
-    tok = cfg0.data.tokenizer_model
-    if tok and not Path(tok).exists():
-        raise EnvError(f"TOKENIZER_MODEL={tok} does not exist; expected a tokenizer file or folder")
-
-    # -- final parse and the schema's batch checks at this world size
-    plan.argv = [*argv, *extra]
-    cfg = parse(plan.argv)
-    try:
-        cfg.resolve_batch(world)
-        cfg.check_folders()
-    except ConfigError as e:
-        raise ConfigError(_reword(str(e), names)) from None
-    plan.config = cfg
-
-    # -- the command
     python = python or sys.executable
-    exports = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(cpus_per_rank)}
-    plan.exports = exports
+    plan.exports = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(shape.cpus_per_rank)}
     program = [python, str(SCRIPT), *plan.argv]
-    if launcher == "python":
-        plan.command, plan.signal = program, "TERM"
-    elif launcher == "torchrun":
-        torchrun = Path(python).parent / "torchrun"
-        head = [str(torchrun)] if torchrun.is_file() else [python, "-m", "torch.distributed.run"]
-        plan.command = [*head, "--standalone", "--nproc-per-node", str(ppn), *program[1:]]
-        plan.signal = "TERM"
-    elif launcher == "srun":
-        plan.command = [
-            "srun", "--nodes", str(len(job.hosts)), "--ntasks", str(world), "--ntasks-per-node", str(ppn),
-            "--cpus-per-task", str(cpus_per_rank), "--kill-on-bad-exit=1", *program,
-        ]  # fmt: skip
-        plan.signal = "USR1"
-    elif mpi_flavor == "openmpi":
-        cmd = [mpi_exe, "-np", str(world), "--map-by", f"ppr:{ppn}:node"]
-        cmd += ["--hostfile", job.nodefile] if job.nodefile else []
-        cmd += ["--bind-to", "none", "-x", "PATH", "-x", "OMP_NUM_THREADS"]
-        cmd += ["-x", "LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else []
-        cmd += ["--oversubscribe"] if ppn > logical else []
-        cmd += ["--allow-run-as-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
-        plan.command, plan.signal = [*cmd, *program], "USR1"
-    else:
-        cmd = [mpi_exe, "--np", str(world), "--ppn", str(ppn)]
-        cmd += ["--hostfile", job.nodefile] if job.nodefile else []
-        cmd += ["--cpu-bind", "depth", "-d", str(cpus_per_rank)]
-        plan.command, plan.signal = [*cmd, *program], "USR1"
-    for name in ("LAUNCH_WITH", "DRY_RUN", "PYTHON", "CONTINUE"):
-        raw = _value(env, name)
-        setv(name, raw or VAR_BY_NAME[name].default, "env" if raw else "default")
-    setv("PYTHON", python, "env" if _value(env, "PYTHON") else "default")
+    plan.command, plan.signal = launch_command(
+        launcher, program, shape, mpi_flavor=mpi_flavor, mpi_exe=mpi_exe, env=env
+    )
+    for name in ("LAUNCH_WITH", "DRY_RUN", "CONTINUE"):
+        plan.set(name, _value(env, name) or VAR_BY_NAME[name].default, _source(env, name))
+    plan.set("PYTHON", python, _source(env, "PYTHON"))
     return plan
 
 
@@ -943,10 +959,11 @@ def emit_shell(plan: Plan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`--from-env [--launcher L] [--mpi-flavor F] [--mpi-exe E] [--emit FILE] -- [pretrain flags]`."""
+    """`resolve [--launcher L] [--mpi-flavor F] [--mpi-exe E] [--emit FILE] -- [pretrain flags]`: what
+    train_alcf.sh runs (ALCF/helpers.sh) before it launches."""
     args = list(sys.argv[1:] if argv is None else argv)
     own, extra = (args[: args.index("--")], args[args.index("--") + 1 :]) if "--" in args else ([], args)
-    p = OneLineParser(prog="python -m megatron_ext.config --from-env")
+    p = OneLineParser(prog="python -m megatron_ext.alcf_env resolve")
     p.add_argument("--launcher", default="auto", choices=("auto", *LAUNCHERS))
     p.add_argument("--mpi-flavor", default="mpich", choices=MPI_FLAVORS)
     p.add_argument("--mpi-exe", default="mpiexec")
@@ -954,7 +971,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = p.parse_args(own)
     try:
         plan = resolve(os.environ, extra, launcher=opts.launcher, mpi_flavor=opts.mpi_flavor, mpi_exe=opts.mpi_exe)
-    except (EnvError, ConfigError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(plan), flush=True)
@@ -1024,7 +1041,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("docs", help="print the MODEL_ARCH and variable tables (markdown)")
     pr = sub.add_parser("progress", help="print `START LATEST TRAIN_ITERS` of a run folder (chained jobs)")
     pr.add_argument("run_dir")
-    sub.add_parser("resolve", help="same as `python -m megatron_ext.config --from-env`", add_help=False)
+    sub.add_parser(
+        "resolve", help="resolve the variables into the config and launch command (train_alcf.sh)", add_help=False
+    )
     args, rest = p.parse_known_args(argv)
     if args.cmd == "resolve":
         return main(rest)

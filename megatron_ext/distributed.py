@@ -36,6 +36,7 @@ __all__ = [
     "init_process_group",
     "initialize_model_parallel",
     "job_port",
+    "read_nodefile",
     "resolve_rendezvous",
 ]
 
@@ -176,6 +177,13 @@ def _expand_ranges(spec: str, hostlist: str) -> list[str]:
     return out
 
 
+def read_nodefile(path: str) -> list[str]:
+    """The hosts of a PBS node file, once each and in order (some sites list a host once per core or rank);
+    raises OSError when it cannot be read."""
+    with open(path) as fh:
+        return list(dict.fromkeys(fh.read().split()))
+
+
 def _expand_tasks_per_node(name: str, value: str) -> list[int]:
     """``SLURM_TASKS_PER_NODE`` such as ``4(x2),3`` -> ``[4, 4, 3]``."""
     counts: list[int] = []
@@ -301,8 +309,7 @@ def _master_addr(env: Mapping[str, str]) -> str:
     if env.get("PBS_NODEFILE"):
         path = env["PBS_NODEFILE"]
         try:
-            with open(path) as fh:
-                first = next((line.strip() for line in fh if line.strip()), "")
+            first = next(iter(read_nodefile(path)), "")
         except OSError as exc:
             raise LaunchError(
                 f"PBS_NODEFILE={path!r} cannot be read ({exc.strerror}); expected a file listing the job's "

@@ -42,6 +42,10 @@ from typing import Any
 import torch
 
 from megatron_ext.cli import UserError
+from megatron_ext.config import PRECISIONS
+
+# The torch dtype of each precision name (config.PRECISIONS): a run's parameters, a conversion's --dtype.
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in PRECISIONS.values()}
 
 
 class PlatformError(UserError, RuntimeError):

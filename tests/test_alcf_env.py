@@ -4,7 +4,9 @@ variable table against the schema and the docs. Fast: no process is launched."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from megatron_ext import alcf_env
 from megatron_ext.alcf_env import PRESETS, VARIABLES, EnvError, resolve
-from megatron_ext.config import ConfigError
+from megatron_ext.config import ConfigError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = {"CUDA_VISIBLE_DEVICES": ""}  # no GPU detection, whatever the machine
@@ -301,3 +303,48 @@ def test_universal_checkpoint_of_the_run_resumes_into_its_save(tmp_path: Path) -
     (tmp_path / "univ" / "universal.json").write_text('{"iteration": 20}')  # an older checkpoint than SAVE's
     with pytest.raises(EnvError, match=r"iteration 30\) but LOAD holds iteration 20"):
         _plan(tmp_path, env, "--universal-checkpoint")
+
+
+# ---- one parse, the command line told from defaults, one help per flag -------------------------------------------
+
+
+def test_the_config_shown_is_the_config_launched(tmp_path: Path) -> None:
+    """The plan's config (one parse, then the derived flags) equals what pretrain_gpt.py parses from plan.argv."""
+    cases = [
+        ({"NGPU_PER_HOST": "2"}, []),
+        ({"NGPU_PER_HOST": "2", "TP": "2", "TRAIN_TOKENS": "1M", "LR": "0.001", "DTYPE": "bf16"},
+         ["--lr", "3e-4", "--run-dir", str(tmp_path / "cli_run"), "--no-exit-signal-handler"]),
+        ({"NGPU_PER_HOST": "1", "GLOBAL_BATCH": "8", "NO_TENSORBOARD": "1"},
+         ["--train-samples", "400", "--save", str(tmp_path / "cli_ckpt"), "--fp16"]),
+    ]  # fmt: skip
+    for env, extra in cases:
+        plan = _plan(tmp_path, env, *extra)
+        launched = parse_args(plan.argv)
+        launched.resolve_batch(int(plan.derived["WORLD_SIZE"]))
+        assert launched == plan.config, (env, extra)
+    assert plan.config is not None and plan.config.precision.fp16 and not plan.config.precision.bf16
+
+
+def test_flags_given_are_told_from_defaults(tmp_path: Path) -> None:
+    given = alcf_env.given_dests(["--lr", "3e-4", "--no-exit-signal-handler", "--use-flash-attn", "--train-iters=5"])
+    assert given == {"optimizer.lr", "training.exit_signal_handler", "model.attention_backend", "training.train_iters"}
+    plan = _plan(tmp_path, {"NGPU_PER_HOST": "1", "LR": "0.001"}, "--lr", "3e-4")  # the schema's default value
+    assert plan.config is not None and plan.config.optimizer.lr == 3e-4
+    assert plan.values["LR"] == ("0.001", "env, overridden by the command line")
+
+
+def test_a_variables_help_is_its_flags_unless_it_says_more() -> None:
+    for v in alcf_env._TABLE:
+        flag_help = alcf_env.FIELDS[v.flag][1].metadata["help"] if v.flag else None
+        assert v.help != flag_help, f"{v.name}: drop its help, the flag's is used"
+    own = {v.name: v.help for v in alcf_env._TABLE}
+    for v in VARIABLES:
+        assert v.help and v.help == (own[v.name] or alcf_env.FIELDS[v.flag or ""][1].metadata["help"])
+
+
+def test_config_from_env_points_to_the_resolver() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.config", "--from-env"], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --from-env moved: python -m megatron_ext.alcf_env resolve [...] [-- flags]\n"

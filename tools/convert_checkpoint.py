@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.config import PRECISIONS
 
-DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+DTYPE_CHOICES = list(PRECISIONS.values())
 
 
 def _print_mapping(rows: list, dry_run: bool, save: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from megatron_ext.config import Config, ConfigError, ModelConfig
+from megatron_ext.config import PRECISIONS, Config, ConfigError, ModelConfig
 from megatron_ext.convert import (
     ConvertError,
     atomic_output_dir,
@@ -46,6 +46,7 @@ from megatron_ext.convert import (
     world_of_one,
 )
 from megatron_ext.data.tokenizers import HF_TOKENIZER_FILES
+from megatron_ext.platform import DTYPES
 
 EMB = "embedding.word_embeddings.weight"
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
@@ -59,7 +60,6 @@ OUTPUT = "output_layer.weight"
 # Specs with separate norm modules (not fused into the next linear) save the norms under these keys instead.
 NORM_ALIASES = {QKV_NORM: "decoder.layers.input_layernorm.weight", FC1_NORM: "decoder.layers.pre_mlp_layernorm.weight"}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _ST_FROM_NAME = {v: k for k, v in _ST_DTYPES.items()}
 TOKENIZER_NOTE = "megatron_ext_tokenizer.json"  # says which of our tokenizers the folder's files stand for
@@ -499,7 +499,7 @@ def _import_config(c: dict[str, Any], kind: str, tok_path: str | None, rows: int
         "make_vocab_size_divisible_by": _vocab_multiple(tokens, rows, over.get("make_vocab_size_divisible_by") or 128),
     }
     dtype = over.get("dtype", "float32")
-    precision = {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+    precision = {name: PRECISIONS[name] == dtype for name in ("bf16", "fp16")}
     data = {"tokenizer_type": kind, "tokenizer_model": tok_path}
     try:
         return Config.from_dict({"model": model, "precision": precision, "data": data})

@@ -10,6 +10,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_ext.config import Config
+from megatron_ext.platform import DTYPES
 from megatron_ext.training.schedules import ParamScheduler, schedule_config
 
 
@@ -46,9 +47,7 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]) -> Megatr
         clip_grad=o.clip_grad,
         bf16=prec.bf16,
         fp16=prec.fp16,
-        params_dtype={"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            prec.params_dtype
-        ],
+        params_dtype=DTYPES[prec.params_dtype],
         loss_scale=prec.loss_scale,
         initial_loss_scale=prec.initial_loss_scale,
         min_loss_scale=prec.min_loss_scale,
