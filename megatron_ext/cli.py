@@ -31,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._help_hint = f"{kwargs['prog']} --help" if kwargs.get("prog") else "--help"
+        prog = kwargs.get("prog", args[0] if args else None)
+        self._help_hint = f"{prog} --help" if prog else "--help"
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self._help_hint})\n")

@@ -531,6 +531,47 @@ class LoggingConfig:
 
 
 @dataclass
+class VariantOptions:
+    """A model variant's own options (a subclass per variant, built with `opt`: its fields are flags in a `--help`
+    group named after the variant, saved in config.json and checkpoints under "variant_options"). The base, with
+    no fields, is the options of variants that have none (gpt)."""
+
+    def check(self, cfg: Config) -> None:
+        """Checks against the rest of the configuration (e.g. layer counts against --num-layers), at parse time;
+        raises ConfigError naming the flags. Checks of the options alone belong in `__post_init__`."""
+
+
+VARIANTS: dict[str, type[VariantOptions]] = {"gpt": VariantOptions}
+"""--model-variant names and their options sections. A built-in variant adds a line here (and its recipe to
+megatron_ext/models/recipe.py's BUILTIN_RECIPES); others register with `models.recipe.register_variant`."""
+
+
+def add_variant(name: str, options: type[VariantOptions] = VariantOptions) -> None:
+    """Makes `name` a --model-variant choice with the options section `options` (flags in --help from then on)."""
+    _check(
+        name not in SECTIONS and VARIANTS.get(name, options) is options,
+        f"model variant {name!r}: the name is taken (by a schema section or another variant's options)",
+    )
+    _check(dataclasses.is_dataclass(options) and issubclass(options, VariantOptions),
+           f"model variant {name!r}: its options must be a dataclass deriving from config.VariantOptions")  # fmt: skip
+    VARIANTS[name] = options
+
+
+@dataclass
+class VariantConfig:
+    """Which model variant trains. Its recipe (megatron_ext/models/recipe.py) builds the model, reads the
+    micro-batches and scores them; the variant's options are the group named after it."""
+
+    model_variant: str = opt("gpt", "The model variant: gpt (megatron-core GPTModel), or a registered one.")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.model_variant in VARIANTS,
+            f"--model-variant {self.model_variant!r} must be one of {', '.join(VARIANTS)}",
+        )
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved as JSON beside the checkpoints."""
 
@@ -543,6 +584,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    variant: VariantConfig = field(default_factory=VariantConfig)
+    variant_options: VariantOptions = field(default_factory=VariantOptions)  # of type VARIANTS[model_variant]
 
     def check_folders(self) -> None:
         """The folder flags must not name existing files (a typo like --save of a log file): checked at start-up,
@@ -589,6 +632,15 @@ class Config:
                 f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                 "(needed by --sequence-parallel)",
             )
+        options = VARIANTS[self.variant.model_variant]
+        if type(self.variant_options) is VariantOptions:  # not given: the variant's defaults
+            self.variant_options = options()
+        _check(
+            type(self.variant_options) is options,
+            f"--model-variant {self.variant.model_variant} takes {options.__name__} options, not "
+            f"{type(self.variant_options).__name__}",
+        )
+        self.variant_options.check(self)
 
     @property
     def virtual_pipeline_size(self) -> int | None:
@@ -653,6 +705,8 @@ class Config:
         parts = {}
         for f in dataclasses.fields(cls):
             sub = f.default_factory  # type: ignore[misc]
+            if f.name == "variant_options":  # the saved variant's options class
+                sub = VARIANTS.get(d.get("variant", {}).get("model_variant", "gpt"), VariantOptions)
             known = {x.name for x in dataclasses.fields(sub)}  # type: ignore[arg-type]
             given = d.get(f.name, {})
             unknown = set(given) - known
@@ -667,7 +721,11 @@ class Config:
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if f.name != "variant_options"  # each variant's options are a section of their own: VARIANTS
+}
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -697,6 +755,10 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
 }
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
 def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
     """Every field of the dataclass `cls` (built with `opt`) as a flag in its own `--help` group, stored under
     `section.field`: the schema's sections, and tools with a typed config of their own, render alike."""
@@ -712,7 +774,7 @@ def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> Non
             negative = "--no-" + flag_of(f)[2:]
             group.add_argument(negative, dest=dest, action="store_false", help=argparse.SUPPRESS)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         nargs = f.metadata.get("nargs") or ("+" if is_list else None)
         if is_length(f):
             kind = parse_count
@@ -739,6 +801,9 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
     )
     for section, cls in SECTIONS.items():
         add_section(parser, section, cls)
+    for variant, options in VARIANTS.items():
+        if dataclasses.fields(options):
+            add_section(parser, variant, options)
     compat = parser.add_argument_group("compatibility", "Megatron-DeepSpeed spellings.")
     for alias, (section, name, value) in VALUE_ALIASES.items():
         target = f"--{name.replace('_', '-')} {value}" if section else "ignored"
@@ -749,7 +814,7 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py") -> Config:
     """Parses flags into a validated Config; raises ConfigError for a mistake in the values."""
     ns = vars(build_parser(prog).parse_args(argv))
-    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    values: dict[str, dict[str, Any]] = {s: {} for s in [*SECTIONS, *VARIANTS]}
     for key, value in ns.items():
         if key.startswith("_alias"):
             section, name, target = VALUE_ALIASES[key[len("_alias") :]]
@@ -758,7 +823,15 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py")
             continue
         section, name = key.split(".", 1)
         values[section].setdefault(name, value)
-    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+    variant = values["variant"]["model_variant"]
+    for other, options in VARIANTS.items():
+        given = [f for f in dataclasses.fields(options) if values[other][f.name] != _default(f)]
+        _check(
+            other == variant or not given,
+            f"{flag_of(given[0]) if given else ''} is an option of --model-variant {other}, not of {variant}",
+        )
+    options = VARIANTS[variant](**values[variant]) if variant in VARIANTS else VariantOptions()
+    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, variant_options=options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -34,6 +37,14 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from torch.autograd.function import once_differentiable
 
 from megatron_ext.config import Config
+from megatron_ext.data.gpt_data import (
+    MicroBatches,
+    TrainData,
+    build_train_data,
+    build_validation_sets,
+    training_entries,
+)
+from megatron_ext.models.recipe import Batch, Progress, Recipe, register_variant
 from megatron_ext.models.size import num_parameters
 from megatron_ext.platform import DTYPES, Platform
 
@@ -353,3 +364,71 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
     q = (m.kv_channels or h // m.num_attention_heads) * m.num_attention_heads
     attention = 2 * L * s * q  # QK^T and AV, per token (causal mask not discounted, as Megatron-LM)
     return 3 * (2 * dense + 2 * attention)
+
+
+def packed_seq_params(batch: Batch) -> PackedSeqParams | None:
+    """megatron-core's description of packed documents ("thd") when a batch carries their boundaries: `cu_seqlens`
+    (int32 cumulative document lengths over the micro-batch's tokens) and optionally `max_seqlen`."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return None
+    longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+
+
+class GPTRecipe(Recipe):
+    """megatron-core GPTModel on GPT samples (tokens, labels, loss mask, positions; packed-document boundaries
+    where a batch has them) from the blended training data: the default `--model-variant gpt`, and the base of
+    variants that change one part (subclass and override, e.g. `forward_step` for another loss mask)."""
+
+    train_data: TrainData
+    valid_sets: dict[str, torch.utils.data.Dataset]
+
+    def transformer_config(self) -> TransformerConfig:
+        return transformer_config(self.cfg, self.platform)
+
+    def build_model(self, config: TransformerConfig, vp_stage: int | None) -> torch.nn.Module:
+        return build_model(self.cfg, self.platform, config, self.vocab_size, vp_stage)
+
+    def num_parameters(self) -> int:
+        return num_parameters(self.cfg, self.vocab_size)
+
+    def build_data(self, run_samples: int, consumed_samples: int, saved: dict[str, Any] | None) -> str:
+        cfg, eod = self.cfg, self.tokenizer.eod
+        entries = training_entries(cfg, self.tokenizer)
+        self.train_data = build_train_data(cfg, entries, run_samples, consumed_samples, saved, eod)
+        valid_samples = cfg.logging.eval_iters * (cfg.training.global_batch_size or 0)
+        self.valid_sets = build_validation_sets(cfg, entries, valid_samples, eod)
+        return self.train_data.note
+
+    def _micro_batches(self, dataset: torch.utils.data.Dataset, position: int = 0) -> MicroBatches:
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        return MicroBatches(dataset, self.cfg.training.micro_batch_size, dp_rank, dp_size, position)
+
+    def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
+        return self._micro_batches(self.train_data.blend, self.train_data.position(consumed_samples))
+
+    def validation_sets(self) -> list[str]:
+        return list(self.valid_sets)
+
+    def valid_batches(self, name: str) -> Iterator[Batch]:
+        return self._micro_batches(self.valid_sets[name])
+
+    def data_state(self, consumed_samples: int) -> dict[str, Any]:
+        return self.train_data.state_dict(consumed_samples)
+
+    def forward_step(self, batch: Batch, chunk: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        output = chunk(
+            batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+            packed_seq_params=packed_seq_params(batch),
+        )  # fmt: skip
+        return output, {"lm_loss": batch["loss_mask"]}
+
+    def step_flops(self, progress: Progress, global_batch: int) -> float:
+        return flops_per_token(self.cfg, self.vocab_size) * global_batch * self.cfg.model.seq_length
+
+
+register_variant("gpt", GPTRecipe)

@@ -12,7 +12,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,15 +37,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron_ext import distributed, platform
 from megatron_ext.cli import UserError
 from megatron_ext.config import Config, ConfigError, parse_args
-from megatron_ext.data.gpt_data import (
-    MicroBatches,
-    TrainData,
-    build_train_data,
-    build_validation_sets,
-    training_entries,
-)
-from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer, padded_vocab_size
-from megatron_ext.models.gpt import build_model, flops_per_token, num_parameters, transformer_config
+from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer
+from megatron_ext.models.recipe import Batch, Recipe, build_recipe
 from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
 from megatron_ext.training.optim import build_optimizer, build_scheduler, wrap_model
@@ -63,6 +56,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    consumed_flops: float = 0.0  # training FLOPs so far (all ranks), for loss against compute
     skipped_in_a_row: int = 0
     skipped_total: int = 0
 
@@ -75,19 +69,21 @@ class Trainer:
     platform: platform.Platform
     device: torch.device
     tokenizer: Tokenizer
-    padded_vocab_size: int
+    recipe: Recipe  # the model variant: builds, feeds and scores the model
     config: TransformerConfig
     model: list[torch.nn.Module]
     optimizer: MegatronOptimizer
     scheduler: ParamScheduler
-    data: TrainData
-    train_data: list[MicroBatches]  # one iterator per model chunk (virtual pipeline stages read the same batches)
-    valid_sets: dict[str, Any]  # corpus -> validation samples
+    train_data: list[Iterator[Batch]]  # one iterator per model chunk (virtual pipeline stages read the same batches)
     metrics: MetricsLogger
     state: TrainState = field(default_factory=TrainState)
     stop_requested: bool = False
     started: float = field(default_factory=time.monotonic)
     async_saves: AsyncCallsQueue | None = None  # --async-save on GPU: checkpoints being written in the background
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.recipe.vocab_size
 
 
 def _is_loss_rank() -> bool:
@@ -95,35 +91,45 @@ def _is_loss_rank() -> bool:
     return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def loss_func(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Per-token losses -> (sum, token count, values to report); megatron-core divides by the global count."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (output.float().reshape(-1) * mask).sum()
-    tokens = mask.sum().to(torch.int)
-    return loss_sum, tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+def loss_func(
+    masks: dict[str, torch.Tensor], output: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token losses -> (lm_loss sum, its token count, [sum, count] of each masked loss to report); megatron-core
+    divides the gradients by the global count."""
+    losses = output.float().reshape(-1)
+    reports = {}
+    for name, mask in masks.items():
+        weights = mask.reshape(-1).float()
+        reports[name] = torch.stack([(losses * weights).sum(), weights.sum()])
+    loss_sum, tokens = reports["lm_loss"]
+    return loss_sum, tokens.to(torch.int), {k: v.detach() for k, v in reports.items()}
 
 
-def forward_step(device: torch.device, data: MicroBatches, model: torch.nn.Module) -> tuple[torch.Tensor, partial]:
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(data).items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
+def forward_step(recipe: Recipe, data: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, partial]:
+    output, masks = recipe.forward_step(next(data), model)
+    return output, partial(loss_func, masks)
 
 
-def _global_mean(reports: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """(global loss sum, global token count) from every data-parallel replica, known on every rank."""
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+def _global_sums(tr: Trainer, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[sum, count] of each of the recipe's losses over every data-parallel replica, known on every rank."""
+    names = tr.recipe.losses
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=tr.device)
     if _is_loss_rank():
         for r in reports:
-            total += r["lm_loss"].to(torch.float64)
+            total += torch.stack([r[name] for name in names]).to(total)
     if torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(total)
     return total
 
 
-def _run_microbatches(tr: Trainer, data: list[MicroBatches], num_microbatches: int, forward_only: bool) -> list:
+def _means(tr: Trainer, sums: torch.Tensor) -> dict[str, float]:
+    return {name: (s / max(c, 1)) for name, (s, c) in zip(tr.recipe.losses, sums.tolist())}
+
+
+def _run_microbatches(tr: Trainer, data: list[Iterator[Batch]], num_microbatches: int, forward_only: bool) -> list:
     cfg = tr.cfg
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, tr.device),
+        forward_step_func=partial(forward_step, tr.recipe),
         data_iterator=data if len(data) > 1 else data[0],
         model=tr.model if len(tr.model) > 1 else tr.model[0],
         num_microbatches=num_microbatches,
@@ -137,12 +143,16 @@ def train_step(tr: Trainer) -> dict[str, float]:
     """One optimizer step over the current global batch; returns loss, grad norm, lr, skipped."""
     update_num_microbatches(tr.state.consumed_samples, consistency_check=True)
     num_microbatches, global_batch = get_num_microbatches(), get_current_global_batch_size()
+    note = tr.recipe.before_step(tr.state, tr.model, tr.optimizer)
+    if note:
+        tr.metrics.print(note)
     for chunk in tr.model:
         chunk.zero_grad_buffer()  # type: ignore[operator]
     tr.optimizer.zero_grad()
     reports = _run_microbatches(tr, tr.train_data, num_microbatches, forward_only=False)
-    loss_sum, tokens = _global_mean(reports, tr.device).tolist()
-    loss = loss_sum / max(tokens, 1)
+    means = _means(tr, _global_sums(tr, reports))
+    loss = means["lm_loss"]
+    flops = tr.recipe.step_flops(tr.state, global_batch)
 
     # Apply the step only if everything is finite: megatron-core's step() would update with a NaN norm.
     found_inf = tr.optimizer.prepare_grads()
@@ -161,14 +171,17 @@ def train_step(tr: Trainer) -> dict[str, float]:
     tr.state.iteration += 1
     tr.state.consumed_samples += global_batch
     tr.state.consumed_tokens += global_batch * tr.cfg.model.seq_length
+    tr.state.consumed_flops += flops
     return {
-        "lm_loss": loss,
+        **means,
         "grad_norm": grad_norm,
         "lr": tr.optimizer.param_groups[0]["lr"],
         "loss_scale": tr.optimizer.get_loss_scale().item(),
         "global_batch_size": global_batch,
         "skipped": 0.0 if applied else 1.0,
         "skipped_steps": tr.state.skipped_total,
+        "step_flops": flops,
+        "consumed_flops": tr.state.consumed_flops,
     }
 
 
@@ -187,23 +200,23 @@ def check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
         tr.metrics.print(f"iter {tr.state.iteration}: non-finite loss or gradient; step skipped")
 
 
-def evaluate(tr: Trainer) -> dict[str, float]:
-    """Mean per-token validation loss of each corpus over --eval-iters global batches (the same batches at
-    every evaluation, so the numbers are comparable over the run)."""
+def evaluate(tr: Trainer) -> dict[str, dict[str, float]]:
+    """Mean per-token validation losses of each validation set over --eval-iters global batches (the same
+    batches at every evaluation, so the numbers are comparable over the run)."""
     cfg = tr.cfg
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)  # type: ignore[operator]
     for chunk in tr.model:
         chunk.eval()
     losses = {}
-    for corpus, dataset in tr.valid_sets.items():
-        data = [MicroBatches(dataset, cfg.training.micro_batch_size, dp_rank, dp_size) for _ in tr.model]
-        total = torch.zeros(2, dtype=torch.float64)
+    for name in tr.recipe.validation_sets():
+        data = [tr.recipe.valid_batches(name) for _ in tr.model]
+        total = torch.zeros(len(tr.recipe.losses), 2, dtype=torch.float64)
         with torch.no_grad():
             for _ in range(cfg.logging.eval_iters):
                 reports = _run_microbatches(tr, data, num_microbatches, forward_only=True)
-                total += _global_mean(reports, tr.device).cpu()
-        losses[corpus] = (total[0] / total[1].clamp(min=1)).item()
+                total += _global_sums(tr, reports).cpu()
+        losses[name] = _means(tr, total)
     for chunk in tr.model:
         chunk.train()
     return losses
@@ -213,7 +226,8 @@ def save_checkpoint(tr: Trainer) -> None:
     assert tr.cfg.checkpoint.save is not None
     extra = {
         "train_state": asdict(tr.state),
-        "data_state": tr.data.state_dict(tr.state.consumed_samples),
+        "data_state": tr.recipe.data_state(tr.state.consumed_samples),
+        "recipe_state": tr.recipe.state_dict(),
         "config": tr.cfg.to_dict(),
         "vocab_size": tr.tokenizer.vocab_size,  # the universal format keeps only these embedding rows
     }
@@ -264,13 +278,13 @@ def train(tr: Trainer) -> TrainState:
     cfg = tr.cfg
     total_iters = cfg.training.train_iters
     tr.metrics.print(
-        f"training {num_parameters(cfg, tr.padded_vocab_size):,} parameters from iteration {tr.state.iteration} "
-        f"({tr.state.consumed_samples} samples consumed)"
+        f"training {tr.recipe.num_parameters():,} parameters ({cfg.variant.model_variant}) from iteration "
+        f"{tr.state.iteration} ({tr.state.consumed_samples} samples consumed)"
     )
     while not _finished(tr):
         values = train_step(tr)
         check_non_finite(tr, values)
-        tr.metrics.count(values["global_batch_size"] * cfg.model.seq_length)
+        tr.metrics.count(values["global_batch_size"] * cfg.model.seq_length, values["step_flops"])
         it = tr.state.iteration
         if it % cfg.logging.log_interval == 0:
             tr.metrics.step(it, total_iters, values)
@@ -297,12 +311,13 @@ def train(tr: Trainer) -> TrainState:
 
 def _log_eval(tr: Trainer) -> None:
     start = time.perf_counter()
-    losses = evaluate(tr)
+    results = evaluate(tr)
     tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
-    for corpus, loss in losses.items():
-        ppl = math.exp(min(loss, 20))
-        tr.metrics.print(f"validation at iter {tr.state.iteration} | {corpus} | loss {loss:.4f} | ppl {ppl:.3f}")
-        tr.metrics.scalars(tr.state.iteration, {"lm_loss": loss, "ppl": ppl}, prefix=f"valid/{corpus}/")
+    for name, values in results.items():
+        loss, ppl = values["lm_loss"], math.exp(min(values["lm_loss"], 20))
+        others = "".join(f" | {k} {v:.4f}" for k, v in values.items() if k != "lm_loss")
+        tr.metrics.print(f"validation at iter {tr.state.iteration} | {name} | loss {loss:.4f} | ppl {ppl:.3f}{others}")
+        tr.metrics.scalars(tr.state.iteration, {**values, "ppl": ppl}, prefix=f"valid/{name}/")
 
 
 def setup(cfg: Config) -> Trainer:
@@ -329,12 +344,10 @@ def setup(cfg: Config) -> Trainer:
     )  # fmt: skip
 
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    vocab = padded_vocab_size(
-        tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
-    )
+    recipe = build_recipe(cfg, plat, tokenizer)
     vpp = cfg.virtual_pipeline_size
-    config = transformer_config(cfg, plat)
-    chunks = [build_model(cfg, plat, config, vocab, vp_stage=i if vpp else None) for i in range(vpp or 1)]
+    config = recipe.transformer_config()
+    chunks = [recipe.build_model(config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
     model = wrap_model(cfg, config, chunks)  # type: ignore[arg-type]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
@@ -349,27 +362,22 @@ def setup(cfg: Config) -> Trainer:
         cfg.to_json(Path(run_dir) / "config.json")
     metrics = MetricsLogger(
         enabled=rank0,
-        flops_per_token=flops_per_token(cfg, vocab),
         world_size=info.world_size,
         device_type=plat.device_type,
         peak=peak_tflops(plat.device_type, cfg.logging.peak_tflops),
         tensorboard_dir=cfg.logging.tensorboard_dir,
         log_file=Path(run_dir) / "train.log" if run_dir else None,
     )
-    state, extra = _resume(cfg, model, optimizer, scheduler, metrics.print)
+    state, extra = _resume(cfg, model, optimizer, scheduler, recipe, metrics.print)
 
-    entries = training_entries(cfg, tokenizer)
     saved_data = extra.get("data_state") if extra else None
-    data = build_train_data(cfg, entries, run_length_samples(cfg), state.consumed_samples, saved_data, tokenizer.eod)
-    if data.note:
-        metrics.print(data.note)
-    valid_sets = build_validation_sets(cfg, entries, cfg.logging.eval_iters * t.global_batch_size, tokenizer.eod)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    position = data.position(state.consumed_samples)
-    train_data = [MicroBatches(data.blend, t.micro_batch_size, dp_rank, dp_size, position) for _ in model]
+    note = recipe.build_data(run_length_samples(cfg), state.consumed_samples, saved_data)
+    if note:
+        metrics.print(note)
+    train_data = [recipe.train_batches(state.consumed_samples) for _ in model]
     tr = Trainer(
-        cfg, plat, plat.current_device(), tokenizer, vocab, config, model, optimizer, scheduler, data, train_data,
-        valid_sets, metrics, state,
+        cfg, plat, plat.current_device(), tokenizer, recipe, config, model, optimizer, scheduler, train_data, metrics,
+        state,
     )  # fmt: skip
     if cfg.checkpoint.async_save and plat.device_type == "cuda":
         tr.async_saves = AsyncCallsQueue()
@@ -390,10 +398,11 @@ def _resume(
     model: list[torch.nn.Module],
     optimizer: MegatronOptimizer,
     scheduler: ParamScheduler,
+    recipe: Recipe,
     log: Callable[[str], None],
 ) -> tuple[TrainState, dict[str, Any] | None]:
-    """Loads --load as the checkpoint flags say; returns the progress to continue from and the checkpoint's other
-    entries (None when starting afresh, --finetune included)."""
+    """Loads --load as the checkpoint flags say (the recipe's state too); returns the progress to continue from
+    and the checkpoint's other entries (None when starting afresh, --finetune included)."""
     ck = cfg.checkpoint
     if not ck.load:
         return TrainState(), None
@@ -415,6 +424,12 @@ def _resume(
         log(f"fine-tuning from the weights of {extra['path']}: iteration, optimizer, schedule and data position "
             "start afresh")  # fmt: skip
         return TrainState(), None
+    variant = (extra.get("config") or {}).get("variant", {}).get("model_variant", "gpt")
+    ours = cfg.variant.model_variant
+    if variant != ours:
+        raise ConfigError(f"--load {extra['path']} holds a --model-variant {variant} run, not {ours}: pass --finetune "
+                          "to start from its weights")  # fmt: skip
+    recipe.load_state_dict(extra.get("recipe_state") or {})
     state = TrainState(**extra["train_state"])
     log(f"resumed from {extra['path']} at iteration {state.iteration}")
     if extra.get("scheduler") is None:  # imported from DeepSpeed or Megatron-LM

@@ -37,7 +37,6 @@ class MetricsLogger:
     def __init__(
         self,
         enabled: bool,
-        flops_per_token: float,
         world_size: int,
         device_type: str,
         peak: float | None,
@@ -45,7 +44,6 @@ class MetricsLogger:
         log_file: Path | None,
     ) -> None:
         self.enabled = enabled
-        self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.device_type = device_type
         self.peak = peak
@@ -56,6 +54,7 @@ class MetricsLogger:
             self.writer = SummaryWriter(tensorboard_dir)
         self.log_file = log_file.open("a") if enabled and log_file else None
         self._window_tokens = 0
+        self._window_flops = 0.0
         self._window_steps = 0
         self._window_start = time.perf_counter()
 
@@ -67,8 +66,10 @@ class MetricsLogger:
             self.log_file.write(line + "\n")
             self.log_file.flush()
 
-    def count(self, tokens: int) -> None:
+    def count(self, tokens: int, flops: float) -> None:
+        """Adds a step's tokens and training FLOPs (all ranks; they may vary by step) to the current window."""
         self._window_tokens += tokens
+        self._window_flops += flops
         self._window_steps += 1
 
     def exclude(self, seconds: float) -> None:
@@ -79,7 +80,7 @@ class MetricsLogger:
         """Closes a log window: adds throughput figures, prints and records them; returns all values."""
         elapsed = time.perf_counter() - self._window_start
         tokens_per_s = self._window_tokens / max(elapsed, 1e-9)
-        tflops = tokens_per_s * self.flops_per_token / 1e12 / self.world_size
+        tflops = self._window_flops / max(elapsed, 1e-9) / 1e12 / self.world_size
         values = {
             **values,
             "step_time_s": elapsed / max(self._window_steps, 1),
@@ -89,7 +90,8 @@ class MetricsLogger:
         }
         if self.peak:
             values["mfu"] = tflops / self.peak
-        self._window_tokens, self._window_steps, self._window_start = 0, 0, time.perf_counter()
+        self._window_tokens, self._window_flops, self._window_steps = 0, 0.0, 0
+        self._window_start = time.perf_counter()
         total = f"/{total_iters}" if total_iters else ""
         parts = [f"iter {iteration}{total}"]
         for key, fmt in (
@@ -103,6 +105,7 @@ class MetricsLogger:
             ("step_time_s", "step {:.3f}s"),
             ("memory_gib", "mem {:.2f}GiB"),
             ("skipped_steps", "skipped {:.0f}"),
+            ("consumed_flops", "FLOPs {:.3e}"),
         ):
             if key in values and values[key] is not None and not (key == "loss_scale" and values[key] == 1.0):
                 parts.append(fmt.format(values[key]))

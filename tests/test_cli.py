@@ -1,0 +1,61 @@
+"""The command-line home (megatron_ext/cli.py): one `error:` line and exit status 2 for a bad flag, a user mistake
+or an unreadable file, and one base class that every user-facing error derives from."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_ext.cli import OneLineParser, UserError, run_tool
+
+
+def test_a_bad_flag_is_one_line_naming_the_help(capsys) -> None:
+    for prog, hint in (("tool.py", "(see tool.py --help)"), (None, "(see --help)")):
+        parser = OneLineParser(prog=prog) if prog else OneLineParser()
+        parser.add_argument("--n", type=int, required=True)
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--n", "x"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: argument --n: invalid int value: 'x' {hint}\n"
+
+
+def test_run_tool_reports_mistakes_in_one_line(tmp_path, capsys) -> None:
+    def run(argv: list[str] | None) -> int:
+        parser = OneLineParser(prog="t.py")
+        parser.add_argument("what")
+        args = parser.parse_args(argv)
+        if args.what == "mistake":
+            raise UserError("--what mistake: expected something else")
+        if args.what == "file":
+            open(tmp_path / "missing.txt").close()
+        return 0
+
+    cases = [
+        (["mistake"], 2, "error: --what mistake: expected something else\n"),
+        (["file"], 2, f"error: {tmp_path / 'missing.txt'}: No such file or directory\n"),
+        ([], 2, "error: the following arguments are required: what (see t.py --help)\n"),
+        (["fine"], 0, ""),
+    ]
+    for argv, code, err in cases:
+        assert run_tool(run, argv) == code
+        assert capsys.readouterr().err == err
+
+
+def test_every_user_facing_error_derives_from_user_error() -> None:
+    """So each main() catches one type; each keeps its builtin base for callers that catch that."""
+    from megatron_ext.config import ConfigError
+    from megatron_ext.convert import ConvertError
+    from megatron_ext.data.data_list import DataListError
+    from megatron_ext.data.preprocess import PreprocessError
+    from megatron_ext.data.tokenizers import TokenizerError
+    from megatron_ext.distributed import LaunchError
+    from megatron_ext.platform import PlatformError
+    from megatron_ext.training.checkpointing import CheckpointError
+    from megatron_ext.training.layout import CheckpointNotFound
+    from megatron_ext.training.schedules import ScheduleError
+
+    value_errors = [ConfigError, ConvertError, DataListError, PreprocessError, TokenizerError, LaunchError]
+    value_errors += [CheckpointNotFound, ScheduleError]
+    for cls in value_errors:
+        assert issubclass(cls, UserError) and issubclass(cls, ValueError), cls
+    for cls in (PlatformError, CheckpointError):
+        assert issubclass(cls, UserError) and issubclass(cls, RuntimeError), cls
