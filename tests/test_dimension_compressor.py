@@ -279,3 +279,15 @@ def test_extraction_tp2_equals_tp1_and_gives_the_output_layers_input(tmp_path: P
     assert np.array_equal(one.offsets, two.offsets)
     assert np.allclose(np.asarray(one.hidden), np.asarray(two.hidden), rtol=1e-5, atol=1e-5)
     assert len(json.loads((tmp_path / "run" / "sweep_1a.json").read_text())) == 4
+    # Interrupted after 5 sequences: the same command continues there (in another layout too) and ends equal.
+    rows = slice(int(two.offsets[5]), None)
+    resumed = HiddenStore(tmp_path / "tp2", writable=True)
+    resumed.hidden[rows] = 0.0
+    resumed.hidden.flush()
+    (tmp_path / "tp2" / "progress.json").write_text(json.dumps({"done": 5}))
+    tool = [sys.executable, str(ROOT / "tools" / "extract_hidden.py"), "--output", str(tmp_path / "tp2"), *common]
+    again = subprocess.run(tool, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "continuing" in again.stderr and "after 5 of 12" in again.stderr, again.stderr
+    assert np.allclose(np.asarray(one.hidden), np.asarray(HiddenStore(tmp_path / "tp2").hidden), rtol=1e-5, atol=1e-5)
+    other = subprocess.run([*tool, "--num-samples", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "made from other inputs" in other.stderr
