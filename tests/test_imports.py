@@ -11,10 +11,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "megatron_ext"
 
-# Circles known and being removed elsewhere (issue 17: `config.main --from-env` imports alcf_env, which imports
-# config); each is the set of modules of one circle. Empty this once they are gone.
-EXPECTED_CIRCLES: set[frozenset[str]] = {frozenset({"megatron_ext.alcf_env", "megatron_ext.config"})}
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -91,7 +87,7 @@ def test_circles_are_found() -> None:
 
 
 def test_no_import_circle_between_files() -> None:
-    found = [c for c in circles(import_graph()) if frozenset(c) not in EXPECTED_CIRCLES]
+    found = circles(import_graph())
     assert not found, "import circles (break each so imports run one way): " + "; ".join(" <-> ".join(c) for c in found)
 
 
