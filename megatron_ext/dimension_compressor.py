@@ -314,7 +314,7 @@ def load_checkpoint(path: Path, flag: str, d_model: int, d_compressed: int) -> d
 
 
 class Logs:
-    """Lines to stdout and `train.log`, scalars to tensorboard and (optionally) wandb."""
+    """Scalars to tensorboard and (with --use-wandb) wandb; lines through `log`."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, d: int, log: Callable[[str], None]) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -523,7 +523,7 @@ def hidden_store(cfg: RunConfig, log: Callable[[str], None]) -> HiddenStore | No
         return open_complete(c.hidden_store)
     lm = frozen_lm(cfg.hidden)
     check_d_values(cfg, lm.hidden_size)  # before the extraction, which may take long
-    prepared = prepare(cfg.hidden)
+    prepared = prepare(cfg.hidden, lm)
     folder = Path(c.output_dir) / "hidden" / f"{c.stage}-{prepared.key}"
     if not extract(cfg.hidden, prepared, folder, log):
         return None
@@ -580,34 +580,23 @@ def write_sweep(results: list[Result], out: Path, stage: str) -> list[Path]:
     return paths
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Result]:
-    """Trains every D' of the run on rank 0 (other ranks of a TP extraction return []) and reports each."""
+def train_all(cfg: RunConfig, store: HiddenStore, log: Callable[[str], None]) -> list[Result]:
+    """PCA on the training tokens, then every D' of the run trained and reported beside it."""
     c, t = cfg.compressor, cfg.training
-    out = Path(c.output_dir)
-    for flag, folder in (("--output-dir", out), ("--tensorboard-dir", t.tensorboard_dir)):
-        problem = None if folder is None else folder_problem(folder)
-        if problem is not None:
-            raise ConfigError(f"{flag} {folder}: {problem}")
-    store = hidden_store(cfg, log)
-    if store is None:
-        return []
-    H = store.hidden_size
-    check_d_values(cfg, H)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    out, H = Path(c.output_dir), store.hidden_size
     train_ids, valid_ids = split_sequences(store.num_sequences, t.valid_fraction, t.seed)
     data = Data(store, train_ids, valid_ids)
     device = _device(cfg.hidden.device)
     tokens = int(store.lengths()[train_ids].sum())
     log(f"hidden states H={H}: {len(train_ids)} training sequences ({tokens} tokens), {len(valid_ids)} validation")
     _, axes = principal_axes(second_moment(data, 4 * t.micro_batch_size, device))
+    start = "stage 1a's best" if c.stage == "1b" else f"{c.init} initialisation"
     results = []
     for d in d_values(cfg, H):
         run_dir = out / f"d{d}" if c.sweep else out
         run_dir.mkdir(parents=True, exist_ok=True)
-        pca_model = TiedLinearCompressor(H, d, basis=axes[:d]).to(device)
-        pca = evaluate(pca_model, data, 4 * t.micro_batch_size, device)
-        log(f"D'={d} ({H / d:.1f}x, {H * d:,} parameters): training from {c.init} initialisation")
+        pca = evaluate(TiedLinearCompressor(H, d, basis=axes[:d]).to(device), data, 4 * t.micro_batch_size, device)
+        log(f"D'={d} ({H / d:.1f}x, {H * d:,} parameters): training from {start}")
         result = train_one(cfg, data, axes, d, pca, run_dir, log)
         results.append(result)
         log(f"D'={d} cosine trained {result.best['cosine']:.4f} pca {result.pca['cosine']:.4f}")
@@ -619,6 +608,31 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Result]:
         for path in write_sweep(results, out, c.stage):
             log(f"wrote {path}")
     return results
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> list[Result]:
+    """Checks the folders, gets the hidden states, trains on rank 0 (other ranks of a TP extraction return []);
+    writes `<output-dir>/config.json` and appends every line to `<output-dir>/train.log`."""
+    c, t = cfg.compressor, cfg.training
+    out = Path(c.output_dir)
+    for flag, folder in (("--output-dir", out), ("--tensorboard-dir", t.tensorboard_dir)):
+        problem = None if folder is None else folder_problem(folder)
+        if problem is not None:
+            raise ConfigError(f"{flag} {folder}: {problem}")
+    store = hidden_store(cfg, log)
+    if store is None:
+        return []
+    check_d_values(cfg, store.hidden_size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    with (out / "train.log").open("a") as log_file:
+
+        def tee(line: str) -> None:
+            log(line)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        return train_all(cfg, store, tee)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

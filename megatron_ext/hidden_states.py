@@ -313,11 +313,11 @@ class Prepared:
         return hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(source: HiddenSourceConfig) -> Prepared:
-    """Finds the checkpoint, reads its config and tokenizer and tokenizes the text (no model yet)."""
+def prepare(source: HiddenSourceConfig, lm: FrozenLM | None = None) -> Prepared:
+    """Finds the checkpoint (unless given), reads its config and tokenizer and tokenizes the text (no model yet)."""
     from megatron_ext.data.tokenizers import build_tokenizer
 
-    lm = frozen_lm(source)
+    lm = lm or frozen_lm(source)
     tokenizer = build_tokenizer(lm.config.data.tokenizer_type, source.tokenizer_model or lm.config.data.tokenizer_model)
     sequences, inputs = read_sequences(lm, source, tokenizer)
     return Prepared(lm, tokenizer, sequences, inputs)
