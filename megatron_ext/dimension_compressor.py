@@ -186,8 +186,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         values[section][name] = value
     cfg = RunConfig(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
     c = cfg.compressor
-    if (c.hidden_store is None) == (cfg.hidden.load is None):
+    h = cfg.hidden
+    if (c.hidden_store is None) == (h.load is None):
         raise ConfigError("give the hidden states: --load CHECKPOINT (extracted here) or --hidden-store STORE")
+    if c.stage == "1b" and h.load is not None and not (h.input or h.data_path or h.data_file_list):
+        raise ConfigError("--stage 1b trains on reasoning/chat text: give --input FILE.jsonl (or --data-file-list)")
     return cfg
 
 

@@ -57,7 +57,7 @@ class HiddenSourceConfig:
         None, "JSONL files of text or chat records (text; messages/conversations turns).", nargs="+"
     )
     num_samples: int = opt(
-        50000, "Sequences to extract (the last --valid-fraction validate).", aliases=["--num_samples"]
+        50000, "Sequences to extract (a seeded --valid-fraction of them validates).", aliases=["--num_samples"]
     )
     max_seq_length: int = opt(512, "Tokens per sequence at most.", aliases=["--max_seq_length"])
     extract_batch_size: int = opt(8, "Sequences per LM forward while extracting.")

@@ -227,6 +227,7 @@ def test_reference_spellings_and_bad_inputs(store: tuple[Path, np.ndarray], caps
         "--load": ["--load", str(store[0].parent / "missing")],
         "--hidden-store": ["--hidden-store", str(store[0].parent / "missing")],
         "give the hidden states": ["--d-compressed", "4"],
+        "--stage 1b trains on reasoning/chat text": ["--load", "ckpt", "--stage", "1b"],
         "--lr": ["--hidden-store", "s", "--lr", "-1"],
     }
     for expected, argv in cases.items():
