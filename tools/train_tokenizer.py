@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.cli import OneLineParser, UserError, report
 from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input
 
 
@@ -124,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        report = train(args)
+        summary = train(args)
     except UserError as e:
         return report(e)
     except RuntimeError as e:  # sentencepiece's own complaints, e.g. a vocabulary larger than the text allows
         print(f"error: sentencepiece: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
-    print(json.dumps(report))
+    print(json.dumps(summary))
     return 0
 
 
