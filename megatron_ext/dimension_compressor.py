@@ -572,6 +572,7 @@ def write_sweep(results: list[Result], out: Path, stage: str) -> list[Path]:
     ax.plot(ds, [r["cosine_trained"] for r in rows], "o-", label="trained")
     ax.plot(ds, [r["cosine_pca"] for r in rows], "s--", label="PCA (optimum)")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ds, [str(d) for d in ds])
     ax.set_xlabel("D'")
     ax.set_ylabel("cosine similarity (validation)")
     ax.set_title(f"stage {stage}: reconstruction of H={results[0].hidden_size} hidden states")
