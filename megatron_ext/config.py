@@ -22,6 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.lr_schedule import (
+    LR_DECAY_STYLES,
+    LR_LENGTHS,
+    STYLE_ALIASES,
+    WD_INCR_STYLES,
+    WSD_DECAY_STYLES,
+    ScheduleConfig,
+    ScheduleError,
+    canonical_style,
+    resolve_lengths,
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -292,19 +303,17 @@ class OptimizerConfig:
         _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
 
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD", "infinite-cosine", "infinite-inv-sqrt")
-LR_LENGTHS = ("lr_warmup", "lr_decay", "lr_wsd_decay", "lr_infinite_decay", "lr_cooldown")
-
-
 @dataclass
-class ScheduleConfig:
+class LRScheduleConfig:
     """The learning-rate and weight-decay schedule. Every length can be given in iterations, samples or tokens
-    (tokens survive batch-size and sequence-length changes); a checkpoint stores the whole schedule."""
+    (tokens survive batch-size and sequence-length changes); a checkpoint stores the whole schedule. Resolved and
+    checked when the command line is parsed (`schedule_config`; the vocabulary: megatron_ext/lr_schedule.py)."""
 
     lr_decay_style: str = opt(
         "cosine",
         "constant, linear, cosine, inverse-square-root, WSD (warmup-stable-decay; ALCF's constant-plus-cooldown "
-        "is the same), infinite-cosine or infinite-inv-sqrt (decay to --constant-lr, hold, then cooldown).",
+        "is the same), infinite-cosine or infinite-inv-sqrt (decay to --constant-lr, hold, then cooldown). Other "
+        f"spellings accepted: {', '.join(STYLE_ALIASES)}.",
     )
     lr_warmup_init: float = opt(0.0, "Learning rate at the start of warmup.")
     lr_warmup_iters: int | None = opt(None, "Linear warmup length in iterations.")
@@ -317,7 +326,7 @@ class ScheduleConfig:
     lr_wsd_decay_style: str = opt(
         "exponential",
         "Shape of WSD's final decay and of the infinite schedules' cooldown.",
-        choices=["linear", "cosine", "exponential", "minus_sqrt"],
+        choices=WSD_DECAY_STYLES,
     )
     lr_wsd_decay_iters: int | None = opt(None, "WSD: length of the final decay, ending at the decay end.")
     lr_wsd_decay_samples: int | None = opt(None, "--lr-wsd-decay-iters in samples.")
@@ -332,9 +341,7 @@ class ScheduleConfig:
     lr_timescale: float = opt(10.0, "infinite-inv-sqrt: steepness of the decay to --constant-lr.")
     start_weight_decay: float | None = opt(None, "Weight decay at the start (default --weight-decay).")
     end_weight_decay: float | None = opt(None, "Weight decay at the end (default --weight-decay).")
-    weight_decay_incr_style: str = opt(
-        "constant", "How weight decay moves from start to end.", choices=["constant", "linear", "cosine"]
-    )
+    weight_decay_incr_style: str = opt("constant", "How weight decay moves from start to end.", choices=WD_INCR_STYLES)
     override_opt_param_scheduler: bool = opt(
         False,
         "On resume, follow this command line's schedule instead of the checkpoint's (LR and min LR in the optimizer "
@@ -353,11 +360,13 @@ class ScheduleConfig:
     )
 
     def __post_init__(self) -> None:
-        aliases = {"constant-cooldown", "constant_cooldown", "constant-with-cooldown", "constant+cooldown"}
+        style = canonical_style(self.lr_decay_style)
         _check(
-            self.lr_decay_style in LR_DECAY_STYLES or self.lr_decay_style in aliases,
-            f"--lr-decay-style {self.lr_decay_style!r} must be one of {', '.join(LR_DECAY_STYLES)}",
+            style in LR_DECAY_STYLES,
+            f"--lr-decay-style {self.lr_decay_style!r} must be one of {', '.join(LR_DECAY_STYLES)} (or an alias: "
+            f"{', '.join(STYLE_ALIASES)})",
         )
+        self.lr_decay_style = style
         for length in LR_LENGTHS:
             given = [u for u in ("iters", "samples", "tokens") if getattr(self, f"{length}_{u}") is not None]
             flags = " / ".join(f"--{length.replace('_', '-')}-{u}" for u in given)
@@ -579,7 +588,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -641,6 +650,7 @@ class Config:
             f"{type(self.variant_options).__name__}",
         )
         self.variant_options.check(self)
+        check_schedule(self)
 
     @property
     def virtual_pipeline_size(self) -> int | None:
@@ -717,6 +727,115 @@ class Config:
     @classmethod
     def from_json(cls, path: str | Path) -> Config:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ---- the schedule a command line gives ----------------------------------------------------------------------
+
+
+def run_length_samples(cfg: Config, global_batch_size: int | None = None) -> int:
+    """Total training samples (the unit the schedule counts in, so it survives batch-size changes); iterations
+    count `global_batch_size` samples each (default --global-batch-size)."""
+    t = cfg.training
+    if t.train_samples is not None:
+        return t.train_samples
+    gbs = global_batch_size or t.global_batch_size
+    assert t.train_iters is not None and gbs is not None
+    return t.train_iters * gbs
+
+
+def schedule_config(cfg: Config, start_samples: int = 0, global_batch_size: int | None = None) -> ScheduleConfig:
+    """The command line's schedule in one unit (tokens if any length was given in tokens, else samples).
+
+    `start_samples`: where the schedule starts in the run (--restart-lr-schedule at a checkpoint); by default
+    the decay then ends with the run rather than a whole run length later. `global_batch_size`: the samples of an
+    iteration, default --global-batch-size (`check_schedule` passes 1 before it is known).
+    """
+    o, sc = cfg.optimizer, cfg.schedule
+    gbs = global_batch_size or cfg.training.global_batch_size
+    assert gbs is not None
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    if lengths["lr_decay"] is None:
+        lengths["lr_decay"] = (max(run_length_samples(cfg, gbs) - start_samples, 1), "samples")
+    unit, values = resolve_lengths(lengths, global_batch_size=gbs, seq_length=cfg.model.seq_length)
+    if sc.lr_warmup_fraction is not None:
+        values["lr_warmup"] = sc.lr_warmup_fraction * values["lr_decay"]
+    wd = o.weight_decay
+    try:
+        return ScheduleConfig(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_init=sc.lr_warmup_init,
+            lr_decay_style=sc.lr_decay_style,
+            unit=unit,
+            seq_length=cfg.model.seq_length,
+            lr_warmup=values.get("lr_warmup", 0),
+            lr_decay=values["lr_decay"],
+            lr_wsd_decay_style=sc.lr_wsd_decay_style,
+            lr_wsd_decay=values.get("lr_wsd_decay", 0),
+            constant_lr=sc.constant_lr,
+            lr_infinite_decay=values.get("lr_infinite_decay", 0),
+            lr_cooldown=values.get("lr_cooldown", 0),
+            lr_timescale=sc.lr_timescale,
+            start_weight_decay=wd if sc.start_weight_decay is None else sc.start_weight_decay,
+            end_weight_decay=wd if sc.end_weight_decay is None else sc.end_weight_decay,
+            weight_decay_incr_style=sc.weight_decay_incr_style,
+        )
+    except ScheduleError as e:
+        raise ConfigError(
+            f"the LR schedule: {_schedule_message(str(e), cfg, unit, values['lr_decay'], start_samples)}"
+        ) from e
+
+
+_VALUE_FIELDS = "lr|min_lr|constant_lr|lr_warmup_init|lr_timescale|start_weight_decay|end_weight_decay"
+_SCHEDULE_FLAGS = re.compile(rf"\b({_VALUE_FIELDS})\b")
+_LENGTH_NAMES = re.compile(r"\b(" + "|".join(LR_LENGTHS) + r")\b")
+
+
+def _schedule_message(message: str, cfg: Config, unit: str, decay: float, start_samples: int) -> str:
+    """A ScheduleError in the command line's terms: its value fields as flags and, when it speaks of lengths
+    (lr_decay, lr_warmup, ... in one unit, samples or tokens, whatever unit the flags gave), that unit and the
+    length flags behind them."""
+    message = _SCHEDULE_FLAGS.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    named = dict.fromkeys(_LENGTH_NAMES.findall(message))
+    if not named:
+        return message
+    sc, gbs, seq = cfg.schedule, cfg.training.global_batch_size, cfg.model.seq_length
+    lengths = {name: sc.length(name) for name in LR_LENGTHS}
+    given = [f"--{n.replace('_', '-')}-{length[1]} {length[0]}" for n, length in lengths.items() if length]
+    if lengths["lr_decay"] is None:
+        end = "the end of the run"
+        if start_samples:
+            end = f"the rest of the run ({run_length_samples(cfg)} samples) after the restart at sample {start_samples}"
+        given.append(f"lr_decay {decay:.15g}: {end}")
+    if sc.lr_warmup_fraction is not None:
+        given.append(f"--lr-warmup-fraction {sc.lr_warmup_fraction:g}")
+    missing = [n for n in named if lengths[n] is None and n not in ("lr_decay", "lr_warmup")]
+    given += [f"no --{n.replace('_', '-')}-iters/-samples/-tokens" for n in missing]
+    # At parse time (check_schedule) without --global-batch-size, the lengths are all in iterations or in none.
+    in_iters = any(length[1] == "iters" for length in lengths.values() if length)
+    if gbs is None and (in_iters or (lengths["lr_decay"] is None and cfg.training.train_samples is None)):
+        counted = "iterations"
+    elif unit == "tokens":
+        counted = f"tokens, a sample being --seq-length {seq}" + (f" and an iteration {gbs} samples" if gbs else "")
+    else:
+        counted = "samples" + (f", an iteration being --global-batch-size {gbs}" if gbs else "")
+    return f"{message} (counted in {counted}; " + ", ".join(given) + ")"
+
+
+def check_schedule(cfg: Config) -> None:
+    """Resolves the command line's schedule as training will, so that a mistake in it stops the parse rather than
+    the run's set-up. Left to the set-up while a length cannot be known: without a run length (and no
+    --lr-decay-*), or with lengths in iterations beside lengths in samples or tokens while --global-batch-size is
+    not given (its default, micro batch x data-parallel size, depends on the launch)."""
+    t, sc = cfg.training, cfg.schedule
+    units = {length[1] for name in LR_LENGTHS if (length := sc.length(name)) is not None}
+    if sc.length("lr_decay") is None:
+        if t.train_iters is None and t.train_samples is None:
+            return
+        units.add("iters" if t.train_samples is None else "samples")
+    if t.global_batch_size is None and "iters" in units and units != {"iters"}:
+        return
+    schedule_config(cfg, global_batch_size=t.global_batch_size or 1)  # in iterations only: any batch size scales all
 
 
 # ---- command line -------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_variables_map_to_schema_settings(tmp_path: Path) -> None:
         "NLAYERS": "4", "SEQ": "256", "EVAL_INTERVAL": "9", "EVAL_ITERS": "3", "SAVE_INTERVAL": "5",
         "LR_DECAY_ITERS": "1.5K",
     }  # fmt: skip
-    plan = _plan(tmp_path, env)
+    plan = _plan(tmp_path, env, "--lr-wsd-decay-iters", "100")  # WSD's decay length: checked when parsed
     cfg = plan.config
     assert cfg is not None
     assert cfg.parallel.sequence_parallel and cfg.parallel.use_distributed_optimizer
@@ -348,3 +348,25 @@ def test_config_from_env_points_to_the_resolver() -> None:
                           env=env)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr == "error: --from-env moved: python -m megatron_ext.alcf_env resolve [...] [-- flags]\n"
+
+
+# ---- the LR schedule: one vocabulary, checked before anything starts ---------------------------------------------
+
+
+def test_every_lr_decay_style_alias_is_accepted(tmp_path: Path) -> None:
+    from megatron_ext.lr_schedule import STYLE_ALIASES
+
+    for alias, style in STYLE_ALIASES.items():
+        plan = _plan(tmp_path, {"NGPU_PER_HOST": "1", "LR_DECAY_STYLE": alias}, "--lr-wsd-decay-iters", "5",
+                     "--constant-lr", "1e-5")  # fmt: skip
+        assert plan.config is not None and plan.config.schedule.lr_decay_style == style, alias
+
+
+def test_dry_run_stops_on_a_schedule_mistake(tmp_path: Path) -> None:
+    env = {**os.environ, **CPU, "DRY_RUN": "1", "PYTHONPATH": str(ROOT), "SAVE": str(tmp_path / "c"),
+           "RUN_DIR": str(tmp_path / "r")}  # fmt: skip
+    proc = subprocess.run(["bash", str(ROOT / "train_alcf.sh"), "--lr-decay-style", "WSD"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: the LR schedule: WSD needs 0 < lr_wsd_decay <= lr_decay"), proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing written

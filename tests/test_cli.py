@@ -48,10 +48,10 @@ def test_every_user_facing_error_derives_from_user_error() -> None:
     from megatron_ext.data.preprocess import PreprocessError
     from megatron_ext.data.tokenizers import TokenizerError
     from megatron_ext.distributed import LaunchError
+    from megatron_ext.lr_schedule import ScheduleError
     from megatron_ext.platform import PlatformError
     from megatron_ext.training.checkpointing import CheckpointError
     from megatron_ext.training.layout import CheckpointNotFound
-    from megatron_ext.training.schedules import ScheduleError
 
     value_errors = [ConfigError, ConvertError, DataListError, PreprocessError, TokenizerError, LaunchError]
     value_errors += [CheckpointNotFound, ScheduleError]

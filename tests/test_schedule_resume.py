@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.config import ConfigError, parse_args, schedule_config
 from megatron_ext.training.loop import resume_schedule
-from megatron_ext.training.schedules import ParamScheduler, schedule_config
+from megatron_ext.training.schedules import ParamScheduler
 
 GBS, SEQ = 8, 64
 
@@ -144,8 +144,8 @@ def test_restart_without_a_decay_length_decays_over_the_rest_of_the_run() -> Non
     ],
 )
 def test_schedule_mistakes_name_the_flags_and_the_unit(flags: str, start: int, expected: str) -> None:
-    cfg = parse_args(f"--global-batch-size {GBS} --micro-batch-size {GBS} --seq-length {SEQ} {flags}".split())
-    cfg.resolve_batch(1)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ConfigError) as error:  # when parsed (config.check_schedule), or where a restart starts it
+        cfg = parse_args(f"--global-batch-size {GBS} --micro-batch-size {GBS} --seq-length {SEQ} {flags}".split())
+        cfg.resolve_batch(1)
         schedule_config(cfg, start_samples=start)
     assert str(error.value) == f"the LR schedule: {expected}"

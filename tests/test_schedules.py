@@ -15,19 +15,19 @@ from pathlib import Path
 import pytest
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ext.config import parse_args
-from megatron_ext.training.schedules import (
+from megatron_ext.config import ConfigError, parse_args, schedule_config
+from megatron_ext.lr_schedule import (
     LR_DECAY_STYLES,
-    ParamScheduler,
+    STYLE_ALIASES,
     ScheduleConfig,
     ScheduleError,
     convert_length,
     iters_to_samples,
     lr_at,
     resolve_lengths,
-    schedule_config,
     wd_at,
 )
+from megatron_ext.training.schedules import ParamScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, MIN, INIT = 3e-4, 3e-5, 1e-5
@@ -462,3 +462,64 @@ def test_plot_lr_from_checkpoint(tmp_path, capsys):
     assert plot_tool().main(["--load", str(ckpt), "--lr-decay-stlye", "WSD", "--out", str(tmp_path / "bad.png")]) == 2
     assert capsys.readouterr().err.startswith("error: unrecognized arguments: --lr-decay-stlye WSD")
     assert not (tmp_path / "bad.png").exists()
+
+
+# --- one vocabulary, checked when the command line is parsed -----------------------------------------------------
+
+# Lengths that make every style's schedule valid (WSD needs its decay length, the infinite styles a held LR).
+ANY_STYLE = ["--train-iters", "100", "--lr-wsd-decay-iters", "10", "--constant-lr", "1e-4", "--global-batch-size", "4"]
+
+
+@pytest.mark.parametrize("alias", sorted(STYLE_ALIASES))
+def test_every_alias_is_accepted_by_the_command_line_and_plot_lr(alias):
+    style = STYLE_ALIASES[alias]
+    assert style in LR_DECAY_STYLES
+    assert parse_args(["--lr-decay-style", alias, *ANY_STYLE]).schedule.lr_decay_style == style
+    assert plot_tool().run_from_flags(["--lr-decay-style", alias, *ANY_STYLE]).config.lr_decay_style == style
+
+
+def test_the_style_help_and_choices_come_from_the_vocabulary():
+    from megatron_ext.config import build_parser
+
+    flag = next(a for a in build_parser()._actions if "--lr-decay-style" in a.option_strings)
+    assert flag.help.endswith(f"Other spellings accepted: {', '.join(STYLE_ALIASES)}.")
+    with pytest.raises(ConfigError, match=r"--lr-decay-style 'cosin' must be one of constant, linear, cosine, .*wsd"):
+        parse_args(["--lr-decay-style", "cosin", "--train-iters", "10"])
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ("--lr-decay-style WSD --train-iters 100", "WSD needs 0 < lr_wsd_decay <= lr_decay, got 0 (counted in "
+         "iterations; lr_decay 100: the end of the run, no --lr-wsd-decay-iters/-samples/-tokens)"),
+        ("--lr-warmup-iters 20 --train-iters 10", "lr_decay 10 must be beyond lr_warmup 20 (counted in iterations; "
+         "--lr-warmup-iters 20, lr_decay 10: the end of the run)"),
+        ("--lr-decay-style infinite-cosine --train-samples 100", "infinite-cosine needs --constant-lr in [--min-lr, "
+         "--lr], got None"),
+        ("--lr-decay-style WSD --lr-wsd-decay-tokens 1M --train-samples 10 --seq-length 64", "WSD needs 0 < "
+         "lr_wsd_decay <= lr_decay, got 1000000 (counted in tokens, a sample being --seq-length 64; "
+         "--lr-wsd-decay-tokens 1000000, lr_decay 640: the end of the run)"),
+    ],
+)  # fmt: skip
+def test_the_schedule_is_checked_when_parsed(flags, message):
+    """Before any process group or model: lengths in iterations need no batch size (it scales them alike)."""
+    with pytest.raises(ConfigError) as error:
+        parse_args(flags.split())
+    assert str(error.value) == f"the LR schedule: {message}"
+
+
+def test_schedules_that_need_the_batch_size_wait_for_it():
+    """Iterations beside samples or tokens: known once the data-parallel size gives the default batch."""
+    cfg = parse_args("--train-iters 10 --lr-warmup-tokens 1M --seq-length 64".split())
+    cfg.resolve_batch(1)
+    with pytest.raises(ConfigError, match="lr_decay 2560 must be beyond lr_warmup 1000000"):
+        schedule_config(cfg)
+
+
+def test_the_config_command_line_stops_on_a_schedule_mistake():
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_ext.config", "--lr-decay-style", "WSD", "--train-iters", "100"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.startswith("error: the LR schedule: WSD needs") and proc.stderr.count("\n") == 1, proc.stderr

@@ -73,7 +73,7 @@ def _schedule_lines(sched: dict[str, Any] | None) -> list[str]:
         return ["not saved"]
     if "config" not in sched:
         return [", ".join(f"{k} {v}" for k, v in sched.items())]
-    from megatron_ext.training.schedules import ScheduleConfig, describe, lr_at, to_samples
+    from megatron_ext.lr_schedule import ScheduleConfig, describe, lr_at, to_samples
 
     try:
         cfg = ScheduleConfig.from_dict(sched["config"])

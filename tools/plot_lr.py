@@ -16,7 +16,7 @@ phases shaded and named, tokens on the upper axis. Bottom panel: LR against toke
 comparable when runs differ in batch size. ``--compare`` strings are appended to the flags given outside them,
 so shared flags are written once. The flags are pretrain_gpt.py's (a run's command line can be pasted: flags that
 do not shape the schedule have no effect) plus ``--train-tokens``, and the schedule is built as training builds it
-(``schedules.schedule_config``), with training's messages for mistakes. Lengths take iters, samples or tokens
+(``config.schedule_config``), with training's messages for mistakes. Lengths take iters, samples or tokens
 (counts such as 300B, 2T, 5e9). The schedule text (phases, spans, LR values) is printed too. Mistakes end in one
 ``error:`` line, exit status 2.
 
@@ -50,18 +50,11 @@ from megatron_ext.config import (
     iterations_for_tokens,
     parse_args,
     parse_count,
-)
-from megatron_ext.training import layout
-from megatron_ext.training.schedules import (
-    INFINITE_STYLES,
-    ScheduleConfig,
-    ScheduleError,
-    convert_length,
-    lr_at,
     run_length_samples,
     schedule_config,
-    to_samples,
 )
+from megatron_ext.lr_schedule import INFINITE_STYLES, ScheduleConfig, ScheduleError, convert_length, lr_at, to_samples
+from megatron_ext.training import layout
 
 # The flags of pretrain_gpt.py the schedule reads (None: the whole section). Any other flag of it is accepted and
 # has no effect, so a run's command line can be pasted as it is.

@@ -36,13 +36,13 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import distributed, platform
 from megatron_ext.cli import UserError
-from megatron_ext.config import Config, ConfigError, parse_args
+from megatron_ext.config import Config, ConfigError, parse_args, run_length_samples, schedule_config
 from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer
 from megatron_ext.models.recipe import Batch, Recipe, build_recipe
 from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
 from megatron_ext.training.optim import build_optimizer, build_scheduler, wrap_model
-from megatron_ext.training.schedules import ParamScheduler, run_length_samples, schedule_config
+from megatron_ext.training.schedules import ParamScheduler
 
 
 class TrainingStopped(RuntimeError):

@@ -9,9 +9,9 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megatron_ext.config import Config
+from megatron_ext.config import Config, schedule_config
 from megatron_ext.platform import DTYPES
-from megatron_ext.training.schedules import ParamScheduler, schedule_config
+from megatron_ext.training.schedules import ParamScheduler
 
 
 def wrap_model(cfg: Config, config: TransformerConfig, chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
