@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import toy_variant
+from launchers import clean_env, ngram_corpus
 
 from megatron_ext import config
 from megatron_ext.config import Config, ConfigError, build_parser, parse_args
@@ -66,9 +67,9 @@ def _losses(log: str) -> dict[int, float]:
 
 
 def test_toy_variant_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "MASTER_PORT": "29561"}
-    argv = [sys.executable, str(ROOT / "tests" / "toy_variant.py"), str(tmp_path), *TINY,
-            "--data-cache-path", str(tmp_path / "data")]  # fmt: skip
+    env = {**clean_env(), "PYTHONPATH": str(ROOT), "MASTER_PORT": "29561"}
+    data = ["--data-path", ngram_corpus(str(tmp_path / "ngrams")), "--data-cache-path", str(tmp_path / "cache")]
+    argv = [sys.executable, str(ROOT / "tests" / "toy_variant.py"), str(tmp_path), *TINY, *data]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
