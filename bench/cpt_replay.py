@@ -22,7 +22,7 @@ iterations) with a data list written by tools/cpt_plan.py, evaluated on D0, D1 a
     rewarm-cooled  5% replay, rewarm from a checkpoint cooled down on D0 first (--cooldown-iters, linear to 0)
     cooldown-mix   5% replay at the constant LR, cooled down to 0 over the last --cooldown-fraction of the budget
 
-    python bench/cpt_replay.py              # 3 seeds: about 15 minutes on 2 idle CPU cores (2 runs at a time)
+    python bench/cpt_replay.py              # 3 seeds, 2 runs at a time: about 12 minutes on 2 idle CPU cores
     python bench/cpt_replay.py --quick      # tiny model and lengths, 1 seed: the CI check of the mechanics
     python bench/cpt_replay.py --replot     # table and plot again from RUN_DIR/results.json, no training
 
@@ -376,29 +376,34 @@ def curve(run: Run, start: Run, corpus: str, tokens_per_iter: int) -> tuple[np.n
 
 def plot(args: argparse.Namespace, runs: dict[int, dict[str, Run]], out: Path) -> None:
     """D0 and D1 validation loss against the arm's tokens, mean over seeds with the min-max band; stage 0's end
-    in grey at negative tokens."""
+    in grey at negative tokens; a middle panel zooms on D0 without the naive arm (whose rise dwarfs the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tokens_per_iter = args.batch_size * args.seq_length
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    for ax, corpus, what in zip(axes, ("d0", "d1"), ("D0 (forgetting)", "D1 (the strong shift)")):
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), constrained_layout=True)
+    panels = (
+        ("d0", "D0 (forgetting)", ARMS),
+        ("d0", "D0 without naive", ARMS[1:]),
+        ("d1", "D1 (the strong shift)", ARMS),
+    )
+    for ax, (corpus, what, arms) in zip(axes, panels):
         s0_its = [sorted(r["stage0"].valid[corpus]) for r in runs.values()]
         y0 = np.mean([[r["stage0"].valid[corpus][i] for i in its] for r, its in zip(runs.values(), s0_its)], axis=0)
         x0 = (np.array(s0_its[0]) - args.stage0_iters) * tokens_per_iter
         keep = x0 >= -args.stage1_iters * tokens_per_iter // 2
-        ax.plot(x0[keep], y0[keep], color="0.5", lw=1.5, label="stage 0 (D0 only)")
-        for k, arm in enumerate(ARMS):
+        ax.plot(x0[keep] / 1e3, y0[keep], color="0.5", lw=1.5, label="stage 0 (D0 only)")
+        for arm in arms:
             xs, ys = zip(*(curve(r[arm.name], r[arm.start], corpus, tokens_per_iter) for r in runs.values()))
-            y = np.array(ys)
-            ax.plot(xs[0], y.mean(0), color=f"C{k}", lw=1.6, marker=".", label=arm.name)
+            y, color = np.array(ys), f"C{ARMS.index(arm)}"
+            ax.plot(xs[0] / 1e3, y.mean(0), color=color, lw=1.6, marker=".", label=arm.name)
             if len(ys) > 1:
-                ax.fill_between(xs[0], y.min(0), y.max(0), color=f"C{k}", alpha=0.15, lw=0)
+                ax.fill_between(xs[0] / 1e3, y.min(0), y.max(0), color=color, alpha=0.15, lw=0)
         ax.axvline(0, color="black", ls=":", lw=1)
         ax.set_title(f"{what} validation loss")
-        ax.set_xlabel("tokens of the arm (from its start checkpoint)")
+        ax.set_xlabel("thousands of tokens of the arm (from its start checkpoint)")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
