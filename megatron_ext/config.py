@@ -151,8 +151,9 @@ class ModelConfig:
         "auto",
         "Core attention: sdpa (torch scaled_dot_product_attention: flash kernels on GPU without flash-attn), "
         "unfused (megatron-core's local DotProductAttention), te (Transformer Engine), auto (te when "
-        "installed on GPU, else sdpa).",
-        choices=["auto", "sdpa", "unfused", "te"],
+        "installed on GPU, else sdpa). With --reset-attention-mask sdpa runs causal SDPA per document; "
+        "sdpa-dense (one SDPA call with a dense document mask) and unfused take an O(s^2) mask: references.",
+        choices=["auto", "sdpa", "sdpa-dense", "unfused", "te"],
     )
 
     def __post_init__(self) -> None:
@@ -249,6 +250,12 @@ class TrainingConfig:
         None, "Save (when --save is set) and exit once the job has run this long (set it below the walltime)."
     )
     recompute_activations: bool = opt(False, "Recompute every layer's activations in backward (saves memory).")
+    cross_entropy_chunk: int | None = opt(
+        None,
+        "Compute the output layer and cross-entropy N tokens at a time, recomputing each chunk's logits in "
+        "backward: peak memory of N x vocabulary logits instead of all of a long sequence's; same loss.",
+        metavar="N",
+    )
     check_for_nan_in_loss_and_grad: bool = opt(
         True,
         "Detect NaN/inf in the loss and the gradient norm and never apply such a step (see --nan-policy); "
@@ -266,6 +273,7 @@ class TrainingConfig:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
         _check_positive(self, "global_batch_size", "train_samples", "exit_interval", "exit_duration_in_mins")
+        _check_positive(self, "cross_entropy_chunk")
         _check(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         _check(
             self.train_iters is None or self.train_samples is None,
@@ -457,6 +465,23 @@ class DataConfig:
     )
     tokenizer_model: str | None = opt(None, "SentencePiece .model, or a Hugging Face tokenizer.json / folder.")
     num_workers: int = opt(0, "Data-loader worker processes.")
+    reset_attention_mask: bool = opt(
+        False,
+        "Document masking: samples are still cut from the concatenated documents, but attention never crosses a "
+        "document boundary of the .idx (per-document attention through megatron-core's packed 'thd' "
+        "PackedSeqParams) and a document's last token is not trained to predict the next document's first.",
+    )
+    reset_position_ids: bool = opt(
+        False,
+        "With --reset-attention-mask: positions restart at 0 at every document (else they run on over the "
+        "sample; with RoPE only a document's relative positions matter, so both give the same losses).",
+    )
+    eod_mask_loss: bool = opt(False, "No loss on the token after an end-of-document token (Megatron-LM's).")
+    check_document_masking: bool = opt(
+        False,
+        "With --reset-attention-mask: before training, check every document of the first micro-batch: its "
+        "losses in the packed sample must equal its losses alone (a cheap check of two documents always runs).",
+    )
 
     def __post_init__(self) -> None:
         parts = self.split.replace("/", ",").split(",")
@@ -471,6 +496,11 @@ class DataConfig:
             not (self.data_path and self.data_file_list),
             "give --data-path or --data-file-list, not both",
         )
+        for flag in ("reset_position_ids", "check_document_masking"):
+            _check(
+                self.reset_attention_mask or not getattr(self, flag),
+                f"--{flag.replace('_', '-')} needs --reset-attention-mask (the document boundaries it packs)",
+            )
         if self.data_path and len(self.data_path) > 1:
             _check(
                 len(self.data_path) % 2 == 0,

@@ -453,8 +453,12 @@ class CorpusBlend(torch.utils.data.Dataset):
         start_offsets: dict[str, int] | None = None,
         eod: int = 0,
         eod_mask_loss: bool = False,
+        document_boundaries: bool = False,
+        reset_position_ids: bool = False,
     ) -> None:
         self.spec = spec
+        self.document_boundaries = document_boundaries
+        self.reset_position_ids = reset_position_ids
         self.start_offsets = {c: int(v) for c, v in (start_offsets or {}).items()}
         if any(v < 0 for v in self.start_offsets.values()):
             raise ValueError(f"start_offsets must be non-negative, got {self.start_offsets}")
@@ -485,7 +489,8 @@ class CorpusBlend(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         """DataLoader workers reopen the memory maps instead of pickling their contents."""
-        keep = ("spec", "start_offsets", "eod", "eod_mask_loss", "cache_path", "built", "meta", "corpora", "weights")
+        keep = ("spec", "start_offsets", "eod", "eod_mask_loss", "document_boundaries", "reset_position_ids")
+        keep += ("cache_path", "built", "meta", "corpora", "weights")
         return {k: self.__dict__[k] for k in keep} | {"_num_samples": self._num_samples}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -532,12 +537,17 @@ class CorpusBlend(torch.utils.data.Dataset):
 
     def sample_tokens(self, i: int) -> np.ndarray:
         """The seq_length + 1 tokens of global sample i, packed across document boundaries."""
+        return self.sample_documents(i)[0]
+
+    def sample_documents(self, i: int) -> tuple[np.ndarray, list[int]]:
+        """The seq_length + 1 tokens of global sample i, packed across document boundaries, and the offsets in
+        them where a document (an .idx sequence) begins after the first (empty documents have none)."""
         i = self._check(i)
         c, k = int(self._cid[i]), int(self._draw[i])
         pool, (prefixes, seq_start, doc_start) = self._pool[c], self._files[c]
         pos, offset = int(self._pos[c][k]), int(self._off[c][k])
         need = self.spec.seq_length + 1
-        parts = []
+        parts, starts, length = [], [], 0
         while need > 0:
             doc = int(pool[pos])
             f = int(np.searchsorted(doc_start, doc, side="right")) - 1
@@ -545,17 +555,45 @@ class CorpusBlend(torch.utils.data.Dataset):
             seq = int(seq_start[f] + doc - doc_start[f])
             take = min(int(ds.sequence_lengths[seq]) - offset, need)
             if take > 0:
+                if parts:
+                    starts.append(length)
                 parts.append(ds.get(seq, offset, take))
                 need -= take
+                length += take
             pos += 1
             offset = 0
-        return np.concatenate(parts).astype(np.int64)
+        return np.concatenate(parts).astype(np.int64), starts
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        text = torch.from_numpy(self.sample_tokens(i))
-        tokens, labels = text[:-1].contiguous(), text[1:].contiguous()
-        loss_mask = torch.ones(len(tokens), dtype=torch.float32)
-        if self.eod_mask_loss:
-            loss_mask[tokens == self.eod] = 0.0
-        position_ids = torch.arange(len(tokens), dtype=torch.int64)
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        text, starts = self.sample_documents(i)
+        return gpt_sample(
+            torch.from_numpy(text), starts if self.document_boundaries else None, self.eod, self.eod_mask_loss,
+            self.reset_position_ids,
+        )  # fmt: skip
+
+
+def gpt_sample(
+    text: torch.Tensor, starts: list[int] | None, eod: int, eod_mask_loss: bool, reset_position_ids: bool
+) -> dict[str, torch.Tensor]:
+    """A training sample from seq_length + 1 tokens: tokens, labels, loss mask, positions and, given the offsets
+    `starts` where documents begin (after the first), `cu_seqlens` (int32 document bounds over the tokens).
+
+    With boundaries, the last token of a document does not count in the loss (its label is the next document's
+    first token, which attention cannot see), positions restart at each document with `reset_position_ids`, and
+    `eod_mask_loss` (Megatron-LM's) drops the tokens after an EOD as well, for data whose documents end in one."""
+    tokens, labels = text[:-1].contiguous(), text[1:].contiguous()
+    s = len(tokens)
+    loss_mask = torch.ones(s, dtype=torch.float32)
+    if eod_mask_loss:
+        loss_mask[tokens == eod] = 0.0
+    position_ids = torch.arange(s, dtype=torch.int64)
+    sample = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+    if starts is None:
+        return sample
+    loss_mask[[p - 1 for p in starts]] = 0.0
+    bounds = [0, *(p for p in starts if p < s), s]
+    sample["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+    if reset_position_ids:
+        lengths = torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
+        position_ids -= torch.repeat_interleave(torch.tensor(bounds[:-1]), lengths)
+    return sample

@@ -51,6 +51,17 @@ def _signature(spec: BlendSpec) -> str:
     return hashlib.sha256(json.dumps(sorted(spec.files)).encode()).hexdigest()[:16]
 
 
+def _packing(cfg: Config) -> dict[str, bool]:
+    """How samples mark their documents (Megatron-LM's --reset-attention-mask, --reset-position-ids,
+    --eod-mask-loss)."""
+    d = cfg.data
+    return {
+        "eod_mask_loss": d.eod_mask_loss,
+        "document_boundaries": d.reset_attention_mask,
+        "reset_position_ids": d.reset_position_ids,
+    }
+
+
 @dataclass
 class DataState:
     """Where the training data stands; saved in every checkpoint."""
@@ -84,7 +95,20 @@ class MicroBatches:
         n = len(self.dataset)  # type: ignore[arg-type]
         samples = [self.dataset[(start + i) % n] for i in range(self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        return collate(samples)
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks samples into a micro-batch [b, s]. Samples with document bounds give `cu_seqlens` over the
+    micro-batch's b x s tokens read in order (every sample boundary is a document boundary) and `max_seqlen`,
+    the longest document (megatron-core's packed "thd" description, megatron_ext/models/gpt.packed_seq_params)."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    if "cu_seqlens" in samples[0]:
+        s = batch["tokens"].size(1)
+        cu = torch.cat([samples[0]["cu_seqlens"][:1]] + [x["cu_seqlens"][1:] + i * s for i, x in enumerate(samples)])
+        batch["cu_seqlens"] = cu
+        batch["max_seqlen"] = (cu[1:] - cu[:-1]).max()
+    return batch
 
 
 @dataclass
@@ -123,7 +147,9 @@ def build_train_data(
         )
     cache = Path(cfg.data.data_cache_path) / "blend"
     try:
-        blend = CorpusBlend(spec, max(run_samples - state.segment_start, 1), cache, state.start_offsets, eod=eod)
+        blend = CorpusBlend(
+            spec, max(run_samples - state.segment_start, 1), cache, state.start_offsets, eod, **_packing(cfg)
+        )
     except ValueError as e:
         raise ConfigError(f"training data: {e}") from e
     return TrainData(blend, state, note)
@@ -145,7 +171,7 @@ def build_validation_sets(cfg: Config, train_entries: list[DataEntry], num_sampl
         if not files or num_samples == 0:
             continue
         try:
-            sets[corpus] = CorpusBlend(_spec(cfg, files, split, index), num_samples, cache, eod=eod)
+            sets[corpus] = CorpusBlend(_spec(cfg, files, split, index), num_samples, cache, eod=eod, **_packing(cfg))
         except ValueError as e:  # e.g. a corpus too small to leave documents for the validation split
             if cfg.data.valid_data_file_list:
                 raise ConfigError(f"--valid-data-file-list, corpus {corpus}: {e}") from e

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import importlib.util
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
@@ -42,8 +44,10 @@ from megatron_ext.data.gpt_data import (
     TrainData,
     build_train_data,
     build_validation_sets,
+    collate,
     training_entries,
 )
+from megatron_ext.models.long_context import check_document_masking, chunked_cross_entropy
 from megatron_ext.models.recipe import Batch, Progress, Recipe, register_variant
 from megatron_ext.models.size import num_parameters
 from megatron_ext.platform import DTYPES, Platform
@@ -64,8 +68,23 @@ class TorchNorm:
         return norm
 
 
+def document_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, total] bool, True where a query (row) may attend a key (column): causal within each document of
+    the packed bounds `cu_seqlens`. O(total^2) memory: for the reference backends only."""
+    doc = torch.repeat_interleave(
+        torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    )
+    return (doc[:, None] == doc[None, :]) & torch.ones(total, total, dtype=torch.bool, device=doc.device).tril()
+
+
 class SDPAttention(DotProductAttention):
-    """Core attention on torch's scaled_dot_product_attention; same inputs/outputs as DotProductAttention."""
+    """Core attention on torch's scaled_dot_product_attention; same inputs/outputs as DotProductAttention.
+
+    Packed documents (megatron-core's "thd" PackedSeqParams: [tokens, heads, dim] and `cu_seqlens`) run causal
+    SDPA on each document, so no score across documents is ever computed (no O(s^2) mask either);
+    `dense_document_mask` makes it one call with `document_mask` instead (the `sdpa-dense` reference)."""
+
+    dense_document_mask = False
 
     def forward(  # type: ignore[override]
         self,
@@ -75,10 +94,12 @@ class SDPAttention(DotProductAttention):
         attention_mask: torch.Tensor | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: torch.Tensor | None = None,
-        packed_seq_params: object | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention: packed sequences and attention bias need --attention-backend te")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention: attention bias needs --attention-backend te")
+        if packed_seq_params is not None:  # thd: [t, heads, dim] -> [t, b=1, heads, dim]
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))  # faster kernels
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
@@ -97,12 +118,50 @@ class SDPAttention(DotProductAttention):
             if dropout > 0 and not self.config.sequence_parallel
             else contextlib.nullcontext()
         )
+        sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scale, enable_gqa=gqa)
         with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa
-            )
+            if packed_seq_params is None:
+                out = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
+            elif self.dense_document_mask:
+                out = sdpa(q, k, v, attn_mask=document_mask(packed_seq_params.cu_seqlens_q, q.size(2)))
+            else:
+                bounds = packed_seq_params.cu_seqlens_q.tolist()
+                out = torch.cat(
+                    [
+                        sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
+                        for a, b in zip(bounds, bounds[1:])
+                    ],
+                    dim=2,
+                )
         # [b, heads, s, dim] -> [s, b, heads * dim]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
+
+
+class DenseMaskSDPAttention(SDPAttention):
+    """SDPAttention with packed documents as one call under a dense document mask (`--attention-backend
+    sdpa-dense`): O(s^2) memory, a reference for tests and benchmarks."""
+
+    dense_document_mask = True
+
+
+class UnfusedAttention(DotProductAttention):
+    """megatron-core's unfused DotProductAttention, which refuses packed sequences, given them as one sequence
+    under the dense `document_mask` (`--attention-backend unfused`; O(s^2) memory, a reference)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = ~document_mask(packed_seq_params.cu_seqlens_q, query.size(0))[None, None]
+        return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -315,8 +374,8 @@ def layer_spec(
     norm = ModuleSpec(module=TorchNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
-    if backend == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    core_attention = {"sdpa": SDPAttention, "sdpa-dense": DenseMaskSDPAttention, "unfused": UnfusedAttention}
+    spec.submodules.self_attention.submodules.core_attention = core_attention[backend]
     if config.use_te_activation_func:
         spec.submodules.mlp.submodules.activation_func = SwiGLU
     if native_linears:
@@ -325,6 +384,49 @@ def layer_spec(
         mlp.linear_fc1, mlp.linear_fc2 = NativeColumnLinear, NativeRowLinear
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=norm)
+
+
+class _DeferredOutputLayer(ColumnParallelLinear):
+    """The output layer of `ChunkedLossGPTModel`: while `defer` (a forward with labels) it hands its input on
+    as GPTModel's "logits", and the model's loss computes the logits chunk by chunk."""
+
+    defer = False
+
+    def forward(  # type: ignore[override]
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.defer:
+            return super().forward(input_, weight, runtime_gather_output)
+        return input_, None
+
+
+class ChunkedLossGPTModel(GPTModel):
+    """GPTModel whose loss never materialises all logits (`--cross-entropy-chunk N`): the output layer and the
+    cross-entropy run N tokens at a time, recomputed in backward (long_context.chunked_cross_entropy). Same
+    parameters and checkpoints as GPTModel; without labels (generation) it returns the logits as GPTModel does."""
+
+    def __init__(self, *args: Any, cross_entropy_chunk: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cross_entropy_chunk = cross_entropy_chunk
+        if self.post_process:
+            self.output_layer.__class__ = _DeferredOutputLayer  # same module and state, another forward
+
+    def forward(self, *args: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if self.post_process:
+            self.output_layer.defer = labels is not None
+        return super().forward(*args, labels=labels, **kwargs)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.output_layer.defer:
+            return super().compute_language_model_loss(labels, logits)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
+        return chunked_cross_entropy(
+            logits, weight, labels, self.cross_entropy_chunk, self.output_layer.sequence_parallel
+        )
 
 
 def build_model(
@@ -336,7 +438,9 @@ def build_model(
 ) -> GPTModel:
     """One model chunk for this rank's pipeline stage (and virtual stage, when interleaving)."""
     backend = resolve_attention_backend(cfg.model.attention_backend, platform)
-    return GPTModel(
+    chunk = cfg.training.cross_entropy_chunk
+    model_class = GPTModel if chunk is None else partial(ChunkedLossGPTModel, cross_entropy_chunk=chunk)
+    return model_class(
         config=config,
         transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage, platform.is_cpu),  # type: ignore[arg-type]
         vocab_size=padded_vocab_size,
@@ -366,13 +470,19 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
     return 3 * (2 * dense + 2 * attention)
 
 
-def packed_seq_params(batch: Batch) -> PackedSeqParams | None:
+def packed_seq_params(batch: Batch, restart_positions: bool = True) -> PackedSeqParams | None:
     """megatron-core's description of packed documents ("thd") when a batch carries their boundaries: `cu_seqlens`
-    (int32 cumulative document lengths over the micro-batch's tokens) and optionally `max_seqlen`."""
+    (int32 cumulative document lengths over the micro-batch's tokens) and optionally `max_seqlen`.
+
+    megatron-core's thd RoPE restarts positions at every document unless its frequencies cover all the tokens
+    (rope_utils._apply_rotary_pos_emb_thd): `restart_positions=False` asks for that by giving the token count as
+    `max_seqlen` (an upper bound, as kernels take it), so RoPE positions run on over the packed tokens."""
     cu = batch.get("cu_seqlens")
     if cu is None:
         return None
     longest = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu[1:] - cu[:-1]).max())
+    if not restart_positions:
+        longest = int(cu[-1])
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
     )
@@ -385,6 +495,7 @@ class GPTRecipe(Recipe):
 
     train_data: TrainData
     valid_sets: dict[str, torch.utils.data.Dataset]
+    _masking_checked = False
 
     def transformer_config(self) -> TransformerConfig:
         return transformer_config(self.cfg, self.platform)
@@ -421,11 +532,48 @@ class GPTRecipe(Recipe):
 
     def forward_step(self, batch: Batch, chunk: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        output = chunk(
-            batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-            packed_seq_params=packed_seq_params(batch),
-        )  # fmt: skip
+        packed = packed_seq_params(batch, self.cfg.data.reset_position_ids)
+        if packed is not None:  # thd: the micro-batch's samples in order as one sequence [1, b x s]
+            batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        output = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
         return output, {"lm_loss": batch["loss_mask"]}
+
+    def before_step(self, progress: Progress, model: list[torch.nn.Module], optimizer: MegatronOptimizer) -> str | None:
+        """With --reset-attention-mask, the first step of the process checks the document masking of the model
+        as built (long_context.check_document_masking; in full with --check-document-masking)."""
+        if not self.cfg.data.reset_attention_mask or self._masking_checked:
+            return None
+        self._masking_checked = True
+        if len(model) > 1 or self.cfg.parallel.pipeline_model_parallel_size > 1:
+            return "document masking not checked: the check runs the whole model on one pipeline stage"
+        samples = self._multi_document_samples(
+            progress.consumed_samples, 8 if self.cfg.data.check_document_masking else 1
+        )
+        chunk, training = model[0], model[0].training
+        chunk.eval()  # no dropout
+        try:
+            return check_document_masking(
+                lambda b: self.forward_step(b, chunk)[0].cpu(),
+                samples,
+                DTYPES[self.cfg.precision.params_dtype],
+                self.cfg.parallel.tensor_model_parallel_size if self.cfg.parallel.sequence_parallel else 1,
+                self.cfg.data.check_document_masking,
+            )
+        finally:
+            chunk.train(training)
+
+    def _multi_document_samples(self, consumed_samples: int, count: int, scan: int = 1024) -> list[Batch]:
+        """Up to `count` training samples of several documents each, as one-sample batches, from the first `scan`
+        after the run's position."""
+        blend, start = self.train_data.blend, self.train_data.position(consumed_samples)
+        found = []
+        for i in range(start, min(start + scan, len(blend))):
+            sample = collate([blend[i]])
+            if len(sample["cu_seqlens"]) > 2:
+                found.append(sample)
+                if len(found) == count:
+                    break
+        return found
 
     def step_flops(self, progress: Progress, global_batch: int) -> float:
         return flops_per_token(self.cfg, self.vocab_size) * global_batch * self.cfg.model.seq_length

@@ -1,0 +1,124 @@
+"""Document-masked packing (--reset-attention-mask): boundaries from the .idx, per-document attention on every CPU
+backend equal to each document run alone (1 process and TP=2), loss masking at boundaries, the leakage self-check,
+chunked cross-entropy, and an exact resume of a packed run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from launchers import clean_env, launch_scenarios, ngram_corpus
+
+from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.data.blend import BlendSpec, CorpusBlend
+from megatron_ext.data.indexed import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "long_context_scenarios.py"
+BACKENDS = ["sdpa", "sdpa-dense", "unfused"]  # per-document SDPA, one SDPA under a dense mask, megatron's unfused
+DOCUMENT_RUNS = [f"{b}/{p}/{m}" for b in BACKENDS for p in ("rope", "learned") for m in ("reset", "continuous")]
+
+
+def _corpus(prefix: Path, lengths: list[int]) -> str:
+    """Documents whose tokens say where they are: document d holds d * 100 + (0, 1, 2, ...)."""
+    with IndexedDatasetWriter(prefix, vocab_size=1 << 16) as w:
+        for d, n in enumerate(lengths):
+            w.add_document(d * 100 + np.arange(n))
+        w.finalize()
+    return str(prefix)
+
+
+def test_samples_carry_the_documents_of_the_idx(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    prefix = _corpus(tmp_path / "docs", [int(x) for x in rng.integers(1, 40, size=300)])
+    spec = BlendSpec(((1.0, prefix, "c"),), seq_length=32, split="1,0,0")
+    plain = CorpusBlend(spec, 50, tmp_path / "cache")
+    packed = CorpusBlend(spec, 50, tmp_path / "cache", document_boundaries=True, reset_position_ids=True)
+    for i in range(50):
+        sample, text = packed[i], plain.sample_tokens(i)
+        assert torch.equal(sample["tokens"], plain[i]["tokens"])  # packing as before: concatenate and cut
+        within = torch.from_numpy(text) % 100  # a document's own positions: 0 where one begins (all are < 100)
+        changes = (torch.nonzero(within[1:] == 0).flatten() + 1).tolist()
+        assert sample["cu_seqlens"].tolist() == [0, *(p for p in changes if p < 32), 32]
+        expected_mask = torch.ones(32)
+        expected_mask[[p - 1 for p in changes]] = 0  # never predict a document's first token from another's
+        assert torch.equal(sample["loss_mask"], expected_mask)
+        # Positions restart with each document: those of the documents begun here are their own positions.
+        begun = within[:32] - within[0] * (torch.arange(32) < (changes + [32])[0])
+        assert torch.equal(sample["position_ids"], begun)
+
+
+def test_packing_flags_need_document_masking() -> None:
+    for flag in ("--reset-position-ids", "--check-document-masking"):
+        with pytest.raises(ConfigError, match=f"{flag} needs --reset-attention-mask"):
+            parse_args([flag, "--train-iters", "1"])
+    with pytest.raises(ConfigError, match="--cross-entropy-chunk must be positive"):
+        parse_args(["--cross-entropy-chunk", "0", "--train-iters", "1"])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("long_context") / "one.json"
+    return launch_scenarios(SCRIPT, 1, 29621, [], out, [*DOCUMENT_RUNS, "leak", "chunked_ce"])
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("long_context") / "tp2.json"
+    return launch_scenarios(SCRIPT, 2, 29622, [], out, [*DOCUMENT_RUNS, "leak", "chunked_ce"])
+
+
+@pytest.mark.parametrize("world", ["one_process", "tensor_parallel"])
+def test_each_packed_document_scores_as_alone(world: str, request: pytest.FixtureRequest) -> None:
+    results = request.getfixturevalue(world)
+    for name in DOCUMENT_RUNS:
+        gaps = results[name]
+        assert gaps["mean"] <= 1e-5 and gaps["token"] <= 1e-4, (world, name, gaps)
+        assert gaps["causal"] > 1e-2, (world, name, gaps)  # the same tokens without bounds do leak
+
+
+@pytest.mark.parametrize("world", ["one_process", "tensor_parallel"])
+def test_self_check_stops_a_leaking_backend(world: str, request: pytest.FixtureRequest) -> None:
+    leak = request.getfixturevalue(world)["leak"]
+    assert leak["ok"].startswith("document masking checked: 5 documents"), leak  # all but each sample's first
+    leaked = r"document masking leaks: document \d+ of 5 in packed sample 0 .* see each other"
+    assert re.fullmatch(leaked, leak["leaking"]), leak
+
+
+@pytest.mark.parametrize("world", ["one_process", "tensor_parallel"])
+def test_chunked_cross_entropy_equals_the_plain_one(world: str, request: pytest.FixtureRequest) -> None:
+    result = request.getfixturevalue(world)["chunked_ce"]
+    assert result["loss"] <= 1e-6 and result["grad"] <= 1e-5 and result["params"] > 0, result
+
+
+def _train(tmp: Path, *args: str) -> str:
+    tiny = (
+        "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
+        "--global-batch-size 4 --lr 1e-3 --log-interval 1 --eval-iters 1 --eval-interval 4 --hidden-dropout 0 "
+        "--attention-dropout 0 --train-iters 4 --reset-attention-mask --reset-position-ids --eod-mask-loss "
+        "--position-embedding-type rope --cross-entropy-chunk 50"
+    ).split()
+    data = ["--data-path", ngram_corpus(str(tmp / "docs")), "--data-cache-path", str(tmp / "cache")]
+    argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *tiny, *data, *args]
+    env = {**clean_env(), "PYTHONPATH": str(ROOT), "MASTER_PORT": "29623"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _losses(log: str) -> dict[int, float]:
+    return {int(i): float(x) for i, x in re.findall(r"^iter (\d+)/\d+ \| loss ([0-9.]+)", log, re.M)}
+
+
+def test_packed_run_checks_its_masking_and_resumes_exactly(tmp_path: Path) -> None:
+    whole = _train(tmp_path, "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--check-document-masking")
+    assert re.search(r"document masking checked: \d+ documents packed and alone", whole), whole[-2000:]
+    resumed = _train(tmp_path, "--load", str(tmp_path / "ckpt"), "--ckpt-step", "2")
+    assert sorted(_losses(resumed)) == [3, 4]
+    for i, loss in _losses(resumed).items():
+        assert loss == pytest.approx(_losses(whole)[i], rel=1e-6), (i, resumed, whole)
