@@ -671,6 +671,11 @@ class Config:
                 f"--seq-length {m.seq_length} is not divisible by --tensor-model-parallel-size {tp} "
                 "(needed by --sequence-parallel)",
             )
+        _check(
+            not self.data.reset_attention_mask or pp == 1 or self.training.micro_batch_size == 1,
+            "--reset-attention-mask with --pipeline-model-parallel-size > 1 needs --micro-batch-size 1 (a packed "
+            "micro-batch passes between stages as one sequence)",
+        )
         options = VARIANTS[self.variant.model_variant]
         if type(self.variant_options) is VariantOptions:  # not given: the variant's defaults
             self.variant_options = options()

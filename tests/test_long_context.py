@@ -59,6 +59,8 @@ def test_packing_flags_need_document_masking() -> None:
             parse_args([flag, "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--cross-entropy-chunk must be positive"):
         parse_args(["--cross-entropy-chunk", "0", "--train-iters", "1"])
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1 needs --micro-batch-size 1"):
+        parse_args("--reset-attention-mask --pipeline-model-parallel-size 2 --micro-batch-size 2".split())
 
 
 @pytest.fixture(scope="module")

@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(tr)
-    except TrainingStopped as e:
+    except (TrainingStopped, UserError) as e:  # e.g. a recipe's check before the first step
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
