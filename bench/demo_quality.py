@@ -4,12 +4,14 @@
     python bench/demo_quality.py --load CKPT --prompts 3 --max-new-tokens 48 --show 0
 
 Each fixed prompt (PROMPTS) is continued greedily for --max-new-tokens tokens (tools/generate.py's decoding).
-A generated line counts when it is complete (ends in a newline, or the model ended the document) and not blank;
-it is valid when Python's ``tokenize`` module reads it, in the context of the prompt and the lines before it,
-without an error token, an indentation error or a closing bracket that closes nothing or the wrong kind. After
-an invalid line, reading starts afresh on the next one. An opening bracket or string still open where the sample
-ends is not an error (the sample was cut). This is cheap and lenient: it says nothing about names being
-defined or code running, and repeated lines count each time (the distinct-line share is printed beside it).
+A generated line counts when it is not blank and complete (ends in a newline, or the model ended the document),
+or unfinished but already longer than MAX_LINE characters; it is valid when Python's ``tokenize`` module reads it,
+in the context of the prompt and the lines before it, without an error token, an indentation error or a closing
+bracket that closes nothing or the wrong kind, and it is at most MAX_LINE characters long (longer lines are
+greedy decoding's runaway repetitions: the standard library keeps to 79). After an invalid line, reading starts
+afresh on the next one. A bracket or string still open where the sample ends is not an error (the sample was
+cut). This is cheap and lenient: it says nothing about names being defined or code running, and a repeated line
+counts each time (the number of distinct lines is printed beside it).
 
 Baselines measured in the same run, on the run's validation text with the same measure: the real text (first
 --max-new-tokens tokens of validation documents; the measure's ceiling) and the same number of tokens drawn
@@ -41,6 +43,7 @@ PROMPTS = (
     "def read_config(path):\n",
 )
 _CLOSING = {")": "(", "]": "[", "}": "{"}
+MAX_LINE = 120
 
 
 def _first_error(lines: list[str]) -> int | None:
@@ -80,14 +83,14 @@ def line_counts(prompt: str, completion: str, ended: bool) -> tuple[int, int, li
     """(valid, counted, counted lines) for the generated lines of prompt + completion.
 
     Lines holding generated text count (the prompt's last line too when the completion continues it), except
-    blank ones and an unfinished last line (unless the model ended the document there)."""
+    blank ones and an unfinished last line that is not yet too long (unless the model ended the document there)."""
     if not completion:
         return 0, 0, []
     lines = (prompt + completion).splitlines(keepends=True)
-    if not ended and not lines[-1].endswith("\n"):
+    if not ended and not lines[-1].endswith("\n") and len(lines[-1]) <= MAX_LINE:
         lines = lines[:-1]
     first = prompt.count("\n")  # the line the completion starts on
-    bad = invalid_lines(lines)
+    bad = invalid_lines(lines) | {i for i, line in enumerate(lines) if len(line.rstrip("\n")) > MAX_LINE}
     counted = [i for i in range(first, len(lines)) if lines[i].strip()]
     return sum(i not in bad for i in counted), len(counted), [lines[i] for i in counted]
 
@@ -111,19 +114,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--show", type=int, default=1, help="Print the samples of the first N prompts.")
     args = p.parse_args(argv)
-    gen = _load_generate_tool()
+    from megatron_ext.cli import UserError, report
+    from megatron_ext.platform import quiet_optional_dependency_warnings
+    from megatron_ext.training.inference import find_checkpoint, load_model
+
+    quiet_optional_dependency_warnings()  # before megatron-core is imported
+
     try:
-        ckpt = gen.find_checkpoint(args.load)
-    except gen.GenerateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        ckpt = find_checkpoint(args.load)
+    except UserError as e:
+        return report(e)
+    gen = _load_generate_tool()
 
     from megatron_ext import distributed
     from megatron_ext.training import curves
 
     start = time.perf_counter()
     try:
-        model, tokenizer, device, cfg, common = gen.load_model(ckpt)
+        model, tokenizer, device, cfg, common = load_model(ckpt)
         valid = counted = 0
         distinct: set[str] = set()
         for k, prompt in enumerate(PROMPTS[: args.prompts]):

@@ -25,11 +25,11 @@ if [ -e "$run" ] && [ ! -f "$run/.demo" ]; then
   exit 2
 fi
 rm -rf "$run"
-mkdir -p "$run/data" "$run/tokenizer"
+mkdir -p "$run/stdlib" "$run/tokenizer"
 touch "$run/.demo"
-corpus="$run/data/stdlib.jsonl"
+corpus="$run/stdlib/stdlib.jsonl"
 tok="$run/tokenizer/stdlib_sp$vocab.model"
-data="$run/data/stdlib"
+data="$run/stdlib/stdlib"  # the folder names the corpus: valid/stdlib/lm_loss
 
 step "1/5 corpus: the standard library's modules, one json line each ({\"text\": ...}, as your own data would be)"
 "$py" - "$corpus" "${DOCUMENTS:-0}" <<'EOF'
@@ -57,7 +57,7 @@ flags=(--swiglu --normalization RMSNorm --position-embedding-type rope --untie-e
   --micro-batch-size 32 --train-iters 300 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30
   --weight-decay 0.1 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 --seed 1234
   --data-path "${data}_text_document" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$tok"
-  --data-cache-path "$run/data/cache" --log-interval 25 --eval-interval 50 --eval-iters 4
+  --data-cache-path "$run/cache" --log-interval 10 --eval-interval 50 --eval-iters 4
   --tensorboard-dir "$run/tensorboard" --run-dir "$run" --save "$run/checkpoints" --save-interval 1000 "$@")
 printf '#!/usr/bin/env bash\n# The demo'"'"'s training command (scripts/demo.sh); arguments are appended.\n' >"$run/pretrain.sh"
 printf 'cd %q\nexec %q pretrain_gpt.py %s "$@"\n' "$root" "$py" "$(printf '%q ' "${flags[@]}")" >>"$run/pretrain.sh"
@@ -77,8 +77,8 @@ cat <<EOF
 bash $run/pretrain.sh --load $run/checkpoints --train-iters 3000 --override-opt_param-scheduler
     # resume to 3000 steps (the cosine is stretched to the new length: the LR goes back up first)
 NLAYERS=4 HIDDEN=128 HEADS=4 NUM_KV_HEAD=4 FFN_HIDDEN_SIZE=352 SEQ=256 NGPU_PER_HOST=2 MICRO_BATCH=16 LR=3e-3 \\
-  MIN_LR=3e-4 TRAIN_ITERS=300 TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=$tok DATA_CACHE_PATH=$run/data/cache \\
-  EVAL_INTERVAL=50 EVAL_ITERS=4 LOG_INTERVAL=25 SAVE=$run/alcf/checkpoints RUN_DIR=$run/alcf \\
+  MIN_LR=3e-4 TRAIN_ITERS=300 TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=$tok DATA_CACHE_PATH=$run/cache \\
+  EVAL_INTERVAL=50 EVAL_ITERS=4 LOG_INTERVAL=10 SAVE=$run/alcf/checkpoints RUN_DIR=$run/alcf \\
   bash train_alcf.sh --data-path ${data}_text_document --lr-warmup-iters 30 $(printf '%q ' "$@")
     # the same run through train_alcf.sh: 2 ranks (torchrun here, mpiexec/srun in a job) x micro-batch 16
 EOF

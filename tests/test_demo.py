@@ -136,7 +136,7 @@ def test_demo_reduced(tmp_path: Path) -> None:
 
     # Bits per byte as printed = loss x tokens / bytes of the validation documents / ln 2, counted here from the
     # jsonl the demo wrote and the tokenizer (split 969,30,1 of 60 documents: documents 58 and 59).
-    texts = [json.loads(line)["text"] for line in (run / "data" / "stdlib.jsonl").read_text().splitlines()]
+    texts = [json.loads(line)["text"] for line in (run / "stdlib" / "stdlib.jsonl").read_text().splitlines()]
     valid = texts[round(0.969 * len(texts)) : round(0.999 * len(texts))]
     ratio = sum(len(t.encode()) for t in valid) / sum(len(tok.tokenize(t)) + 1 for t in valid)
     m = re.search(r"validation loss (\d+\.\d+) nats/token = (\d+\.\d+) bits/byte", out)

@@ -15,9 +15,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_ext.config import Config, ConfigError, OneLineParser
-from megatron_ext.data.tokenizers import TokenizerError, build_tokenizer
-from megatron_ext.training import curves
+from megatron_ext.cli import OneLineParser, UserError, check_image_path, run_tool
+from megatron_ext.platform import quiet_optional_dependency_warnings
+
+quiet_optional_dependency_warnings()  # before megatron-core is imported (through the data modules)
+
+from megatron_ext.config import Config  # noqa: E402
+from megatron_ext.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_ext.training import curves  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,21 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def report(run_dir: Path, out: Path | None, tensorboard_dir: Path | None) -> list[str]:
-    """Writes the PNG; returns the summary lines. Raises ValueError/ConfigError/OSError with one-line reasons."""
+def summarize(run_dir: Path, out: Path, tensorboard_dir: Path | None) -> list[str]:
+    """Writes the PNG; returns the summary lines. A user mistake raises UserError (one line)."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{run_dir}: no config.json; expected a run's folder (--run-dir, else --save)")
+        raise UserError(f"{run_dir}: no config.json; expected a run's folder (--run-dir, else --save)")
     cfg = Config.from_json(config_path)
     events = tensorboard_dir or cfg.logging.tensorboard_dir
     if not events or not Path(events).is_dir():
-        raise ValueError(f"{run_dir}: no tensorboard folder {events or ''} (run with --tensorboard-dir)".strip())
-    loss = curves.loss_curves(curves.read_scalars(events), cfg.model.seq_length)
+        raise UserError(f"{run_dir}: no tensorboard folder {events or ''} (run with --tensorboard-dir)")
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    ratios = {
-        corpus: curves.bytes_per_token(prefixes, split, index, tokenizer)
-        for corpus, (prefixes, split, index) in curves.validation_prefixes(cfg, tokenizer).items()
-    }
+    try:
+        loss = curves.loss_curves(curves.read_scalars(events), cfg.model.seq_length)
+        ratios = {
+            corpus: curves.bytes_per_token(prefixes, split, index, tokenizer)
+            for corpus, (prefixes, split, index) in curves.validation_prefixes(cfg, tokenizer).items()
+        }
+    except ValueError as e:
+        raise UserError(f"{run_dir}: {e}") from None
     train = loss["train"]
     lines = [f"train loss {train.values[-1]:.4f} at iteration {train.steps[-1]} ({train.tokens[-1]:,.0f} tokens)"]
     for name, c in loss.items():
@@ -57,22 +65,22 @@ def report(run_dir: Path, out: Path | None, tensorboard_dir: Path | None) -> lis
                 f"validation loss {c.values[-1]:.4f} nats/token = {bpb:.3f} bits/byte ({corpus}, "
                 f"{ratios[corpus]:.2f} bytes/token, {tokenizer.name}) at iteration {c.steps[-1]}"
             )
-    out = out or run_dir / "loss_curve.png"
     single = next(iter(ratios.values())) if len(ratios) == 1 else None
     curves.plot_loss_curves(loss, out, single, title=f"{run_dir} ({tokenizer.name})")
     lines.append(f"wrote {out}")
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        lines = report(args.run_dir, args.out, args.tensorboard_dir)
-    except (ValueError, ConfigError, TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
+    out = args.out or args.run_dir / "loss_curve.png"
+    check_image_path("--out", out)
+    print("\n".join(summarize(args.run_dir, out, args.tensorboard_dir)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tool(run, argv)
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def plot_loss_curves(
     if bytes_per_tok:
         factor = 1 / bytes_per_tok / math.log(2)
         right = ax.secondary_yaxis("right", functions=(lambda x: x * factor, lambda y: y / factor))
-        right.set_ylabel("bits per byte")
+        right.set_ylabel("bits per byte of the validation text")
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
