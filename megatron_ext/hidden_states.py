@@ -105,13 +105,13 @@ def jsonl_sequences(paths: list[str], tokenize: Callable[[str], list[int]], limi
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"--input {path}: {'is a folder' if path.is_dir() else 'no such file'}; expected JSONL")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with path.open("rb") as f:  # decoded line by line, so that a byte that is not UTF-8 is named by its line
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 try:
-                    text = record_text(json.loads(line))
-                except ValueError as e:  # JSONDecodeError included
+                    text = record_text(json.loads(raw.decode("utf-8")))
+                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
                     raise ConfigError(f"{path}:{lineno}: {str(e).splitlines()[0]}") from None
                 ids = tokenize(text)[:length]
                 if ids:

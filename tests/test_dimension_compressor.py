@@ -16,7 +16,8 @@ import torch
 from launchers import clean_env
 
 from megatron_ext import dimension_compressor as dc
-from megatron_ext.hidden_states import HiddenStore, split_sequences
+from megatron_ext.config import ConfigError
+from megatron_ext.hidden_states import HiddenStore, jsonl_sequences, split_sequences
 from megatron_ext.models.dimension_compressor import (
     ReconstructionMetrics,
     SecondMoment,
@@ -235,6 +236,30 @@ def test_reference_spellings_and_bad_inputs(store: tuple[Path, np.ndarray], caps
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (argv, err)
     assert not (store[0].parent / "bad").exists()  # nothing written
+
+
+def test_jsonl_records_and_their_mistakes(tmp_path: Path) -> None:
+    """Text and chat records become token sequences; a line that is not JSON, not UTF-8 or not such a record is one
+    error naming its file and line."""
+    good = tmp_path / "good.jsonl"
+    records = [
+        {"text": "ab"},
+        {"messages": [{"role": "user", "content": "c"}]},
+        {"conversations": [{"from": "gpt", "value": "d"}]},
+    ]
+    good.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")
+    sequences = jsonl_sequences([str(good)], lambda text: list(text.encode()), 10, 8)
+    assert [bytes(s.tolist()).decode() for s in sequences] == ["ab", "user: c", "gpt: d"]
+    bad = tmp_path / "bad.jsonl"
+    cases = {
+        b"{bad": "Expecting property name",
+        b'{"text": "\xff"}': "'utf-8' codec can't decode",
+        b'{"a": 1}': "expected ",
+    }
+    for line, message in cases.items():
+        bad.write_bytes(b'{"text": "ok"}\n' + line + b"\n")
+        with pytest.raises(ConfigError, match=f"^{bad}:2: {message}"):
+            jsonl_sequences([str(bad)], lambda text: list(text.encode()), 10, 8)
 
 
 # ---- a real checkpoint: extraction at TP=1 (on the fly) and TP=2 (tools/extract_hidden.py) --------------------------
