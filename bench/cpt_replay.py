@@ -47,12 +47,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from megatron_ext.cli import OneLineParser  # noqa: E402
 from megatron_ext.data.builtin_corpus import iter_documents, stdlib_files  # noqa: E402
 from megatron_ext.data.indexed import IndexedDatasetWriter  # noqa: E402
 from megatron_ext.data.shift import permute_corpus, token_permutation  # noqa: E402
@@ -76,7 +78,7 @@ class Arm:
     name: str
     mix: str  # data list written by cpt_plan (see plan_mixes)
     start: str  # the run whose checkpoint it loads: stage0, cooled or buffer-stage1
-    schedule: str  # rewarm, continue or cooldown (see schedule_flags)
+    schedule: str  # rewarm, continue, cooldown or cool-d0 (see schedule_flags)
 
 
 ARMS = (
@@ -93,7 +95,7 @@ LEGS = (Arm("cooled", "D0.txt", "stage0", "cool-d0"), Arm("buffer-stage1", "stag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, default=Path("/tmp/cpt_replay"), help="data, checkpoints and logs")
     p.add_argument("--plot", type=Path, default=None, help="PNG to write (default RUN_DIR/cpt_replay.png)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one stage 0 and all arms per seed")
@@ -150,11 +152,17 @@ def run_tool(run_dir: Path, log: Path, script: str, args: list[str], threads: in
     return proc.stdout
 
 
+def usage_error(message: str) -> NoReturn:
+    """A mistake in the command line: one ``error:`` line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     """An empty run dir; refuses to empty a folder this script did not make."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / MARKER).exists():
-            sys.exit(f"error: --run-dir {run_dir} is not empty and was not made by this script; pick another")
+            usage_error(f"--run-dir {run_dir} is not empty and was not made by this script; pick another")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("made by bench/cpt_replay.py; emptied by its next run\n")
@@ -302,7 +310,13 @@ def run_all(args: argparse.Namespace) -> dict[int, dict[str, Run]]:
         for arm in order:  # by kind, then seed: the start runs of every seed come first
             for seed in args.seeds:
                 futures[seed, "stage0" if arm is None else arm.name] = pool.submit(job, seed, arm)
-        return {seed: {name: futures[seed, name].result() for s, name in futures if s == seed} for seed in args.seeds}
+        try:
+            return {
+                seed: {name: futures[seed, name].result() for s, name in futures if s == seed} for seed in args.seeds
+            }
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed run: start nothing more
+            raise
 
 
 # ---- the numbers ------------------------------------------------------------------------------------------------
@@ -429,7 +443,7 @@ def save_results(path: Path, args: argparse.Namespace, runs: dict[int, dict[str,
 def load_results(path: Path, args: argparse.Namespace) -> dict[int, dict[str, Run]]:
     """The runs a previous invocation saved (JSON keys are strings); its sizes and lengths replace ``args``'s."""
     if not path.is_file():
-        sys.exit(f"error: --replot: {path} is missing (run the experiment first)")
+        usage_error(f"--replot: {path} is missing (run the experiment first)")
     saved = json.loads(path.read_text())
     for key in _RUN_SHAPE:
         setattr(args, key, saved["args"][key])
