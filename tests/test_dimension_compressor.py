@@ -47,6 +47,18 @@ def _args(store: Path, out: Path, *extra: str) -> dc.RunConfig:
     return dc.parse_args(["--hidden-store", str(store), "--output-dir", str(out), *extra])
 
 
+def numpy_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """The issue's definitions in NumPy, of reconstructions b against tokens a (rows)."""
+    err = b - a
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {
+        "mse": (err**2).mean(),
+        "relative_error": (np.linalg.norm(err, axis=1) / np.linalg.norm(a, axis=1)).mean(),
+        "cosine": cos.mean(),
+        "variance_ratio": (b.var(axis=0) / a.var(axis=0)).mean(),
+    }
+
+
 # ---- the math ------------------------------------------------------------------------------------------------------
 
 
@@ -57,15 +69,7 @@ def test_metrics_equal_numpy_on_random_data() -> None:
     m.update(x[:2], x_hat[:2])  # streamed in two parts
     m.update(x[2:], x_hat[2:])
     got = m.result()
-    a, b = x.reshape(-1, 16).double().numpy(), x_hat.reshape(-1, 16).double().numpy()
-    err = b - a
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    expected = {
-        "mse": (err**2).mean(),
-        "relative_error": (np.linalg.norm(err, axis=1) / np.linalg.norm(a, axis=1)).mean(),
-        "cosine": cos.mean(),
-        "variance_ratio": (b.var(axis=0) / a.var(axis=0)).mean(),
-    }
+    expected = numpy_metrics(x.reshape(-1, 16).double().numpy(), x_hat.reshape(-1, 16).double().numpy())
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-9), key
     assert float(masked_mse(x_hat, x, None)) == pytest.approx(expected["mse"], rel=1e-5)
@@ -137,6 +141,38 @@ def test_lr_warms_up_then_decays_by_cosine() -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     return synthetic_store(tmp_path_factory.mktemp("store") / "store")
+
+
+def test_evaluation_and_training_steps_leave_the_padding_out(store: tuple[Path, np.ndarray]) -> None:
+    """Batches of the store are padded: evaluation equals NumPy's metrics over the real rows, a training step's loss
+    and gradient ignore what the padding holds, and the LR follows the warmup-cosine schedule step by step."""
+    from megatron_ext.training.schedules import ParamScheduler, lr_at
+
+    hidden = HiddenStore(store[0])
+    ids = np.arange(10)
+    x, mask = hidden.batch(ids[:4])
+    assert not mask.all()  # sequences of different lengths
+    model = TiedLinearCompressor(32, 4, generator=torch.Generator().manual_seed(0))
+    got = dc.evaluate(model, dc.Data(hidden, ids, ids), 4, torch.device("cpu"))
+    rows = np.asarray(hidden.hidden[: hidden.offsets[10]], dtype=np.float64)
+    w = model.weight.detach().double().numpy()
+    assert got == pytest.approx(numpy_metrics(rows, rows @ w.T @ w), rel=1e-6)
+
+    x[~mask] = 1e3  # garbage where the store pads with zeros
+    t = dc.parse_args(["--hidden-store", "s", "--lr", "0.01", "--min-lr", "0.001", "--warmup-ratio", "0.5"]).training
+    schedule = dc.lr_schedule(t, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=0.0)
+    scheduler = ParamScheduler(optimizer, schedule)
+    real = x[mask].double()
+    for step in range(1, 4):
+        w = model.weight.detach().double().clone().requires_grad_()
+        expected = (real @ w.T @ w - real).square().mean()
+        expected.backward()
+        loss, grad_norm = dc.train_step(model, model, optimizer, scheduler, x, mask, 0.0)
+        assert loss == pytest.approx(float(expected.detach()), rel=1e-5)
+        assert grad_norm == pytest.approx(float(w.grad.norm()), rel=1e-4)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(schedule, step))
+    assert [lr_at(schedule, s) for s in (1, 2, 4)] == pytest.approx([0.005, 0.01, 0.001])
 
 
 def test_pca_init_gives_pcas_loss_at_step_0(store: tuple[Path, np.ndarray], tmp_path: Path) -> None:
