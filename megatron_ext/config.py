@@ -484,6 +484,13 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+    packing: str = opt(
+        "concat",
+        "How documents fill samples: concat (concatenated and cut, as Megatron-LM) or best-fit (with "
+        "--reset-attention-mask: whole documents, longer ones in pieces of a sample, best-fit decreasing into "
+        "samples whose rest is padding; the start-up line reports the padding share).",
+        choices=["concat", "best-fit"],
+    )
         parts = self.split.replace("/", ",").split(",")
         ok = len(parts) in (1, 2, 3) and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         ok = ok and sum(float(p) for p in parts) > 0
@@ -496,9 +503,9 @@ class DataConfig:
             not (self.data_path and self.data_file_list),
             "give --data-path or --data-file-list, not both",
         )
-        for flag in ("reset_position_ids", "check_document_masking"):
+        for flag in ("reset_position_ids", "check_document_masking", "packing"):
             _check(
-                self.reset_attention_mask or not getattr(self, flag),
+                self.reset_attention_mask or getattr(self, flag) in (False, "concat"),
                 f"--{flag.replace('_', '-')} needs --reset-attention-mask (the document boundaries it packs)",
             )
         if self.data_path and len(self.data_path) > 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from launchers import clean_env, launch_scenarios, ngram_corpus
 
 from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.data import blend
 from megatron_ext.data.blend import BlendSpec, CorpusBlend
 from megatron_ext.data.indexed import IndexedDatasetWriter
 
@@ -53,10 +55,52 @@ def test_samples_carry_the_documents_of_the_idx(tmp_path: Path) -> None:
         assert torch.equal(sample["position_ids"], begun)
 
 
+def test_best_fit_packing_loses_no_token_and_keeps_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(blend, "MIN_EPOCH_DOCS", 1)  # an epoch is every document once
+    lengths = [int(x) for x in np.random.default_rng(1).integers(1, 90, size=200)]  # some longer than a sample
+    prefix = _corpus(tmp_path / "docs", lengths)
+    spec = BlendSpec(((1.0, prefix, "c"),), seq_length=32, split="1,0,0", packing="best-fit")
+    packed = CorpusBlend(spec, 600, tmp_path / "cache", eod=7, document_boundaries=True)
+    seen: list[tuple[int, int]] = []
+    padding = 0
+    for i in range(600):
+        text, starts, pad = packed.sample_documents(i)
+        padding += pad
+        assert (text[33 - pad :] == 7).all()
+        for a, b in pairwise([0, *starts, 33]):
+            piece = text[a:b]
+            if b == 33 and pad and a == 33 - pad:
+                continue  # the padding
+            doc, pos = piece // 100, piece % 100
+            assert (doc == doc[0]).all() and (np.diff(pos) == 1).all() and pos[0] % 33 == 0, (i, piece)
+            assert pos[-1] + 1 == lengths[doc[0]] or len(piece) == 33  # a whole document or a whole piece
+        sample = packed[i]
+        assert sample["loss_mask"][32 - pad :].sum() == 0 and sample["cu_seqlens"][-1] == 32
+        if len(seen) < sum(lengths):  # epoch 0: every token of every document exactly once
+            seen += [(int(t) // 100, int(t) % 100) for t in text[: 33 - pad]]
+    assert sorted(seen) == [(d, j) for d, n in enumerate(lengths) for j in range(n)]
+    assert packed.padding_share() == pytest.approx(padding / (600 * 33))
+
+
+def test_best_fit_decreasing_puts_each_item_in_the_fullest_bin_it_fits() -> None:
+    lengths = np.random.default_rng(2).integers(1, 33, size=300)
+    rooms: list[int] = []  # a plain reference: items by decreasing length (stable), fullest fitting bin first
+    expected: list[list[int]] = []
+    for item in sorted(range(300), key=lambda j: -lengths[j]):
+        fits = [b for b in range(len(rooms)) if rooms[b] >= lengths[item]]
+        b = min(fits, key=lambda b: (rooms[b], b)) if fits else len(rooms)
+        if not fits:
+            rooms.append(33)
+            expected.append([])
+        rooms[b] -= int(lengths[item])
+        expected[b].append(item)
+    assert blend.best_fit_decreasing(lengths, 33) == expected
+
+
 def test_packing_flags_need_document_masking() -> None:
-    for flag in ("--reset-position-ids", "--check-document-masking"):
-        with pytest.raises(ConfigError, match=f"{flag} needs --reset-attention-mask"):
-            parse_args([flag, "--train-iters", "1"])
+    for flag in (["--reset-position-ids"], ["--check-document-masking"], ["--packing", "best-fit"]):
+        with pytest.raises(ConfigError, match=f"{flag[0]} needs --reset-attention-mask"):
+            parse_args([*flag, "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--cross-entropy-chunk must be positive"):
         parse_args(["--cross-entropy-chunk", "0", "--train-iters", "1"])
     with pytest.raises(ConfigError, match="--pipeline-model-parallel-size > 1 needs --micro-batch-size 1"):
@@ -103,7 +147,7 @@ def _train(tmp: Path, *args: str) -> str:
         "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
         "--global-batch-size 4 --lr 1e-3 --log-interval 1 --eval-iters 1 --eval-interval 4 --hidden-dropout 0 "
         "--attention-dropout 0 --train-iters 4 --reset-attention-mask --reset-position-ids --eod-mask-loss "
-        "--position-embedding-type rope --cross-entropy-chunk 50"
+        "--position-embedding-type rope --cross-entropy-chunk 50 --packing best-fit"
     ).split()
     data = ["--data-path", ngram_corpus(str(tmp / "docs")), "--data-cache-path", str(tmp / "cache")]
     argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *tiny, *data, *args]
@@ -120,6 +164,7 @@ def _losses(log: str) -> dict[int, float]:
 def test_packed_run_checks_its_masking_and_resumes_exactly(tmp_path: Path) -> None:
     whole = _train(tmp_path, "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--check-document-masking")
     assert re.search(r"document masking checked: \d+ documents packed and alone", whole), whole[-2000:]
+    assert re.search(r"best-fit packing: \d+\.\d% of the training samples' tokens are padding", whole)
     resumed = _train(tmp_path, "--load", str(tmp_path / "ckpt"), "--ckpt-step", "2")
     assert sorted(_losses(resumed)) == [3, 4]
     for i, loss in _losses(resumed).items():

@@ -27,6 +27,7 @@ same rounding as megatron-core's builder.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -53,6 +54,7 @@ MAX_EPOCH_DOCS = 1 << 24  # bounds the build's working memory (~0.5 GiB) for hug
 COUNT_BLOCK = 1 << 16  # consumed_per_corpus stores cumulative counts every COUNT_BLOCK samples
 _BLEND_CHUNK = 1 << 22  # blend index built this many samples at a time
 _U64 = np.uint64
+PACKINGS = ("concat", "best-fit")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class BlendSpec:
     seed: int = 1234
     split: str = "969,30,1"
     split_index: int = 0  # 0 train, 1 valid, 2 test
+    packing: str = "concat"  # concat (cut the concatenated documents) or best-fit (whole documents, padded)
 
     def __post_init__(self) -> None:
         files = tuple((float(w), str(p), str(c)) for w, p, c in self.files)
@@ -74,6 +77,8 @@ class BlendSpec:
             raise ValueError("file weights must be finite, non-negative and not all zero")
         if self.seq_length < 1 or self.seed < 0 or self.split_index not in (0, 1, 2):
             raise ValueError(f"bad seq_length {self.seq_length}, seed {self.seed} or split_index {self.split_index}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"bad packing {self.packing!r}: expected one of {', '.join(PACKINGS)}")
         split_fractions(self.split)
 
     def corpus_weights(self) -> dict[str, float]:
@@ -124,6 +129,8 @@ def cache_key(spec: BlendSpec, num_samples: int, start_offsets: dict[str, int] |
         "start_offsets": offsets,
         "epoch_docs": [MIN_EPOCH_DOCS, MAX_EPOCH_DOCS],
     }
+    if spec.packing != "concat":  # concat caches keep their keys
+        payload["packing"] = spec.packing
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -318,6 +325,59 @@ def _build_corpus(
     return {"epochs": b + 1 if count else 0, "pool": pool.length}
 
 
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins (lists of item indices) of total length <= capacity: items by decreasing length, each into the
+    fullest bin it fits (best-fit decreasing; ties by index, so the result is deterministic)."""
+    open_bins: list[tuple[int, int]] = []  # (room left, bin), sorted
+    bins: list[list[int]] = []
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        size = int(lengths[item])
+        at = bisect.bisect_left(open_bins, (size, -1))
+        if at < len(open_bins):
+            room, b = open_bins.pop(at)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(item)
+        if room - size > 0:
+            bisect.insort(open_bins, (room - size, b))
+    return bins
+
+
+def _build_corpus_best_fit(
+    stream: _CorpusStream, seq_length: int, first: int, count: int, out: Path, tag: str
+) -> dict[str, int]:
+    """Write samples [first, first + count) of whole documents: each epoch's documents (pieces of seq_length + 1
+    tokens for longer ones) packed by best-fit decreasing into samples of seq_length + 1 tokens, the rest padding;
+    samples shuffled within the epoch. Sample k's pieces are rows start[k]:start[k + 1] of (doc, offset, length)."""
+    sizes, need = stream.files.sizes, seq_length + 1
+    writers = {n: _NpyAppender(out / f"{tag}_bf_{n}.npy", np.int64) for n in ("start", "doc", "off", "len")}
+    writers["start"].append(np.zeros(1, dtype=np.int64))
+    end, k0, b, rows, tokens, slots = first + count, 0, 0, 0, 0, 0
+    while k0 < end:
+        docs = stream.epoch(b)
+        doc_sizes = sizes[docs].astype(np.int64)
+        doc, piece = _segments(-(-doc_sizes // need))
+        offsets = piece * need
+        lengths = np.minimum(doc_sizes[doc] - offsets, need)
+        bins = best_fit_decreasing(lengths, need)
+        order = np.random.default_rng([*stream.entropy, 3, b]).permutation(len(bins))
+        for k in order[max(first - k0, 0) : end - k0]:
+            items = np.asarray(bins[k], dtype=np.int64)
+            writers["doc"].append(docs[doc[items]])
+            writers["off"].append(offsets[items])
+            writers["len"].append(lengths[items])
+            rows += len(items)
+            writers["start"].append(np.asarray([rows]))
+            tokens += int(lengths[items].sum())
+            slots += need
+        k0 += len(bins)
+        b += 1
+    for w in writers.values():
+        w.close()
+    return {"epochs": b, "tokens": tokens, "padding": slots - tokens}
+
+
 def _build_blend(weights: np.ndarray, num_samples: int, out: Path) -> np.ndarray:
     """Corpus id and per-corpus draw number of every global sample; returns the draws per corpus.
 
@@ -384,7 +444,8 @@ def build_cache(spec: BlendSpec, num_samples: int, folder: Path, start_offsets: 
     for i, corpus in enumerate(corpora):
         files = _corpus_files(spec, corpus)
         first, count = meta["start_offsets"][corpus], int(counts[i])
-        stats = _build_corpus(_CorpusStream(files, spec.seed, corpus), spec.seq_length, first, count, folder, f"c{i}")
+        build = _build_corpus if spec.packing == "concat" else _build_corpus_best_fit
+        stats = build(_CorpusStream(files, spec.seed, corpus), spec.seq_length, first, count, folder, f"c{i}")
         meta["stats"][corpus] = stats
         meta["files"][corpus] = {
             "prefixes": [os.path.abspath(p) for p in files.prefixes],
@@ -478,11 +539,11 @@ class CorpusBlend(torch.utils.data.Dataset):
         self._cid = np.load(path / "blend_corpus.npy", mmap_mode="r")
         self._draw = np.load(path / "blend_draw.npy", mmap_mode="r")
         self._cum = np.load(path / "blend_cum.npy")
-        self._pool, self._pos, self._off, self._files = [], [], [], []
+        self._index: list[list[np.ndarray]] = []  # per corpus: its sample index arrays
+        self._files = []
+        names = ("pool", "pos", "off") if self.spec.packing == "concat" else ("bf_start", "bf_doc", "bf_off", "bf_len")
         for i, corpus in enumerate(self.corpora):
-            self._pool.append(np.load(path / f"c{i}_pool.npy", mmap_mode="r"))
-            self._pos.append(np.load(path / f"c{i}_pos.npy", mmap_mode="r"))
-            self._off.append(np.load(path / f"c{i}_off.npy", mmap_mode="r"))
+            self._index.append([np.load(path / f"c{i}_{name}.npy", mmap_mode="r") for name in names])
             info = self.meta["files"][corpus]
             self._files.append((info["prefixes"], np.asarray(info["seq_start"]), np.asarray(info["doc_start"])))
         self._readers: dict[str, IndexedDataset] = {}
@@ -505,6 +566,12 @@ class CorpusBlend(torch.utils.data.Dataset):
         if not 0 <= i < self._num_samples:
             raise IndexError(f"sample {i} out of range [0, {self._num_samples})")
         return i
+
+    def padding_share(self) -> float:
+        """The share of the built samples' tokens that is padding (0 when documents are concatenated and cut)."""
+        stats = self.meta["stats"].values()
+        padding = sum(st.get("padding", 0) for st in stats)
+        return padding / max(padding + sum(st.get("tokens", 0) for st in stats), 1)
 
     def corpus_of(self, i: int) -> str:
         return self.corpora[int(self._cid[self._check(i)])]
@@ -539,51 +606,74 @@ class CorpusBlend(torch.utils.data.Dataset):
         """The seq_length + 1 tokens of global sample i, packed across document boundaries."""
         return self.sample_documents(i)[0]
 
-    def sample_documents(self, i: int) -> tuple[np.ndarray, list[int]]:
-        """The seq_length + 1 tokens of global sample i, packed across document boundaries, and the offsets in
-        them where a document (an .idx sequence) begins after the first (empty documents have none)."""
+    def sample_documents(self, i: int) -> tuple[np.ndarray, list[int], int]:
+        """The seq_length + 1 tokens of global sample i, the offsets in them where a document (an .idx sequence)
+        begins after the first (empty documents have none), and the padding at the end (best-fit packing: whole
+        documents, the rest `eod`s, the padding one more document)."""
         i = self._check(i)
         c, k = int(self._cid[i]), int(self._draw[i])
-        pool, (prefixes, seq_start, doc_start) = self._pool[c], self._files[c]
-        pos, offset = int(self._pos[c][k]), int(self._off[c][k])
+        prefixes, seq_start, doc_start = self._files[c]
+        if self.spec.packing == "concat":
+            pool, pos_of, off_of = self._index[c]
+            pos, offset, pieces = int(pos_of[k]), int(off_of[k]), None
+        else:
+            start, docs, offsets, lengths = self._index[c]
+            rows = slice(int(start[k]), int(start[k + 1]))
+            pieces = zip(docs[rows].tolist(), offsets[rows].tolist(), lengths[rows].tolist())
         need = self.spec.seq_length + 1
         parts, starts, length = [], [], 0
         while need > 0:
-            doc = int(pool[pos])
+            if pieces is None:
+                doc, take_at_most = int(pool[pos]), need
+                pos += 1
+            else:
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                doc, offset, take_at_most = piece
             f = int(np.searchsorted(doc_start, doc, side="right")) - 1
             ds = self._reader(prefixes[f])
             seq = int(seq_start[f] + doc - doc_start[f])
-            take = min(int(ds.sequence_lengths[seq]) - offset, need)
+            take = min(int(ds.sequence_lengths[seq]) - offset, take_at_most, need)
             if take > 0:
                 if parts:
                     starts.append(length)
                 parts.append(ds.get(seq, offset, take))
                 need -= take
                 length += take
-            pos += 1
             offset = 0
-        return np.concatenate(parts).astype(np.int64), starts
+        if need > 0:
+            starts.append(length)
+            parts.append(np.full(need, self.eod))
+        return np.concatenate(parts).astype(np.int64), starts, need
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        text, starts = self.sample_documents(i)
+        text, starts, padding = self.sample_documents(i)
         return gpt_sample(
             torch.from_numpy(text), starts if self.document_boundaries else None, self.eod, self.eod_mask_loss,
-            self.reset_position_ids,
+            self.reset_position_ids, padding,
         )  # fmt: skip
 
 
 def gpt_sample(
-    text: torch.Tensor, starts: list[int] | None, eod: int, eod_mask_loss: bool, reset_position_ids: bool
+    text: torch.Tensor,
+    starts: list[int] | None,
+    eod: int,
+    eod_mask_loss: bool,
+    reset_position_ids: bool,
+    padding: int = 0,
 ) -> dict[str, torch.Tensor]:
     """A training sample from seq_length + 1 tokens: tokens, labels, loss mask, positions and, given the offsets
     `starts` where documents begin (after the first), `cu_seqlens` (int32 document bounds over the tokens).
 
     With boundaries, the last token of a document does not count in the loss (its label is the next document's
     first token, which attention cannot see), positions restart at each document with `reset_position_ids`, and
-    `eod_mask_loss` (Megatron-LM's) drops the tokens after an EOD as well, for data whose documents end in one."""
+    `eod_mask_loss` (Megatron-LM's) drops the tokens after an EOD as well, for data whose documents end in one.
+    The last `padding` tokens of `text` are never trained on."""
     tokens, labels = text[:-1].contiguous(), text[1:].contiguous()
     s = len(tokens)
     loss_mask = torch.ones(s, dtype=torch.float32)
+    loss_mask[s + 1 - padding :] = 0.0
     if eod_mask_loss:
         loss_mask[tokens == eod] = 0.0
     position_ids = torch.arange(s, dtype=torch.int64)

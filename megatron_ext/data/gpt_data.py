@@ -43,7 +43,7 @@ def training_entries(cfg: Config, tokenizer: Tokenizer) -> list[DataEntry]:
 
 def _spec(cfg: Config, entries: list[DataEntry], split: str, split_index: int) -> BlendSpec:
     files = tuple((e.weight, e.prefix, e.corpus) for e in entries)
-    return BlendSpec(files, cfg.model.seq_length, cfg.training.seed, split, split_index)
+    return BlendSpec(files, cfg.model.seq_length, cfg.training.seed, split, split_index, cfg.data.packing)
 
 
 def _signature(spec: BlendSpec) -> str:
@@ -152,6 +152,9 @@ def build_train_data(
         )
     except ValueError as e:
         raise ConfigError(f"training data: {e}") from e
+    if spec.packing == "best-fit":
+        share = f"best-fit packing: {blend.padding_share():.1%} of the training samples' tokens are padding"
+        note = f"{note}; {share}" if note else share
     return TrainData(blend, state, note)
 
 
