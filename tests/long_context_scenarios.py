@@ -34,6 +34,7 @@ from megatron_ext.models import gpt  # noqa: E402
 from megatron_ext.models.long_context import DocumentMaskingError, check_document_masking  # noqa: E402
 
 SEQ = 64
+LONG = 16384
 # Two samples of one micro-batch: documents that start where these offsets say (a 1-token one included).
 STARTS = [[9, 26, 27, 40], [33]]
 BASE = (
@@ -52,16 +53,16 @@ def flags(name: str) -> list[str]:
     return [*out, "--tensor-model-parallel-size", str(tp)] + (["--sequence-parallel"] if tp > 1 else [])
 
 
-def samples(reset_positions: bool) -> list[dict[str, torch.Tensor]]:
+def samples(reset_positions: bool, starts: list[list[int]] = STARTS, seq: int = SEQ) -> list[dict[str, torch.Tensor]]:
     """The packed samples (same tokens on every rank)."""
     g = torch.Generator().manual_seed(0)
-    texts = [torch.randint(0, 256, (SEQ + 1,), generator=g) for _ in STARTS]
-    return [gpt_sample(t, s, 0, False, reset_positions) for t, s in zip(texts, STARTS)]
+    texts = [torch.randint(0, 256, (seq + 1,), generator=g) for _ in starts]
+    return [gpt_sample(t, s, 0, False, reset_positions) for t, s in zip(texts, starts)]
 
 
-def batch(reset_positions: bool) -> dict[str, torch.Tensor]:
-    """The packed micro-batch of both samples."""
-    return collate(samples(reset_positions))
+def batch(reset_positions: bool, starts: list[list[int]] = STARTS, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    """The packed micro-batch of the samples."""
+    return collate(samples(reset_positions, starts, seq))
 
 
 def recipe_of(name_flags: list[str], plat: platform.Platform) -> tuple[gpt.GPTRecipe, torch.nn.Module]:
@@ -73,14 +74,21 @@ def recipe_of(name_flags: list[str], plat: platform.Platform) -> tuple[gpt.GPTRe
     return recipe, model
 
 
-def document_gaps(name: str, plat: platform.Platform) -> dict[str, float]:
+def document_gaps(
+    name: str, plat: platform.Platform, more: tuple[str, ...] = (), starts: list[list[int]] = STARTS, seq: int = SEQ
+) -> dict[str, float]:
     """Largest |packed - alone| over documents of the mean document loss and of any token's loss; `causal` is
-    the same for the packed tokens run without bounds (plain causal attention: must leak)."""
+    the same for the packed tokens run without bounds (plain causal attention: must leak). `more` flags (a
+    longer `seq`) train the packed sample: forward and backward in training mode (recomputation applies)."""
     reset = name.endswith("/reset")
-    recipe, model = recipe_of(flags(name), plat)
-    b = batch(reset)
+    recipe, model = recipe_of([*flags(name), *more], plat)
+    b = batch(reset, starts, seq)
+    if more:
+        model.train()
+        packed_train = recipe.forward_step(b, model)[0]
+        (packed_train * b["loss_mask"].reshape(1, -1)).sum().backward()
     with torch.no_grad():
-        packed = recipe.forward_step(b, model)[0].flatten()
+        packed = packed_train.detach().flatten() if more else recipe.forward_step(b, model)[0].flatten()
         unmasked = {k: v for k, v in b.items() if k not in ("cu_seqlens", "max_seqlen")}
         causal = recipe.forward_step(unmasked, model)[0].flatten()
         cu, mask = b["cu_seqlens"].tolist(), b["loss_mask"].flatten().bool()
@@ -88,7 +96,7 @@ def document_gaps(name: str, plat: platform.Platform) -> dict[str, float]:
         for lo, hi in zip(cu, cu[1:]):
             if not mask[lo:hi].any():
                 continue  # a 1-token document: its only token predicts the next document
-            row, col = divmod(lo, SEQ)
+            row, col = divmod(lo, seq)
             alone_batch = {k: b[k][row : row + 1, col : col + hi - lo] for k in ("tokens", "labels", "loss_mask")}
             alone_batch["position_ids"] = b["position_ids"][row : row + 1, col : col + hi - lo]
             pad = -(hi - lo) % parallel_state.get_tensor_model_parallel_world_size()
@@ -162,6 +170,11 @@ def main() -> None:
             results[name] = leak(plat)
         elif name == "chunked_ce":
             results[name] = chunked_ce(plat)
+        elif name == "16k":  # 16 documents, recomputation and chunked cross-entropy
+            starts = sorted(torch.randperm(16383, generator=torch.Generator().manual_seed(3))[:15] + 1)
+            more = f"--seq-length {LONG} --micro-batch-size 1 --recompute-activations --cross-entropy-chunk 2048"
+            long_starts = [[int(x) for x in starts]]
+            results[name] = document_gaps("sdpa/rope/reset", plat, tuple(more.split()), long_starts, LONG)
         else:
             results[name] = document_gaps(name, plat)
     if torch.distributed.get_rank() == 0:

@@ -142,6 +142,14 @@ def test_chunked_cross_entropy_equals_the_plain_one(world: str, request: pytest.
     assert result["loss"] <= 1e-6 and result["grad"] <= 1e-5 and result["params"] > 0, result
 
 
+@pytest.mark.slow
+def test_16k_tokens_of_16_documents_train_as_alone(tmp_path: Path) -> None:
+    """16K tokens in one packed sequence, trained with recomputation and chunked cross-entropy: each document's
+    losses are its losses alone."""
+    gaps = launch_scenarios(SCRIPT, 1, 29624, [], tmp_path / "16k.json", ["16k"])["16k"]
+    assert gaps["mean"] <= 1e-5 and gaps["token"] <= 1e-4 and gaps["causal"] > 1e-2, gaps
+
+
 def _train(tmp: Path, *args: str) -> str:
     tiny = (
         "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
