@@ -121,6 +121,9 @@ class CompressorTrainingConfig:
         False, "Also log to wandb (offline unless WANDB_MODE says otherwise).", aliases=["--use_wandb"]
     )
     wandb_project: str = opt("dimension-compressor", "wandb project.", aliases=["--wandb_project"])
+    wandb_run_name: str | None = opt(
+        None, "wandb run name, _d<D'> appended (default: the stage).", aliases=["--wandb_run_name"]
+    )
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "num_epochs", "early_stopping_patience", "log_interval", "eval_interval"):
@@ -335,7 +338,7 @@ class Logs:
             os.environ.setdefault("WANDB_MODE", "offline")
             self.wandb = wandb.init(
                 project=t.wandb_project,
-                name=f"{cfg.compressor.stage}_d{d}",
+                name=f"{t.wandb_run_name or cfg.compressor.stage}_d{d}",
                 config=cfg.to_dict(),
                 dir=str(run_dir),
                 reinit=True,

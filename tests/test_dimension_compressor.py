@@ -245,7 +245,7 @@ def test_reference_spellings_and_bad_inputs(store: tuple[Path, np.ndarray], caps
         "--hidden-store", str(store[0]), "--d_compressed", "8", "--num_epochs", "2",
         "--batch_size", "4", "--learning_rate", "0.01", "--no_early_stopping", "--early_stopping_patience", "5",
         "--sweep_d_values", "4", "8", "--output_dir", "o", "--init_from", "p.pt", "--num_samples", "10",
-        "--max_seq_length", "16", "--no_torch_compile", "--warmup_ratio", "0.2",
+        "--max_seq_length", "16", "--no_torch_compile", "--warmup_ratio", "0.2", "--wandb_run_name", "r",
     ])  # fmt: skip
     c, t, h = cfg.compressor, cfg.training, cfg.hidden
     assert (c.d_compressed, c.sweep_d_values, c.output_dir, c.init_from) == (8, [4, 8], "o", "p.pt")
@@ -257,6 +257,7 @@ def test_reference_spellings_and_bad_inputs(store: tuple[Path, np.ndarray], caps
         5,
     )
     assert (t.torch_compile, t.lr_warmup_fraction, h.num_samples, h.max_seq_length) == (False, 0.2, 10, 16)
+    assert t.wandb_run_name == "r"
     assert dc.parse_args(["--hidden-store", "s", "--learning-rate", "0.5", "--batch-size", "3"]).training.lr == 0.5
     cases = {
         "--d-compressed 32": ["--hidden-store", str(store[0]), "--d-compressed", "32"],  # D' = H
