@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -53,8 +54,16 @@ def opt(
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": choices, "nargs": nargs}
     meta["metavar"] = metavar
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=functools.partial(type(default), default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def derived(help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field that follows from others unless given. Its annotation is the resolved type, the one every
+    reader sees once the section is built (or, for what needs the world size, after `Config.resolve_batch`); its
+    default, None, stands for "not given" on the command line and in config.json, and the section's
+    `__post_init__` (or `resolve_batch`) replaces it. Only parse-time code asks whether one was given (`is None`)."""
+    return opt(None, help, **kwargs)
 
 
 def parse_count(text: str) -> int:
@@ -124,15 +133,12 @@ class ModelConfig:
     num_query_groups: int | None = opt(
         None, "Number of key/value head groups for GQA.", aliases=["--num-key-value-heads"]
     )
-    ffn_hidden_size: int | None = opt(
-        None,
-        "MLP hidden size; default 4 x hidden (with --swiglu: Megatron-LM's 8/3 x hidden rounded up to 64).",
+    ffn_hidden_size: int = derived(
+        "MLP hidden size; default 4 x hidden (with --swiglu: Megatron-LM's 8/3 x hidden rounded up to 64)."
     )
     kv_channels: int | None = opt(None, "Per-head dimension; default hidden_size / num_attention_heads.")
     seq_length: int = opt(256, "Sequence length of a training sample.")
-    max_position_embeddings: int | None = opt(
-        None, "Largest position for learned absolute embeddings; default --seq-length."
-    )
+    max_position_embeddings: int = derived("Largest position for learned absolute embeddings; default --seq-length.")
     swiglu: bool = opt(False, "SwiGLU MLP (gated SiLU) as in Llama.")
     normalization: str = opt("LayerNorm", "Normalisation layer: LayerNorm or RMSNorm (any case).")
     norm_epsilon: float = opt(1e-5, "Epsilon of the normalisation layers.", aliases=["--layernorm-epsilon"])
@@ -158,7 +164,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         norm = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(self.normalization.lower())
-        _check(norm is not None, f"--normalization {self.normalization!r} must be LayerNorm or RMSNorm")
+        if norm is None:
+            raise ConfigError(f"--normalization {self.normalization!r} must be LayerNorm or RMSNorm")
         self.normalization = norm
         _check_positive(self, "num_layers", "hidden_size", "num_attention_heads", "seq_length")
         _check(
@@ -169,8 +176,8 @@ class ModelConfig:
         if self.num_query_groups is not None and not self.group_query_attention:
             self.group_query_attention = True
         if self.group_query_attention:
-            _check(self.num_query_groups is not None, "--group-query-attention needs --num-query-groups N")
-            assert self.num_query_groups is not None
+            if self.num_query_groups is None:
+                raise ConfigError("--group-query-attention needs --num-query-groups N")
             _check(
                 self.num_attention_heads % self.num_query_groups == 0,
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by --num-query-groups "
@@ -230,8 +237,8 @@ class TrainingConfig:
     """Batch sizes, length of the run and what to do when things go wrong."""
 
     micro_batch_size: int = opt(4, "Samples per micro-batch on one data-parallel rank.")
-    global_batch_size: int | None = opt(
-        None, "Samples per optimizer step over all ranks; default micro batch x data-parallel size."
+    global_batch_size: int = derived(
+        "Samples per optimizer step over all ranks; default micro batch x data-parallel size."
     )
     rampup_batch_size: list[int] | None = opt(
         None,
@@ -477,13 +484,6 @@ class DataConfig:
         "sample; with RoPE only a document's relative positions matter, so both give the same losses).",
     )
     eod_mask_loss: bool = opt(False, "No loss on the token after an end-of-document token (Megatron-LM's).")
-    check_document_masking: bool = opt(
-        False,
-        "With --reset-attention-mask: before training, check every document of the first micro-batch: its "
-        "losses in the packed sample must equal its losses alone (a cheap check of two documents always runs).",
-    )
-
-    def __post_init__(self) -> None:
     packing: str = opt(
         "concat",
         "How documents fill samples: concat (concatenated and cut, as Megatron-LM) or best-fit (with "
@@ -491,6 +491,13 @@ class DataConfig:
         "samples whose rest is padding; the start-up line reports the padding share).",
         choices=["concat", "best-fit"],
     )
+    check_document_masking: bool = opt(
+        False,
+        "With --reset-attention-mask: before training, check every document of the first micro-batch: its "
+        "losses in the packed sample must equal its losses alone (a cheap check of two documents always runs).",
+    )
+
+    def __post_init__(self) -> None:
         parts = self.split.replace("/", ",").split(",")
         ok = len(parts) in (1, 2, 3) and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         ok = ok and sum(float(p) for p in parts) > 0
@@ -755,15 +762,13 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         parts = {}
-        for f in dataclasses.fields(cls):
-            sub = f.default_factory  # type: ignore[misc]
-            if f.name == "variant_options":  # the saved variant's options class
-                sub = VARIANTS.get(d.get("variant", {}).get("model_variant", "gpt"), VariantOptions)
-            known = {x.name for x in dataclasses.fields(sub)}  # type: ignore[arg-type]
-            given = d.get(f.name, {})
+        options = VARIANTS.get(d.get("variant", {}).get("model_variant", "gpt"), VariantOptions)  # the saved variant's
+        for name, sub in {**SECTIONS, "variant_options": options}.items():
+            known = {x.name for x in dataclasses.fields(sub)}
+            given = d.get(name, {})
             unknown = set(given) - known
-            _check(not unknown, f"unknown {f.name} options in saved config: {sorted(unknown)}")
-            parts[f.name] = sub(**given)  # type: ignore[operator]
+            _check(not unknown, f"unknown {name} options in saved config: {sorted(unknown)}")
+            parts[name] = sub(**given)
         return cls(**parts)
 
     @classmethod
@@ -780,9 +785,8 @@ def run_length_samples(cfg: Config, global_batch_size: int | None = None) -> int
     t = cfg.training
     if t.train_samples is not None:
         return t.train_samples
-    gbs = global_batch_size or t.global_batch_size
-    assert t.train_iters is not None and gbs is not None
-    return t.train_iters * gbs
+    assert t.train_iters is not None  # a run without a length: resolve_batch refuses it, check_schedule skips it
+    return t.train_iters * (global_batch_size or t.global_batch_size)
 
 
 def schedule_config(cfg: Config, start_samples: int = 0, global_batch_size: int | None = None) -> ScheduleConfig:
@@ -794,7 +798,6 @@ def schedule_config(cfg: Config, start_samples: int = 0, global_batch_size: int 
     """
     o, sc = cfg.optimizer, cfg.schedule
     gbs = global_batch_size or cfg.training.global_batch_size
-    assert gbs is not None
     lengths = {name: sc.length(name) for name in LR_LENGTHS}
     if lengths["lr_decay"] is None:
         lengths["lr_decay"] = (max(run_length_samples(cfg, gbs) - start_samples, 1), "samples")
@@ -882,10 +885,10 @@ def check_schedule(cfg: Config) -> None:
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {
-    f.name: f.default_factory  # type: ignore[misc]
-    for f in dataclasses.fields(Config)
-    if f.name != "variant_options"  # each variant's options are a section of their own: VARIANTS
+SECTIONS: dict[str, type[Any]] = {
+    name: section
+    for name, section in typing.get_type_hints(Config).items()
+    if name != "variant_options"  # each variant's options are a section of their own: VARIANTS
 }
 
 
@@ -917,7 +920,7 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
@@ -937,12 +940,10 @@ def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> Non
             continue
         default = _default(f)
         nargs = f.metadata.get("nargs") or ("+" if is_list else None)
-        if is_length(f):
-            kind = parse_count
         group.add_argument(
             *names,
             dest=dest,
-            type=kind,
+            type=parse_count if is_length(f) else kind,
             default=default,
             choices=f.metadata.get("choices"),
             nargs=nargs,
@@ -985,8 +986,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py")
         section, name = key.split(".", 1)
         values[section].setdefault(name, value)
     variant = values["variant"]["model_variant"]
-    for other, options in VARIANTS.items():
-        given = [f for f in dataclasses.fields(options) if values[other][f.name] != _default(f)]
+    for other, other_options in VARIANTS.items():
+        given = [f for f in dataclasses.fields(other_options) if values[other][f.name] != _default(f)]
         _check(
             other == variant or not given,
             f"{flag_of(given[0]) if given else ''} is an option of --model-variant {other}, not of {variant}",

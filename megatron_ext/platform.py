@@ -144,8 +144,8 @@ def keep_adam_step_on_load() -> None:
                 tensors = {**tensors, "step": state["step"]}
         original(self, model_param, tensors)
 
-    set_states.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
-    cls._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]
+    set_states.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]  # marks the patch as installed
+    cls._set_main_param_and_optimizer_states = set_states
 
 
 def keep_freed_memory() -> None:
@@ -195,9 +195,10 @@ def _cpu_cuda_namespace() -> types.SimpleNamespace:
         default_stream=lambda *a, **k: _NoOp(),
         nvtx=nvtx,
         amp=torch.cuda.amp,
-        FloatTensor=torch.cuda.FloatTensor,
-        HalfTensor=torch.cuda.HalfTensor,
-        BFloat16Tensor=torch.cuda.BFloat16Tensor,
+        # The legacy tensor types exist at run time but not in torch's stubs.
+        FloatTensor=torch.cuda.FloatTensor,  # type: ignore[attr-defined]
+        HalfTensor=torch.cuda.HalfTensor,  # type: ignore[attr-defined]
+        BFloat16Tensor=torch.cuda.BFloat16Tensor,  # type: ignore[attr-defined]
         CUDAGraph=torch.cuda.CUDAGraph,
     )
 
@@ -232,10 +233,10 @@ def _make_torch_facade() -> types.ModuleType:
     facade = types.ModuleType("torch")
     facade.__dict__.update(torch.__dict__)
     facade.__getattr__ = lambda name: getattr(torch, name)  # type: ignore[method-assign]  # lazy submodules
-    facade.cuda = _cpu_cuda_namespace()  # type: ignore[attr-defined]
+    facade.cuda = _cpu_cuda_namespace()  # type: ignore[attr-defined]  # a new module: set at run time
     for name in _FACTORIES:
         setattr(facade, name, _cpu_factory(getattr(torch, name)))
-    facade.__megatron_ext_cpu_facade__ = True  # type: ignore[attr-defined]
+    facade.__megatron_ext_cpu_facade__ = True  # type: ignore[attr-defined]  # as cuda above
     return facade
 
 
@@ -268,6 +269,7 @@ def _tensors_look_like_cuda() -> Iterator[None]:
             return _CUDA_TYPE_NAMES.get(name, name)
         return orig_type(self, dtype, non_blocking, **kwargs)
 
+    # The patch itself: methods replaced on the class, for the duration only.
     torch.Tensor.cuda, torch.Tensor.type = cuda, type_  # type: ignore[method-assign,assignment]
     try:
         yield
@@ -285,7 +287,7 @@ def _wrap_in_cuda_look(owner: Any, name: str) -> None:
         with _tensors_look_like_cuda():
             return fn(*args, **kwargs)
 
-    wrapper.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
+    wrapper.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]  # marks the patch as installed
     setattr(owner, name, wrapper)
 
 
@@ -334,10 +336,11 @@ def install_cpu_substitutes() -> None:
     sys.modules["megatron_ext._torch_cpu_facade"] = facade
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
-            module.torch = facade  # type: ignore[attr-defined]
+            module.torch = facade  # type: ignore[attr-defined]  # the patch: a ModuleType from sys.modules
     if _installed:
         return
     random = sys.modules["megatron.core.tensor_parallel.random"]
+    # The patch: megatron-core's CUDA RNG state functions, found in sys.modules (a plain ModuleType to mypy).
     random._get_cuda_rng_state = _cpu_get_rng_state  # type: ignore[attr-defined]
     random._set_cuda_rng_state = _cpu_set_rng_state  # type: ignore[attr-defined]
 
@@ -417,7 +420,7 @@ def _rope_without_copy(original: Callable[..., torch.Tensor]) -> Callable[..., t
         sin_ = (torch.sin(freqs) * mscale).to(t.dtype)
         return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
 
-    apply.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]
+    apply.__megatron_ext_wrapped__ = True  # type: ignore[attr-defined]  # marks the patch as installed
     return apply
 
 
@@ -430,7 +433,7 @@ def _use_rope_without_copy() -> None:
     apply = _rope_without_copy(original)
     for module in (rope_utils, rotary_pos_embedding):
         if getattr(module, "_apply_rotary_pos_emb_bshd", None) is original:
-            module._apply_rotary_pos_emb_bshd = apply  # type: ignore[attr-defined]
+            module._apply_rotary_pos_emb_bshd = apply
 
 
 def _drop_rng_context_warning(record: logging.LogRecord) -> bool:

@@ -67,7 +67,8 @@ def parse_epochs(items: Sequence[str]) -> dict[str, float]:
 def find_indexes(root: Path) -> list[Path]:
     """Every ``*.idx`` under root, sorted (a reproducible list); follows folder symlinks (data folders are often
     symlink farms), visiting each real folder once so a link cycle cannot loop."""
-    found, seen = [], set()
+    found: list[Path] = []
+    seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:

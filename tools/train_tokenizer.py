@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 from megatron_ext.cli import OneLineParser, UserError, report
 from megatron_ext.data.preprocess import PreprocessError, check_output_prefix, find_inputs, open_input
@@ -78,9 +79,9 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return {"model": f"{out}.model", "vocab_size": args.vocab_size, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _train_sentencepiece(spm: object, lines: Iterator[str], prefix: str, args: argparse.Namespace) -> None:
+def _train_sentencepiece(spm: ModuleType, lines: Iterator[str], prefix: str, args: argparse.Namespace) -> None:
     """Lossless settings: no normalisation or whitespace folding (code keeps its indentation), byte fallback."""
-    spm.SentencePieceTrainer.train(  # type: ignore[attr-defined]
+    spm.SentencePieceTrainer.train(
         sentence_iterator=lines,
         model_prefix=prefix,
         vocab_size=args.vocab_size,

@@ -184,7 +184,7 @@ def _heads(m: ModelConfig) -> tuple[int, int, int]:
 def _export_plan(m: ModelConfig, shapes: dict[str, Shape], rows: int, tied: bool) -> list[_Entry]:
     """Every Llama tensor in file order, each from one source (layer); shapes are checked against the config."""
     groups, per_group, dim = _heads(m)
-    h, f, layers = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, m.num_layers
+    h, f, layers = m.hidden_size, m.ffn_hidden_size, m.num_layers
     expected = {
         EMB: (shapes.get(EMB, (0,))[0], h),
         QKV: (layers, groups * (per_group + 2) * dim, h),
@@ -507,7 +507,11 @@ def _import_config(c: dict[str, Any], kind: str, tok_path: str | None, rows: int
         raise ConvertError(f"the Hugging Face config maps to an invalid run config: {e}") from e
 
 
-def _import_plan(m: ModelConfig, padded: int) -> list[tuple[str, list[str], Callable[[list[torch.Tensor]], Any]]]:
+_ImportStep = tuple[str, list[str], Callable[[list[torch.Tensor]], Any]]
+"""A target key, the Hugging Face names it is made of, and how."""
+
+
+def _import_plan(m: ModelConfig, padded: int) -> list[_ImportStep]:
     """(megatron key, Llama tensor names, how they combine into the full [layers, ...] tensor) per key."""
     groups, per_group, dim = _heads(m)
     layers = range(m.num_layers)
@@ -536,7 +540,7 @@ def _import_plan(m: ModelConfig, padded: int) -> list[tuple[str, list[str], Call
 
     qkv_names = [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in layers for p in "qkv"]
     fc1_names = [f"model.layers.{i}.mlp.{p}_proj.weight" for i in layers for p in ("gate", "up")]
-    plan = [
+    plan: list[_ImportStep] = [
         (EMB, ["model.embed_tokens.weight"], pad),
         (QKV_NORM, names("input_layernorm.weight"), stack),
         (QKV, qkv_names, qkv),
@@ -591,9 +595,12 @@ def import_hf(
     rows = shapes.get("model.embed_tokens.weight", (0,))[0]
     if tokens > rows:
         raise ConvertError(f"the tokenizer has {tokens} ids but the model's embedding only {rows} rows")
-    if out_ckpt_dir is None and not dry_run:
+    if dry_run:
+        out = Path(out_ckpt_dir or "CKPT_DIR").absolute()
+    elif out_ckpt_dir is None:
         raise ConvertError("the import needs an output folder")
-    out = Path(out_ckpt_dir or "CKPT_DIR").absolute() if dry_run else check_output_dir(out_ckpt_dir).absolute()
+    else:
+        out = check_output_dir(out_ckpt_dir).absolute()
     if tok_src is None:
         final_tok = None
     elif kind == "HuggingFaceTokenizer":

@@ -24,7 +24,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from megatron_ext.convert import ConvertError, read_common
 from megatron_ext.convert.universal import common_step
 from megatron_ext.training import layout
 from megatron_ext.training.universal import FORMAT, MAIN_STATES, META, OPTIMIZER_PREFIX
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 BLOCK_BYTES = 32 << 20  # rows read at a time per tensor (and per side when comparing)
 UNIVERSAL_FORMAT = FORMAT.rsplit("/", 1)[0] + "/"  # any version of the format
@@ -232,7 +235,7 @@ class DistCheckpoint:
         except (OSError, ValueError) as e:
             raise ConvertError(f"{f}: unreadable ({type(e).__name__})") from e
 
-    def tensor_keys(self) -> dict[str, Any]:
+    def tensor_keys(self) -> dict[str, TensorStorageMetadata]:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         return {k: v for k, v in self.meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -311,12 +314,12 @@ class DistCheckpoint:
             return torch.empty(spec.size, dtype=spec.dtype)
         if start + nbytes > path.stat().st_size:
             raise ConvertError(f"{path}: {key} lies past the end of the file (truncated)")
-        data = np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,))
-        return torch.from_numpy(data).view(spec.dtype).as_strided(spec.size, spec.stride, spec.offset)
+        mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,))
+        return torch.from_numpy(mapped).view(spec.dtype).as_strided(spec.size, spec.stride, spec.offset)
 
     def read_rows(self, e: Entry, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of an entry, assembled from the chunks (TP/PP shards) that hold them."""
-        md = self.meta.state_dict_metadata[e.ref]
+        md = cast("TensorStorageMetadata", self.meta.state_dict_metadata[e.ref])  # entries are tensor_keys()
         if e.shape:
             start = (*e.prefix, lo, *([0] * (len(e.shape) - 1)))
             length = (*([1] * len(e.prefix)), hi - lo, *e.shape[1:])

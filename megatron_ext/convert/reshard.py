@@ -201,7 +201,7 @@ def _write_tensors(
     for key, (layers, dtype) in target.tensors.items():
         for layer in range(layers) if layers is not None else [None]:
             shape = target_shape(root, meta, key, layer, padded_vocab)
-            if layers is None:
+            if layers is None or layer is None:  # one is None when the other is: a tensor of no layer
                 offsets, sizes, size = (0,) * len(shape), shape, shape
             else:
                 offsets, sizes, size = (layer, *(0,) * len(shape)), (1, *shape), (layers, *shape)
@@ -229,8 +229,8 @@ def _write_tensors(
             group = groups[file_of[request]]
             read_ahead.update(zip(group, read([requests[r] for r in group]), strict=True))
         full = read_ahead.pop(request)
-        _, layer, shape = requests[request]
-        dtype = item.tensor_data.properties.dtype
+        key, layer, shape = requests[request]
+        dtype = target.tensors[key][1]
         if tuple(full.shape) != shape:  # vocabulary padding: zero rows added, or rows past the tokenizer's dropped
             fitted = torch.zeros(shape, dtype=dtype)
             rows = min(shape[0], full.shape[0])

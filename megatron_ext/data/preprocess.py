@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -109,11 +108,11 @@ def find_inputs(paths: Sequence[str | Path]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def open_input(path: Path) -> Iterator[BinaryIO]:
+def open_input(path: Path) -> Iterator[io.BufferedIOBase]:
     """The file's decompressed bytes, streamed (nothing is decompressed to disk or held in memory)."""
     if path.name.endswith(".gz"):
         with gzip.open(path, "rb") as f:
-            yield f  # type: ignore[misc]
+            yield f
     elif path.name.endswith(".zst"):
         try:
             import zstandard
@@ -121,7 +120,7 @@ def open_input(path: Path) -> Iterator[BinaryIO]:
             raise PreprocessError(f"{path}: reading .zst files needs the zstandard package") from err
         with open(path, "rb") as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with io.BufferedReader(reader) as f:  # type: ignore[arg-type]
+            with io.BufferedReader(reader) as f:
                 yield f
     else:
         with open(path, "rb") as f:
@@ -341,8 +340,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(pending):
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def preprocess(

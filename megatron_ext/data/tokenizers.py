@@ -12,7 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -208,7 +208,8 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.encode(text, add_special_tokens=False)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._size], skip_special_tokens=True)
+        # One flat list of ids decodes to one string (a list of strings is for a batch of lists).
+        return cast(str, self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._size], skip_special_tokens=True))
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> Tokenizer:

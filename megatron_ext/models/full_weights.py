@@ -13,12 +13,13 @@ from collections.abc import Iterator
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+from megatron.core.transformer.module import MegatronModule
 
 
 def _local_shards(model_chunks: list[torch.nn.Module]) -> Iterator[ShardedTensor]:
     """Every ShardedTensor of this rank's model chunks (factories such as SwiGLU's fc1 split are built)."""
     for chunk in model_chunks:
-        module = getattr(chunk, "module", chunk)
+        module: MegatronModule = getattr(chunk, "module", chunk)  # DDP-wrapped or bare
         sharded, _ = extract_sharded_tensors_and_factories(module.sharded_state_dict())
         stack = list(sharded.values())
         while stack:

@@ -58,13 +58,13 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 class TorchNorm:
     """torch.nn.LayerNorm / RMSNorm with the `sequence_parallel` marking megatron-core's grad reduction reads."""
 
-    def __new__(  # type: ignore[misc]
+    def __new__(  # type: ignore[misc]  # returns a torch norm, not a TorchNorm: a factory with a class's name
         cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object
     ) -> torch.nn.Module:
         norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
         norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in norm.parameters():
-            p.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+            p.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # megatron-core's mark
         return norm
 
 
@@ -86,7 +86,7 @@ class SDPAttention(DotProductAttention):
 
     dense_document_mask = False
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -148,7 +148,7 @@ class UnfusedAttention(DotProductAttention):
     """megatron-core's unfused DotProductAttention, which refuses packed sequences, given them as one sequence
     under the dense `document_mask` (`--attention-backend unfused`; O(s^2) memory, a reference)."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
@@ -171,13 +171,13 @@ class _SwiGLUFunction(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
         a, b = y.chunk(2, dim=-1)
         gate = F.silu(a)
-        ctx.save_for_backward(y, gate)  # type: ignore[attr-defined]
+        ctx.save_for_backward(y, gate)
         return gate * b
 
     @staticmethod
     @once_differentiable  # the backward writes into views of one buffer: no graph of its own
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        y, gate = ctx.saved_tensors  # type: ignore[attr-defined]
+        y, gate = ctx.saved_tensors  # type: ignore[attr-defined]  # set by autograd; FunctionCtx's stubs lack it
         a, b = y.chunk(2, dim=-1)
         grad_y = torch.empty_like(y)
         grad_a, grad_b = grad_y.chunk(2, dim=-1)
@@ -197,7 +197,7 @@ class SwiGLU(MegatronModule):
         super().__init__(config)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return _SwiGLUFunction.apply(y)  # type: ignore[no-any-return]
+        return _SwiGLUFunction.apply(y)
 
 
 def _native_linear_applies(layer: ColumnParallelLinear | RowParallelLinear) -> bool:
@@ -262,8 +262,8 @@ class _LinearIntoMainGrad(torch.autograd.Function):
     def forward(
         ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)  # type: ignore[attr-defined]
-        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]  # our field on the context
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -271,6 +271,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        # saved_tensors and needs_input_grad are set by autograd; FunctionCtx's stubs lack them.
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad  # type: ignore[attr-defined]
         grad_2d = grad.reshape(-1, grad.size(-1))
@@ -287,7 +288,7 @@ class _LinearIntoMainGrad(torch.autograd.Function):
 class NativeColumnLinear(ColumnParallelLinear):
     """ColumnParallelLinear that runs as `F.linear` without tensor parallelism (see `_native_linear`)."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         input_: torch.Tensor,
         weight: torch.Tensor | None = None,
@@ -301,7 +302,7 @@ class NativeColumnLinear(ColumnParallelLinear):
 class NativeRowLinear(RowParallelLinear):
     """RowParallelLinear that runs as `F.linear` without tensor parallelism (see `_native_linear`)."""
 
-    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not _native_linear_applies(self):
             return super().forward(input_)
         return _native_linear(self, input_, self.weight)
@@ -392,7 +393,7 @@ class _DeferredOutputLayer(ColumnParallelLinear):
 
     defer = False
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.defer:
@@ -442,13 +443,13 @@ def build_model(
     model_class = GPTModel if chunk is None else partial(ChunkedLossGPTModel, cross_entropy_chunk=chunk)
     return model_class(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage, platform.is_cpu),  # type: ignore[arg-type]
+        transformer_layer_spec=layer_spec(cfg, config, backend, vp_stage, platform.is_cpu),
         vocab_size=padded_vocab_size,
-        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+        max_sequence_length=cfg.model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-        position_embedding_type=cfg.model.position_embedding_type,  # type: ignore[arg-type]
+        position_embedding_type=cfg.model.position_embedding_type,
         rotary_percent=cfg.model.rotary_percent,
         rotary_base=cfg.model.rotary_base,
         vp_stage=vp_stage,
@@ -460,7 +461,7 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
     m = cfg.model
     h, s, L = m.hidden_size, m.seq_length, m.num_layers
     dense = num_parameters(cfg, vocab_size) - (
-        m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0  # type: ignore[operator]
+        m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0
     )
     if not m.untie_embeddings_and_output_weights:
         dense += vocab_size * h  # the tied output layer still does its matmul
@@ -510,7 +511,7 @@ class GPTRecipe(Recipe):
         cfg, eod = self.cfg, self.tokenizer.eod
         entries = training_entries(cfg, self.tokenizer)
         self.train_data = build_train_data(cfg, entries, run_samples, consumed_samples, saved, eod)
-        valid_samples = cfg.logging.eval_iters * (cfg.training.global_batch_size or 0)
+        valid_samples = cfg.logging.eval_iters * cfg.training.global_batch_size
         self.valid_sets = build_validation_sets(cfg, entries, valid_samples, eod)
         return self.train_data.note
 

@@ -10,7 +10,7 @@ from megatron_ext.config import Config
 def num_parameters(cfg: Config, vocab_size: int) -> int:
     """Parameters of the whole (unsharded) model, for logging and FLOP counts."""
     m = cfg.model
-    h, f, L = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size, m.num_layers
+    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
     kv = (m.kv_channels or h // m.num_attention_heads) * (m.num_query_groups or m.num_attention_heads)
     q = (m.kv_channels or h // m.num_attention_heads) * m.num_attention_heads
     bias = 0 if m.disable_bias_linear else 1
@@ -18,6 +18,6 @@ def num_parameters(cfg: Config, vocab_size: int) -> int:
     mlp = h * f * (2 if m.swiglu else 1) + f * h + bias * (f * (2 if m.swiglu else 1) + h)
     norms = 2 * h * (1 if m.normalization == "RMSNorm" else 2)
     emb = vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
-    pos = m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0  # type: ignore[operator]
+    pos = m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0
     final = h * (1 if m.normalization == "RMSNorm" else 2)
     return L * (attn + mlp + norms) + emb + pos + final

@@ -25,6 +25,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -109,13 +110,13 @@ def allocate_optimizer_state(optimizer: MegatronOptimizer, step: int = 0) -> Non
 
 
 def _sharded_state(
-    model: list[torch.nn.Module],
+    model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer | None,
     is_loading: bool,
 ) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for i, chunk in enumerate(model):
-        state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()  # type: ignore[operator]
+        state[_model_key(i, len(model))] = chunk.module.sharded_state_dict()
     if optimizer is not None:
         if is_loading:
             allocate_optimizer_state(optimizer)
@@ -124,7 +125,7 @@ def _sharded_state(
 
 
 def checkpoint_state(
-    model: list[torch.nn.Module],
+    model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer,
     scheduler_state: dict[str, Any] | None,
     iteration: int,
@@ -161,7 +162,7 @@ def _retain(root: Path, keep: int) -> None:
 def save(
     root: str | Path,
     iteration: int,
-    model: list[torch.nn.Module],
+    model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer,
     scheduler: ParamScheduler,
     extra: dict[str, Any],
@@ -243,7 +244,7 @@ def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path 
 
 def load(
     root: str | Path,
-    model: list[torch.nn.Module],
+    model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer | None,
     load_rng: bool = True,
     log: Callable[[str], None] = print,
@@ -279,7 +280,7 @@ def load(
             hint = "; without its optimizer state: --no-load-optim" if optimizer is not None else ""
             raise CheckpointError(f"--load {path}: {_first_line(e)} (another model or layout{hint})") from e
         for i, chunk in enumerate(model):
-            chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
+            chunk.module.load_state_dict(loaded[_model_key(i, len(model))])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
     if "rng_state" in state:
@@ -309,7 +310,7 @@ def _megatron_lm_state(common: dict[str, Any], log: Callable[[str], None]) -> di
 
 
 def _load_universal(
-    path: Path, model: list[torch.nn.Module], optimizer: MegatronOptimizer | None, log: Callable[[str], None]
+    path: Path, model: list[DistributedDataParallel], optimizer: MegatronOptimizer | None, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Fills this rank's shards of the model (and optimizer) from a universal checkpoint: any TP/PP/DP layout.
     RNG states are layout-bound and not part of the format; the run's seed starts them."""
@@ -322,7 +323,7 @@ def _load_universal(
         raise CheckpointError(f"--load {path}: {e}") from e
     with torch.no_grad():
         for i, chunk in enumerate(model):
-            chunk.module.load_state_dict(loaded[_model_key(i, len(model))])  # type: ignore[operator]
+            chunk.module.load_state_dict(loaded[_model_key(i, len(model))])
         if optimizer is not None:
             if meta.get("optimizer_step") is None:
                 raise CheckpointError(f"--load {path}: the universal checkpoint holds no optimizer step; "

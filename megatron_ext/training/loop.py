@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
     get_current_global_batch_size,
@@ -71,7 +71,7 @@ class Trainer:
     tokenizer: Tokenizer
     recipe: Recipe  # the model variant: builds, feeds and scores the model
     config: TransformerConfig
-    model: list[torch.nn.Module]
+    model: list[DistributedDataParallel]
     optimizer: MegatronOptimizer
     scheduler: ParamScheduler
     train_data: list[Iterator[Batch]]  # one iterator per model chunk (virtual pipeline stages read the same batches)
@@ -147,7 +147,7 @@ def train_step(tr: Trainer) -> dict[str, float]:
     if note:
         tr.metrics.print(note)
     for chunk in tr.model:
-        chunk.zero_grad_buffer()  # type: ignore[operator]
+        chunk.zero_grad_buffer()
     tr.optimizer.zero_grad()
     reports = _run_microbatches(tr, tr.train_data, num_microbatches, forward_only=False)
     means = _means(tr, _global_sums(tr, reports))
@@ -205,7 +205,7 @@ def evaluate(tr: Trainer) -> dict[str, dict[str, float]]:
     batches at every evaluation, so the numbers are comparable over the run)."""
     cfg = tr.cfg
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)  # type: ignore[operator]
+    num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)
     for chunk in tr.model:
         chunk.eval()
     losses = {}
@@ -223,7 +223,8 @@ def evaluate(tr: Trainer) -> dict[str, dict[str, float]]:
 
 
 def save_checkpoint(tr: Trainer) -> None:
-    assert tr.cfg.checkpoint.save is not None
+    ck = tr.cfg.checkpoint
+    assert ck.save is not None  # called only with --save
     extra = {
         "train_state": asdict(tr.state),
         "data_state": tr.recipe.data_state(tr.state.consumed_samples),
@@ -233,7 +234,6 @@ def save_checkpoint(tr: Trainer) -> None:
     }
     start = time.perf_counter()
     finish_saves(tr)  # one save in flight at a time: the next one clears unfinished folders
-    ck = tr.cfg.checkpoint
     path = checkpointing.save(
         ck.save,
         tr.state.iteration,
@@ -241,7 +241,7 @@ def save_checkpoint(tr: Trainer) -> None:
         tr.optimizer,
         tr.scheduler,
         extra,
-        ck.keep_last_checkpoints,  # type: ignore[arg-type]
+        ck.keep_last_checkpoints,
         tr.async_saves,
     )
     seconds = time.perf_counter() - start
@@ -284,7 +284,7 @@ def train(tr: Trainer) -> TrainState:
     while not _finished(tr):
         values = train_step(tr)
         check_non_finite(tr, values)
-        tr.metrics.count(values["global_batch_size"] * cfg.model.seq_length, values["step_flops"])
+        tr.metrics.count(int(values["global_batch_size"]) * cfg.model.seq_length, values["step_flops"])
         it = tr.state.iteration
         if it % cfg.logging.log_interval == 0:
             tr.metrics.step(it, total_iters, values)
@@ -336,7 +336,6 @@ def setup(cfg: Config) -> Trainer:
     torch.manual_seed(cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
     t = cfg.training
-    assert t.global_batch_size is not None
     destroy_num_microbatches_calculator()
     init_num_microbatches_calculator(
         info.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size,
@@ -348,7 +347,7 @@ def setup(cfg: Config) -> Trainer:
     vpp = cfg.virtual_pipeline_size
     config = recipe.transformer_config()
     chunks = [recipe.build_model(config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
-    model = wrap_model(cfg, config, chunks)  # type: ignore[arg-type]
+    model = wrap_model(cfg, config, chunks)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
     config.grad_scale_func = optimizer.scale_loss
@@ -395,7 +394,7 @@ def setup(cfg: Config) -> Trainer:
 
 def _resume(
     cfg: Config,
-    model: list[torch.nn.Module],
+    model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer,
     scheduler: ParamScheduler,
     recipe: Recipe,

@@ -55,7 +55,7 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]) -> Megatr
         hysteresis=prec.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model)  # type: ignore[arg-type]
+    optimizer = get_megatron_optimizer(config, model)
     use_fused_adam_on_cpu(optimizer)
     return optimizer
 
