@@ -263,12 +263,12 @@ class FrozenLM:
 
 def frozen_lm(source: HiddenSourceConfig) -> FrozenLM:
     """The checkpoint of --load and its config; checks --max-seq-length against the LM's positions."""
-    from megatron_ext.training.inference import find_checkpoint, inference_config, saved_config
+    from megatron_ext.training.inference import find_checkpoint, inference_config, read_config
 
     if source.load is None:
         raise ConfigError("give the frozen LM: --load CHECKPOINT_FOLDER")
     ckpt = find_checkpoint(source.load, source.ckpt_step)
-    saved, common = saved_config(ckpt)
+    saved, common = read_config(ckpt)
     cfg, _ = inference_config(saved, source.tensor_model_parallel_size)
     m = cfg.model
     if m.position_embedding_type == "learned_absolute" and source.max_seq_length > m.max_position_embeddings:

@@ -299,6 +299,24 @@ def test_jsonl_records_and_their_mistakes(tmp_path: Path) -> None:
             jsonl_sequences([str(bad)], lambda text: list(text.encode()), 10, 8)
 
 
+def test_saved_config_from_the_checkpoint_else_config_json(tmp_path: Path) -> None:
+    """One reader of a checkpoint's run config, for inference (the frozen LM) and the converters alike."""
+    from megatron_ext import convert
+    from megatron_ext.training.inference import saved_config
+    from megatron_ext.training.layout import CheckpointNotFound
+
+    ckpt = tmp_path / "iter_0000002"
+    config = {"model": {"hidden_size": 64}}
+    got = saved_config(ckpt, {"config": config})
+    assert got == config and got["model"] is not config["model"]  # a copy
+    with pytest.raises(CheckpointNotFound, match="holds no config and .*config.json is missing"):
+        saved_config(ckpt, {})
+    with pytest.raises(convert.ConvertError, match="holds no config"):
+        convert.saved_config(ckpt, {})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert saved_config(ckpt, {}) == convert.saved_config(ckpt, {}) == config
+
+
 # ---- a real checkpoint: extraction at TP=1 (on the fly) and TP=2 (tools/extract_hidden.py) --------------------------
 
 

@@ -8,7 +8,6 @@ is written, and output appears under its final name only once complete.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from megatron_ext.training import layout
+from megatron_ext.training import inference, layout
 from megatron_ext.training.layout import COMMON_STATE
 from megatron_ext.training.universal import ConvertError
 
@@ -47,14 +46,11 @@ def read_common(ckpt: Path) -> dict[str, Any]:
 
 
 def saved_config(ckpt: Path, common: dict[str, Any]) -> dict[str, Any]:
-    """The run's Config as a dict: from the common state, else the run's config.json beside the checkpoint."""
-    saved = common.get("config")
-    if saved is None:
-        run_config = ckpt.parent / "config.json"
-        if not run_config.is_file():
-            raise ConvertError(f"{ckpt}: the checkpoint holds no config and {run_config} is missing")
-        saved = json.loads(run_config.read_text())
-    return json.loads(json.dumps(saved))  # a deep copy that also proves it is plain data
+    """The run's Config as a dict (megatron_ext.training.inference.saved_config); a miss is a ConvertError."""
+    try:
+        return inference.saved_config(ckpt, common)
+    except layout.CheckpointNotFound as e:
+        raise ConvertError(str(e)) from None
 
 
 def check_output_dir(out: str | Path) -> Path:

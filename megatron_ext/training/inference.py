@@ -31,19 +31,24 @@ def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
     return path
 
 
-def saved_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the run's Config as a dict, the checkpoint's common state); a checkpoint written by another tool without a
-    config falls back to the run's config.json beside it."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+def saved_config(ckpt: Path, common: dict[str, Any]) -> dict[str, Any]:
+    """The run's Config as a dict (a deep copy) from the checkpoint's common state; a checkpoint written by another
+    tool without a config falls back to the run's config.json beside it. Also the converters' (megatron_ext/convert)."""
     saved = common.get("config")
     if saved is None:
         run_config = ckpt.parent / "config.json"
         if not run_config.is_file():
             raise CheckpointNotFound(f"{ckpt}: the checkpoint holds no config and {run_config} is missing")
         saved = json.loads(run_config.read_text())
-    return saved, common
+    return json.loads(json.dumps(saved))  # a deep copy that also proves it is plain data
+
+
+def read_config(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's Config as a dict, the checkpoint's common state), the common state read by megatron-core."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    return saved_config(ckpt, common), common
 
 
 def inference_config(saved: dict[str, Any], tensor_parallel_size: int = 1) -> tuple[Any, int]:
@@ -123,7 +128,7 @@ def load_model(
     from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
     from megatron_ext.models.gpt import build_model, transformer_config
 
-    saved, common = saved_config(ckpt)
+    saved, common = read_config(ckpt)
     cfg, saved_tp = inference_config(saved, tensor_parallel_size)
     if tokenizer_model is not None:
         cfg.data.tokenizer_model = tokenizer_model
