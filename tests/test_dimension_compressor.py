@@ -1,7 +1,8 @@
 """The hidden-state dimension compressor: metrics against NumPy, padding, the tied transpose, PCA as initialisation
 and as the optimum a trained map reaches on data of known spectrum, early stopping, stage 1b from 1a, the sweep's
-table, one-line errors; and on a real checkpoint, hidden states extracted at TP=2 equal TP=1 and are the states the
-output layer reads."""
+table, one-line errors; and on a real checkpoint, hidden states the compressor extracts on the fly at TP=2 (rank 0
+then trains) equal TP=1's, are the states the output layer reads, and an interrupted store is finished by
+tools/extract_hidden.py."""
 
 from __future__ import annotations
 
@@ -317,7 +318,7 @@ def test_saved_config_from_the_checkpoint_else_config_json(tmp_path: Path) -> No
     assert saved_config(ckpt, {}) == convert.saved_config(ckpt, {}) == config
 
 
-# ---- a real checkpoint: extraction at TP=1 (on the fly) and TP=2 (tools/extract_hidden.py) --------------------------
+# ---- a real checkpoint: the compressor extracting on the fly at TP=1 and TP=2, tools/extract_hidden.py resuming -----
 
 
 def test_extraction_tp2_equals_tp1_and_gives_the_output_layers_input(tmp_path: Path) -> None:
@@ -341,19 +342,21 @@ def test_extraction_tp2_equals_tp1_and_gives_the_output_layers_input(tmp_path: P
               "--num-samples", "12"]  # fmt: skip
     tp2 = subprocess.Popen([
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29742",
-        str(ROOT / "tools" / "extract_hidden.py"), *common, "--output", str(tmp_path / "tp2"),
-        "--tensor-model-parallel-size", "2",
+        "-m", "megatron_ext.dimension_compressor", *common, "--tensor-model-parallel-size", "2", "--d-compressed", "8",
+        "--num-epochs", "1", "--valid-fraction", "0.25", "--output-dir", str(tmp_path / "tp2"),
     ], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     tp1 = subprocess.run([sys.executable, str(ROOT / "tests" / "hidden_state_scenario.py"), str(ckpt), str(jsonl),
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     out, err = tp2.communicate(timeout=300)
     assert tp1.returncode == 0, tp1.stdout[-3000:] + tp1.stderr[-3000:]
     assert tp2.returncode == 0, out[-2000:] + err[-3000:]
+    assert out.count("D'=8 cosine trained") == 1  # rank 0 trains on the store both ranks extracted
+    (tp2_store,) = (tmp_path / "tp2" / "hidden").iterdir()
     scenario = json.loads((tmp_path / "scenario.json").read_text())
     assert scenario["rc"] == 0
     assert "D'=4 cosine trained" in tp1.stdout and "D'=32 cosine trained" in tp1.stdout  # H/16 .. H/2 of H=64
     assert scenario["logits_max_diff"] < 1e-4  # hidden @ embedding^T is the LM's logits: the output layer's input
-    one, two = HiddenStore(scenario["store"]), HiddenStore(tmp_path / "tp2")
+    one, two = HiddenStore(scenario["store"]), HiddenStore(tp2_store)
     assert one.complete and two.complete
     lengths = one.lengths()
     assert lengths.max() == 64 and lengths.min() < 64  # some sequences were padded in their batch
@@ -362,13 +365,13 @@ def test_extraction_tp2_equals_tp1_and_gives_the_output_layers_input(tmp_path: P
     assert len(json.loads((tmp_path / "run" / "sweep_1a.json").read_text())) == 4
     # Interrupted after 5 sequences: the same command continues there (in another layout too) and ends equal.
     rows = slice(int(two.offsets[5]), None)
-    resumed = HiddenStore(tmp_path / "tp2", writable=True)
+    resumed = HiddenStore(tp2_store, writable=True)
     resumed.hidden[rows] = 0.0
     resumed.hidden.flush()
-    (tmp_path / "tp2" / "progress.json").write_text(json.dumps({"done": 5}))
-    tool = [sys.executable, str(ROOT / "tools" / "extract_hidden.py"), "--output", str(tmp_path / "tp2"), *common]
+    (tp2_store / "progress.json").write_text(json.dumps({"done": 5}))
+    tool = [sys.executable, str(ROOT / "tools" / "extract_hidden.py"), "--output", str(tp2_store), *common]
     again = subprocess.run(tool, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "continuing" in again.stderr and "after 5 of 12" in again.stderr, again.stderr
-    assert np.allclose(np.asarray(one.hidden), np.asarray(HiddenStore(tmp_path / "tp2").hidden), rtol=1e-5, atol=1e-5)
+    assert np.allclose(np.asarray(one.hidden), np.asarray(HiddenStore(tp2_store).hidden), rtol=1e-5, atol=1e-5)
     other = subprocess.run([*tool, "--num-samples", "6"], env=env, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and other.stderr.count("\n") == 1 and "made from other inputs" in other.stderr
