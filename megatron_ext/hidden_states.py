@@ -155,9 +155,13 @@ class HiddenStore:
             raise StoreError(
                 f"{self.folder}: not a hidden-state store (no meta.json; make one with tools/extract_hidden.py)"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != STORE_FORMAT:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise StoreError(f"{meta_path}: damaged ({str(e).splitlines()[0]}); extract the store again") from None
+        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
             raise StoreError(f"{self.folder}: meta.json is not a {STORE_FORMAT} store's")
+        self.meta: dict[str, Any] = meta
         self.offsets = np.load(self.folder / "offsets.npy")
         self.hidden = np.load(self.folder / "hidden.npy", mmap_mode="r+" if writable else "r")
 

@@ -260,8 +260,12 @@ def test_reference_spellings_and_bad_inputs(store: tuple[Path, np.ndarray], caps
     assert (t.torch_compile, t.lr_warmup_fraction, h.num_samples, h.max_seq_length) == (False, 0.2, 10, 16)
     assert t.wandb_run_name == "r"
     assert dc.parse_args(["--hidden-store", "s", "--learning-rate", "0.5", "--batch-size", "3"]).training.lr == 0.5
+    damaged = store[0].parent / "damaged"
+    damaged.mkdir(exist_ok=True)
+    (damaged / "meta.json").write_text("{oops")
     cases = {
         "--d-compressed 32": ["--hidden-store", str(store[0]), "--d-compressed", "32"],  # D' = H
+        "meta.json: damaged (Expecting property name": ["--hidden-store", str(damaged)],
         "--sweep-d-values 40": ["--hidden-store", str(store[0]), "--sweep", "--sweep-d-values", "8", "40"],
         "--load": ["--load", str(store[0].parent / "missing")],
         "--hidden-store": ["--hidden-store", str(store[0].parent / "missing")],
