@@ -182,6 +182,15 @@ def test_pca_init_gives_pcas_loss_at_step_0(store: tuple[Path, np.ndarray], tmp_
     assert step0["step"] == 0
     for key in ("mse", "cosine", "relative_error", "variance_ratio"):
         assert step0[key] == pytest.approx(result.pca[key], rel=1e-6), key
+    # Every evaluation's metrics and PCA's are in tensorboard.
+    from megatron_ext.training.curves import read_scalars
+
+    scalars = read_scalars(tmp_path / "tensorboard")
+    for key in ("mse", "cosine", "relative_error", "variance_ratio"):
+        steps, values = scalars[f"valid/{key}"]
+        assert steps.tolist() == [h["step"] for h in result.history] and len(steps) == 2
+        assert values == pytest.approx([h[key] for h in result.history], rel=1e-6), key
+        assert scalars[f"pca/{key}"][1] == pytest.approx([result.pca[key]], rel=1e-6), key
 
 
 def test_trained_cosine_reaches_pca_on_known_spectrum_and_sweep_table(
