@@ -109,7 +109,7 @@ def test_tied_decode_is_the_transpose() -> None:
 
 def test_principal_axes_span_numpys_top_eigenvectors() -> None:
     rng = np.random.default_rng(2)
-    x = rng.standard_normal((500, 10)) * np.linspace(3, 0.1, 10)
+    x = rng.standard_normal((500, 10)) * np.linspace(3, 0.1, 10) + 0.5  # a mean: uncentred is not the covariance
     moment = SecondMoment(10)
     moment.update(torch.from_numpy(x).float())
     values, axes = principal_axes(moment.matrix())
