@@ -81,6 +81,10 @@ def test_toy_variant_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
     first, resumed = saved.split("resumed from")
     assert "exiting at iteration 2" in first and "every-other: step 2 at iteration 1" in first
     assert "every-other: step 3 at iteration 2" in resumed  # the recipe's state came back from the checkpoint
+    from_universal = (tmp_path / "from_universal" / "train.log").read_text()
+    assert "every-other: step 3 at iteration 2" in from_universal  # and through the universal format
+    for i, loss in _losses(from_universal).items():
+        assert loss == pytest.approx(_losses(whole)[i], rel=1e-5), (i, from_universal, whole)
     assert re.search(r"^validation at iter 4 \| \S+ \| loss [0-9.]+ \| ppl [0-9.]+ \| left_out_loss [0-9.]+$", whole,
                      re.M)  # fmt: skip
     assert sorted(_losses(resumed)) == [3, 4]

@@ -5,8 +5,9 @@ flag, checked when the command line is parsed), a second reported loss (the toke
 every step and a state that travels in checkpoints (the steps it has seen). tests/test_variants.py registers it
 in-process for the parse-time tests and runs this file for training:
 
-usage: toy_variant.py WORKDIR FLAG [FLAG ...]   trains, checkpoints and resumes through loop.setup/train; writes
-                                                WORKDIR/result.json (the first step's losses against plain PyTorch)
+usage: toy_variant.py WORKDIR FLAG [FLAG ...]   trains, checkpoints and resumes (also from the universal form of
+                                                the checkpoint) through loop.setup/train; writes WORKDIR/result.json
+                                                (the first step's losses against plain PyTorch)
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     from megatron_ext.config import parse_args
+    from megatron_ext.convert.universal import to_universal
     from megatron_ext.training import loop
 
     work, flags = Path(sys.argv[1]), sys.argv[2:]
@@ -107,11 +109,18 @@ def main() -> None:
     loop.train(tr)  # on to the end
     tr.metrics.close()
     parallel_state.destroy_model_parallel()
-    for extra in (["--exit-interval", "2"], ["--load", str(work / "ckpt")]):
-        tr = loop.setup(parse_args([*flags, "--save", str(work / "ckpt"), *extra]))
+    runs = [
+        ["--save", str(work / "ckpt"), "--exit-interval", "2"],
+        ["--save", str(work / "ckpt"), "--load", str(work / "ckpt")],
+        ["--run-dir", str(work / "from_universal"), "--load", str(work / "universal")],  # written in between
+    ]
+    for extra in runs:
+        tr = loop.setup(parse_args([*flags, *extra]))
         loop.train(tr)
         tr.metrics.close()
         parallel_state.destroy_model_parallel()
+        if extra[-1] == "2":
+            to_universal(work / "ckpt", work / "universal", 2, progress=False)
     (work / "result.json").write_text(json.dumps(result))
 
 

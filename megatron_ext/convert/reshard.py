@@ -108,6 +108,7 @@ def _target(cfg: Config, meta: dict[str, Any]) -> _Target:
     extra = {
         "train_state": meta.get("train_state") or {"iteration": meta["iteration"]},
         "data_state": meta.get("data_state"),
+        "recipe_state": meta.get("recipe_state"),
         "config": cfg.to_dict(),
         "vocab_size": meta["vocab_size"],
     }

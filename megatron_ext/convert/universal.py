@@ -197,6 +197,7 @@ def _universal_meta(
         "config": config,
         "train_state": _jsonable(common.get("train_state")),
         "data_state": _jsonable(common.get("data_state")),
+        "recipe_state": _jsonable(common.get("recipe_state")),  # the model variant's own (models/recipe.py)
         "scheduler": _jsonable(common.get("scheduler")),
         "params": params,
     }

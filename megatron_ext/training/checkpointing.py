@@ -337,5 +337,5 @@ def _load_universal(
         f"{'with' if optimizer is not None else 'without'} optimizer moments"
     )
     train_state = meta.get("train_state") or {"iteration": meta["iteration"]}
-    restored = {"scheduler": meta.get("scheduler"), "data_state": meta.get("data_state"), "config": meta["config"]}
+    restored = {key: meta.get(key) for key in ("scheduler", "data_state", "recipe_state", "config")}
     return {"path": str(path), "iteration": meta["iteration"], "train_state": train_state, **restored}
