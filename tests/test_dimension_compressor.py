@@ -174,6 +174,8 @@ def test_evaluation_and_training_steps_leave_the_padding_out(store: tuple[Path, 
         assert grad_norm == pytest.approx(float(w.grad.norm()), rel=1e-4)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(schedule, step))
     assert [lr_at(schedule, s) for s in (1, 2, 4)] == pytest.approx([0.005, 0.01, 0.001])
+    _, grad_norm = dc.train_step(model, model, optimizer, scheduler, x, mask, 1e-3)  # clipped before the step
+    assert grad_norm > 1e-2 and float(model.weight.grad.norm()) == pytest.approx(1e-3, rel=1e-4)
 
 
 def test_pca_init_gives_pcas_loss_at_step_0(store: tuple[Path, np.ndarray], tmp_path: Path) -> None:
