@@ -1,5 +1,8 @@
 """The training loop: `setup()` builds a run, `train_step()` does one optimizer step, `train()` runs to the end.
 
+The model, its micro-batches, their per-token losses and the FLOPs of a step come from the model variant's recipe
+(megatron_ext/models/recipe.py): nothing here is specific to one variant.
+
 Loss is a per-token mean over the whole global batch: micro-batches return (loss sum, token count), the
 gradients are divided by the global token count in megatron-core's finalize_model_grads, so gradient accumulation
 and data parallelism give the same step as one large batch. A step whose loss or gradient norm is not finite
@@ -123,7 +126,7 @@ def _global_sums(tr: Trainer, reports: list[dict[str, torch.Tensor]]) -> torch.T
 
 
 def _means(tr: Trainer, sums: torch.Tensor) -> dict[str, float]:
-    return {name: (s / max(c, 1)) for name, (s, c) in zip(tr.recipe.losses, sums.tolist())}
+    return {name: s / max(c, 1) for name, (s, c) in zip(tr.recipe.losses, sums.tolist())}
 
 
 def _run_microbatches(tr: Trainer, data: list[Iterator[Batch]], num_microbatches: int, forward_only: bool) -> list:
