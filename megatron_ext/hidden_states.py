@@ -362,9 +362,13 @@ def extract(
     folder = Path(folder)
     sequences, lm = prepared.sequences, prepared.lm
     existing = _existing(folder, prepared.key)
+    rank0 = distributed.discover().rank == 0
     if existing is not None and existing.complete:
         log(f"hidden states: {folder} is complete ({existing.num_sequences} sequences)")
-        return distributed.discover().rank == 0
+        return rank0
+    if rank0 and existing is None:  # before the LM loads, so that a folder that cannot be made fails at once
+        meta = {"key": prepared.key, "inputs": prepared.inputs}
+        HiddenStore.create(folder, [len(s) for s in sequences], lm.hidden_size, meta)
     model, _, device, _, _ = load_model(
         lm.ckpt,
         source.device,
@@ -373,13 +377,7 @@ def extract(
         hidden_states_only=True,
     )
     try:
-        rank0 = torch.distributed.get_rank() == 0
-        store = None
-        if rank0:
-            if existing is None:
-                meta = {"key": prepared.key, "inputs": prepared.inputs}
-                HiddenStore.create(folder, [len(s) for s in sequences], lm.hidden_size, meta)
-            store = HiddenStore(folder, writable=True)
+        store = HiddenStore(folder, writable=True) if rank0 else None
         start = [store.done if store is not None else 0]
         torch.distributed.broadcast_object_list(start, src=0)
         if start[0]:

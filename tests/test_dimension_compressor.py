@@ -315,6 +315,28 @@ def test_jsonl_records_and_their_mistakes(tmp_path: Path) -> None:
             jsonl_sequences([str(bad)], lambda text: list(text.encode()), 10, 8)
 
 
+def test_extraction_makes_its_store_before_loading_the_lm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that cannot be made fails before the (possibly long) model load; a made store is resumable."""
+    from types import SimpleNamespace
+
+    from megatron_ext import hidden_states
+    from megatron_ext.training import inference
+
+    def load_model(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the model loads")
+
+    monkeypatch.setattr(inference, "load_model", load_model)
+    lm = hidden_states.FrozenLM(tmp_path / "ckpt", SimpleNamespace(model=SimpleNamespace(hidden_size=8)), 1)
+    prepared = hidden_states.Prepared(lm, None, [np.arange(3), np.arange(5)], {"text": "t"})
+    source = hidden_states.HiddenSourceConfig()
+    with pytest.raises(OSError):  # no folder can be made in /proc (whoever runs the test)
+        hidden_states.extract(source, prepared, Path("/proc/no-such-store/store"), **QUIET)
+    with pytest.raises(RuntimeError, match="the model loads"):
+        hidden_states.extract(source, prepared, tmp_path / "store", **QUIET)
+    store = HiddenStore(tmp_path / "store")
+    assert (store.done, store.num_sequences, store.hidden_size, store.meta["key"]) == (0, 2, 8, prepared.key)
+
+
 def test_saved_config_from_the_checkpoint_else_config_json(tmp_path: Path) -> None:
     """One reader of a checkpoint's run config, for inference (the frozen LM) and the converters alike."""
     from megatron_ext import convert
