@@ -109,6 +109,18 @@ def document_gaps(
     return {"mean": mean_gap, "token": token_gap, "causal": causal_gap}
 
 
+ORIGINAL_FORWARD = gpt.SDPAttention.forward
+
+
+def leaking_forward(self: gpt.SDPAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object,
+                    packed_seq_params: object = None, **kwargs: object) -> torch.Tensor:  # fmt: skip
+    """A deliberately leaking SDPAttention.forward: it drops the packed bounds (plain causal attention over all
+    the packed tokens), as a backend that ignores a packed mask does."""
+    if packed_seq_params is None:
+        return ORIGINAL_FORWARD(self, q, k, v, *args, **kwargs)
+    return ORIGINAL_FORWARD(self, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), *args, **kwargs).squeeze(1)
+
+
 def leak(plat: platform.Platform) -> dict[str, str]:
     """The self-check on the per-document backend (passes) and on one that drops the bounds (must fail)."""
     recipe, model = recipe_of(flags("sdpa/rope/reset"), plat)
@@ -120,23 +132,14 @@ def leak(plat: platform.Platform) -> dict[str, str]:
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     result = {"ok": check_document_masking(forward, b, dtype, tp, full=True)}
-    original = gpt.SDPAttention.forward
-
-    def leaking(self: gpt.SDPAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object,
-                packed_seq_params: object = None, **kwargs: object) -> torch.Tensor:  # fmt: skip
-        """Drops the packed bounds: plain causal attention over all the packed tokens."""
-        if packed_seq_params is None:
-            return original(self, q, k, v, *args, **kwargs)
-        return original(self, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), *args, **kwargs).squeeze(1)
-
-    gpt.SDPAttention.forward = leaking  # type: ignore[method-assign]
+    gpt.SDPAttention.forward = leaking_forward  # type: ignore[method-assign]
     try:
         check_document_masking(forward, b, dtype, tp, full=False)
         result["leaking"] = "passed"
     except DocumentMaskingError as e:
         result["leaking"] = str(e)
     finally:
-        gpt.SDPAttention.forward = original  # type: ignore[method-assign]
+        gpt.SDPAttention.forward = ORIGINAL_FORWARD  # type: ignore[method-assign]
     return result
 
 

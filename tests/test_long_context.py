@@ -150,7 +150,7 @@ def test_16k_tokens_of_16_documents_train_as_alone(tmp_path: Path) -> None:
     assert gaps["mean"] <= 1e-5 and gaps["token"] <= 1e-4 and gaps["causal"] > 1e-2, gaps
 
 
-def _train(tmp: Path, *args: str) -> str:
+def _train(tmp: Path, *args: str, leaking: bool = False) -> str:
     tiny = (
         "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
         "--global-batch-size 4 --lr 1e-3 --log-interval 1 --eval-iters 1 --eval-interval 4 --hidden-dropout 0 "
@@ -159,10 +159,22 @@ def _train(tmp: Path, *args: str) -> str:
     ).split()
     data = ["--data-path", ngram_corpus(str(tmp / "docs")), "--data-cache-path", str(tmp / "cache")]
     argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *tiny, *data, *args]
-    env = {**clean_env(), "PYTHONPATH": str(ROOT), "MASTER_PORT": "29623"}
+    if leaking:  # pretrain_gpt.py with a core attention that drops the packed bounds
+        argv[1:2] = ["-c", LEAKING_RUN]
+    env = {**clean_env(), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "MASTER_PORT": "29623"}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    assert proc.returncode == (1 if leaking else 0), proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stderr if leaking else proc.stdout
+
+
+LEAKING_RUN = """
+import sys
+import long_context_scenarios
+from megatron_ext.models import gpt
+from megatron_ext.training.loop import main
+gpt.SDPAttention.forward = long_context_scenarios.leaking_forward
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _losses(log: str) -> dict[int, float]:
@@ -174,6 +186,8 @@ def test_packed_run_checks_its_masking_and_resumes_exactly(tmp_path: Path) -> No
     assert re.search(r"document masking checked: \d+ documents packed and alone", whole), whole[-2000:]
     assert re.search(r"best-fit packing: \d+\.\d% of the training samples' tokens are padding", whole)
     resumed = _train(tmp_path, "--load", str(tmp_path / "ckpt"), "--ckpt-step", "2")
+    leaked = _train(tmp_path, "--train-iters", "1", leaking=True).strip().splitlines()  # checked by default
+    assert len(leaked) == 1 and re.fullmatch(r"error: document masking leaks: .* see each other", leaked[0]), leaked
     assert sorted(_losses(resumed)) == [3, 4]
     for i, loss in _losses(resumed).items():
         assert loss == pytest.approx(_losses(whole)[i], rel=1e-6), (i, resumed, whole)
