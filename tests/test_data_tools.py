@@ -348,3 +348,27 @@ def test_scripts_report_one_line_without_traceback(data):
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (script, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_a_nul_byte_in_a_list_is_one_file_line_error_in_every_reader(data, capsys):
+    """A NUL byte (a damaged or binary list) ended in 'ValueError: embedded null byte' from os.path.expanduser."""
+    bad = data / "nul.txt"
+    bad.write_bytes(f"1 {data}/data/web/c\n1 ~\0x/y\n".encode())
+    expected = f"error: {bad}:2: NUL byte in the line; expected text lines 'weight prefix [corpus]'\n"
+    out, cache = data / "out.txt", data / "cache"
+    for name, args in [
+        ("inspect_data", [bad, "--train-tokens", "1K"]),
+        ("mix_datasets", ["--inputs", "1", bad, "--output", out]),
+        (
+            "build_data_cache",
+            ["--data-file-list", bad, "--seq-length", "16", "--train-tokens", "1K", "--data-cache-path", cache],
+        ),  # fmt: skip
+        ("cpt_plan", ["--d0", bad, "--stage", bad, "--buffer", bad, "--output", out, "--preset", "weak"]),
+    ]:
+        assert run_tool(capsys, name, *args) == (2, "", expected), name
+    assert not out.exists() and not cache.exists()
+    proc = subprocess.run(  # pretrain_gpt.py as users run it
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), "--data-file-list", str(bad), "--train-iters", "1"],
+        capture_output=True, text=True, timeout=300, cwd=data,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (2, expected)

@@ -87,6 +87,8 @@ def parse_data_list(path: str | os.PathLike[str]) -> list[DataEntry]:
     entries = []
     for number, raw in enumerate(lines, start=1):
         source = f"{path}:{number}"
+        if "\0" in raw:  # no path can hold one (os calls raise ValueError); usually a binary or damaged file
+            raise DataListError(f"{source}: NUL byte in the line; expected text lines 'weight prefix [corpus]'")
         fields = _COMMENT.sub("", raw).split()
         if not fields:
             continue
