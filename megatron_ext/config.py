@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,17 @@ def derived(help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
 def parse_count(text: str) -> int:
     """2000, 5e9, 300B, 2T, 1_000 -> a whole count (K/M/B/T are powers of 1000): the type of every length flag
     (`--train-iters`, `--lr-warmup-tokens`, ...), so token budgets can be written as people say them. Exact
-    (decimal, not float); an exponent with a suffix (1e3K) is refused as a likely typo. A minus sign is kept, for
-    the range checks to name the flag."""
+    (a Fraction, not a float or a Decimal, whose 28-digit context rounds 1.00...01e3 to a whole number) at any
+    number of digits; an exponent with a suffix (1e3K) is refused as a likely typo. A minus sign is kept, for the
+    range checks to name the flag."""
     m = re.fullmatch(r"(-?[0-9][0-9_]*(?:\.[0-9]*)?)(?:[eE]([+-]?[0-9]{1,3}))?\s*([kKmMbBgGtT]?)", text.strip())
     if m is not None and not (m.group(2) and m.group(3)):
-        value = Decimal(m.group(1).replace("_", "")).scaleb(int(m.group(2) or 0)) * _COUNT_SUFFIXES[m.group(3).lower()]
-        if value == value.to_integral_value() and abs(value) <= MAX_COUNT:
+        try:  # ValueError: more digits than int() reads (sys.get_int_max_str_digits), far past MAX_COUNT anyway
+            mantissa = Fraction(m.group(1).replace("_", ""))
+        except ValueError:
+            mantissa = Fraction(MAX_COUNT + 1)
+        value = mantissa * Fraction(10) ** int(m.group(2) or 0) * _COUNT_SUFFIXES[m.group(3).lower()]
+        if value.denominator == 1 and abs(value) <= MAX_COUNT:
             return int(value)
     raise argparse.ArgumentTypeError(f"{text!r}: expected a whole count such as 2000, 5e9, 300B or 2T")
 

@@ -170,7 +170,12 @@ def test_lengths_take_counts() -> None:
     )
     assert parse_count("1_000") == 1000 and parse_count(" 22e9 ") == 22 * 10**9 and parse_count("1.5T") == 15 * 10**11
     assert parse_count("9007199254740993") == 9007199254740993 and parse_count("1e18") == 10**18  # exact
-    for bad in ("1.5", "B", "2X", "1e-3", "", "1e400", "1e3k", "1.0000000000000001", "nan", "0x10"):
+    assert (
+        parse_count("1" * 18 + "0" * 12 + "e-12") == int("1" * 18) and parse_count("2." + "0" * 40 + "T") == 2 * 10**12
+    )
+    more_than_28_digits = ("1." + "0" * 28 + "1e3", "100000000000000000." + "0" * 12 + "1", "9" * 5000)  # were rounded
+    usual = ("1.5", "B", "2X", "1e-3", "", "1e400", "1e3k", "1.0000000000000001", "nan", "0x10")
+    for bad in (*usual, *more_than_28_digits):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a whole count"):
             parse_count(bad)
     assert parse_args(["--eval-iters", "10"]).logging.eval_iters == 10  # not a length: a plain integer
