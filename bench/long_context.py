@@ -11,6 +11,9 @@
   megatron-core's way (all logits, then vocab_parallel_cross_entropy) against `--cross-entropy-chunk`
   (models/long_context.chunked_cross_entropy, --ce-chunk tokens at a time).
 
+On a GPU (where torch sees one) the same cases run there and memory is torch's peak allocation instead (SDPA's
+GPU kernels; Transformer Engine's packed attention is not among the cases).
+
 Prints `per-document/causal speed ratio: X` (target >= 1.5 at 16K tokens) and `chunked/plain cross-entropy peak
 memory: X` (target <= 0.25 at vocabulary 32K, above the start). On a loaded machine the times are inflated
 (every case alike: the ratios hold better than the rates).
@@ -46,25 +49,37 @@ ATTENTION = {
 CROSS_ENTROPY = ("plain", "chunked")
 
 
-def _rss_mb() -> float:
-    """Resident memory now (MiB), from /proc (ru_maxrss only knows the peak)."""
+def _now_mb() -> float:
+    """Memory held now (MiB): the GPU's allocated memory, else the resident memory from /proc."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak memory (MiB): the GPU's peak allocation, else ru_maxrss (KiB on Linux)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _start_megatron(tmp: str) -> None:
+    """A world of one on this machine's device (the GPU where there is one)."""
     import torch
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_ext import platform
 
-    platform.setup_device(platform.select("cpu", "gloo"), 0)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+    plat = platform.select("auto", "auto")
+    platform.setup_device(plat, 0)
+    torch.distributed.init_process_group(plat.backend, init_method=f"file://{tmp}/store", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1)
 
@@ -86,18 +101,19 @@ def _attention_worker(case: str, args: argparse.Namespace) -> dict[str, float]:
     ).split()
     cfg = parse_args([*flags, *ATTENTION[case]])
     cfg.resolve_batch(1)
-    recipe = GPTRecipe(cfg, platform.select("cpu", "gloo"), build_tokenizer("ByteTokenizer", None))
+    recipe = GPTRecipe(cfg, platform.select("auto", "auto"), build_tokenizer("ByteTokenizer", None))
     model = recipe.build_model(recipe.transformer_config(), None)
     rng = np.random.default_rng(0)
     starts = sorted(rng.choice(np.arange(1, args.tokens), size=args.documents - 1, replace=False).tolist())
     text = torch.from_numpy(rng.integers(0, 256, args.tokens + 1))
     batch = collate([gpt_sample(text, starts if cfg.data.reset_attention_mask else None, 0, False, False)])
-    before = _rss_mb()
+    before = _now_mb()
     times = []
     for _ in range(args.steps + 1):
         t0 = time.perf_counter()
         losses, masks = recipe.forward_step(batch, model)
         (losses * masks["lm_loss"]).sum().backward()
+        _now_mb()  # waits for the GPU
         times.append(time.perf_counter() - t0)
     step = statistics.median(times[1:])
     return {"tokens_per_s": args.tokens / step, "step_s": step, "peak_mb": _peak_mb(), "start_mb": before}
@@ -111,16 +127,18 @@ def _cross_entropy_worker(case: str, args: argparse.Namespace) -> dict[str, floa
     from megatron_ext.models.long_context import chunked_cross_entropy
 
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(args.tokens, 1, 256, generator=g, requires_grad=True)
-    weight = (torch.randn(args.vocab, 256, generator=g) * 0.02).requires_grad_()
-    labels = torch.randint(0, args.vocab, (1, args.tokens), generator=g)
-    before = _rss_mb()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden = torch.randn(args.tokens, 1, 256, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(args.vocab, 256, generator=g) * 0.02).to(device).requires_grad_()
+    labels = torch.randint(0, args.vocab, (1, args.tokens), generator=g).to(device)
+    before = _now_mb()
     t0 = time.perf_counter()
     if case == "plain":  # GPTModel's way: the output layer's logits [s, b, V], then the vocab-parallel loss
         losses = tensor_parallel.vocab_parallel_cross_entropy(F.linear(hidden, weight), labels.t().contiguous()).t()
     else:
         losses = chunked_cross_entropy(hidden, weight, labels, args.ce_chunk)
     losses.sum().backward()
+    _now_mb()  # waits for the GPU
     return {
         "step_s": time.perf_counter() - t0,
         "peak_mb": _peak_mb(),
@@ -162,7 +180,11 @@ def main() -> None:
             print(json.dumps(worker(case, args)))
         return
 
-    print(f"{args.tokens} tokens, {args.documents} documents, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (peak: ru_maxrss)"
+    print(f"{args.tokens} tokens, {args.documents} documents on {device}, OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS')}")  # fmt: skip
     attention = {}
     for case in ATTENTION:
         r = attention[case] = _run_case("attention", case, args)
