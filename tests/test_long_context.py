@@ -17,7 +17,7 @@ from launchers import clean_env, launch_scenarios, ngram_corpus
 
 from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.data import blend
-from megatron_ext.data.blend import BlendSpec, CorpusBlend
+from megatron_ext.data.blend import BlendSpec, CorpusBlend, gpt_sample
 from megatron_ext.data.indexed import IndexedDatasetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,17 @@ def test_samples_carry_the_documents_of_the_idx(tmp_path: Path) -> None:
         # Positions restart with each document: those of the documents begun here are their own positions.
         begun = within[:32] - within[0] * (torch.arange(32) < (changes + [32])[0])
         assert torch.equal(sample["position_ids"], begun)
+
+
+def test_loss_mask_at_boundaries_eod_and_padding() -> None:
+    text = torch.tensor([5, 6, 9, 7, 8, 9, 4, 3, 9, 9])  # 9 is the EOD; documents start at 3 and 6, padding at 8
+    sample = gpt_sample(text, [3, 6, 8], eod=9, eod_mask_loss=False, reset_position_ids=True, padding=2)
+    #                     tokens: 5  6  9  7  8  9  4  3  9    labels: 6 9 7 8 9 4 3 9 9
+    assert sample["loss_mask"].tolist() == [1, 1, 0, 1, 1, 0, 1, 0, 0]  # no next document, no padding
+    assert sample["cu_seqlens"].tolist() == [0, 3, 6, 8, 9]
+    assert sample["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 0]
+    eod = gpt_sample(text, None, eod=9, eod_mask_loss=True, reset_position_ids=False)  # Megatron-LM's, no bounds
+    assert eod["loss_mask"].tolist() == [1, 1, 0, 1, 1, 0, 1, 1, 0] and "cu_seqlens" not in eod
 
 
 def test_best_fit_packing_loses_no_token_and_keeps_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
