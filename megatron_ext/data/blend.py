@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -327,20 +329,30 @@ def _build_corpus(
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Bins (lists of item indices) of total length <= capacity: items by decreasing length, each into the
-    fullest bin it fits (best-fit decreasing; ties by index, so the result is deterministic)."""
-    open_bins: list[tuple[int, int]] = []  # (room left, bin), sorted
+    fullest bin it fits, the lowest-numbered of equally full ones (best-fit decreasing, deterministic). Open bins
+    are kept by room left: a sorted list of the distinct rooms (at most `capacity`) and a heap of bins for each, so
+    an item costs O(log) plus a move of at most `capacity` entries, however many bins are open."""
+    rooms: list[int] = []  # distinct rooms of open bins, sorted
+    by_room: dict[int, list[int]] = {}  # room -> heap of bin numbers
     bins: list[list[int]] = []
     for item in np.argsort(-lengths, kind="stable").tolist():
         size = int(lengths[item])
-        at = bisect.bisect_left(open_bins, (size, -1))
-        if at < len(open_bins):
-            room, b = open_bins.pop(at)
+        at = bisect.bisect_left(rooms, size)
+        if at < len(rooms):
+            room = rooms[at]
+            b = heapq.heappop(by_room[room])
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(at)
         else:
             room, b = capacity, len(bins)
             bins.append([])
         bins[b].append(item)
-        if room - size > 0:
-            bisect.insort(open_bins, (room - size, b))
+        if room > size:
+            if room - size not in by_room:
+                by_room[room - size] = []
+                bisect.insort(rooms, room - size)
+            heapq.heappush(by_room[room - size], b)
     return bins
 
 
@@ -362,15 +374,16 @@ def _build_corpus_best_fit(
         lengths = np.minimum(doc_sizes[doc] - offsets, need)
         bins = best_fit_decreasing(lengths, need)
         order = np.random.default_rng([*stream.entropy, 3, b]).permutation(len(bins))
-        for k in order[max(first - k0, 0) : end - k0]:
-            items = np.asarray(bins[k], dtype=np.int64)
-            writers["doc"].append(docs[doc[items]])
-            writers["off"].append(offsets[items])
-            writers["len"].append(lengths[items])
-            rows += len(items)
-            writers["start"].append(np.asarray([rows]))
-            tokens += int(lengths[items].sum())
-            slots += need
+        chosen = order[max(first - k0, 0) : end - k0]
+        counts = np.fromiter((len(bins[k]) for k in chosen), dtype=np.int64, count=len(chosen))
+        items = np.fromiter(itertools.chain.from_iterable(bins[k] for k in chosen), np.int64, int(counts.sum()))
+        writers["doc"].append(docs[doc[items]])
+        writers["off"].append(offsets[items])
+        writers["len"].append(lengths[items])
+        writers["start"].append(rows + np.cumsum(counts))
+        rows += int(counts.sum())
+        tokens += int(lengths[items].sum())
+        slots += need * len(chosen)
         k0 += len(bins)
         b += 1
     for w in writers.values():
@@ -550,7 +563,8 @@ class CorpusBlend(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         """DataLoader workers reopen the memory maps instead of pickling their contents."""
-        keep = ("spec", "start_offsets", "eod", "eod_mask_loss", "document_boundaries", "reset_position_ids")
+        keep: tuple[str, ...] = ("spec", "start_offsets", "eod", "eod_mask_loss", "document_boundaries")
+        keep += ("reset_position_ids",)
         keep += ("cache_path", "built", "meta", "corpora", "weights")
         return {k: self.__dict__[k] for k in keep} | {"_num_samples": self._num_samples}
 
@@ -621,7 +635,9 @@ class CorpusBlend(torch.utils.data.Dataset):
             rows = slice(int(start[k]), int(start[k + 1]))
             pieces = zip(docs[rows].tolist(), offsets[rows].tolist(), lengths[rows].tolist())
         need = self.spec.seq_length + 1
-        parts, starts, length = [], [], 0
+        parts: list[np.ndarray] = []
+        starts: list[int] = []
+        length = 0
         while need > 0:
             if pieces is None:
                 doc, take_at_most = int(pool[pos]), need
