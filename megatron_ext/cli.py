@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -34,8 +35,23 @@ class OneLineParser(argparse.ArgumentParser):
         prog = kwargs.get("prog", args[0] if args else None)
         self._help_hint = f"{prog} --help" if prog else "--help"
 
+    def parse_known_args(  # type: ignore[override]  # the same call; typeshed's overloads need not be repeated
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(): argparse does not pass them on
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self._help_hint})\n")
+        self.exit(2, f"error: {message}{self._negative_value_hint(message)} (see {self._help_hint})\n")
+
+    def _negative_value_hint(self, message: str) -> str:
+        """argparse reads `--lr -1e-3` as two flags (only values like -1 or -.5 pass as numbers): name the = form."""
+        m = re.fullmatch(r"argument (\S+): expected one argument", message)
+        argv = getattr(self, "_argv", [])
+        for flag, value in zip(argv, argv[1:]):
+            if m and flag in m.group(1).split("/") and re.fullmatch(r"-[0-9.]+(?:[eE][+-]?[0-9]+)?[a-zA-Z]?", value):
+                return f"; a negative value is written {flag}={value}"
+        return ""
 
 
 def report(error: UserError | OSError) -> int:

@@ -18,6 +18,24 @@ def test_a_bad_flag_is_one_line_naming_the_help(capsys) -> None:
         assert capsys.readouterr().err == f"error: argument --n: invalid int value: 'x' {hint}\n"
 
 
+def test_a_negative_value_after_a_space_names_the_equals_form(capsys) -> None:
+    """argparse takes `--lr -1e-3` for two flags and said only 'expected one argument'."""
+    parser = OneLineParser(prog="t.py")
+    parser.add_argument("--lr", "--learning-rate", type=float)
+    parser.add_argument("--n", type=int)
+    for argv, hint in [
+        (["--lr", "-1e-3"], "argument --lr/--learning-rate: expected one argument; a negative value is written "
+         "--lr=-1e-3"),
+        (["--learning-rate", "-.5e-2"], "argument --lr/--learning-rate: expected one argument; a negative value is "
+         "written --learning-rate=-.5e-2"),
+        (["--n", "--lr", "1"], "argument --n: expected one argument"),  # a flag after a flag: no number to name
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert (e.value.code, capsys.readouterr().err) == (2, f"error: {hint} (see t.py --help)\n")
+    assert parser.parse_args(["--lr=-1e-3", "--n", "-1"]).lr == -1e-3  # the = form, and numbers argparse knows
+
+
 def test_run_tool_reports_mistakes_in_one_line(tmp_path, capsys) -> None:
     def run(argv: list[str] | None) -> int:
         parser = OneLineParser(prog="t.py")

@@ -194,10 +194,12 @@ def check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
         return  # an fp16 overflow: the loss scaler handles it
     t = tr.cfg.training
     if values["skipped"] and (t.nan_policy == "stop" or tr.state.skipped_in_a_row > t.max_skipped_steps):
+        limit = f"raise --max-skipped-steps ({t.max_skipped_steps})"
+        more = "use --nan-policy skip" if t.nan_policy == "stop" else limit
         raise TrainingStopped(
             f"iteration {tr.state.iteration}: non-finite loss {values['lm_loss']} or grad norm "
             f"{values['grad_norm']} ({tr.state.skipped_in_a_row} in a row); the step was not applied, the weights "
-            "are unchanged. Lower --lr, check the data, or use --nan-policy skip."
+            f"are unchanged. Lower --lr, check the data, or {more}."
         )
     if values["skipped"]:
         tr.metrics.print(f"iter {tr.state.iteration}: non-finite loss or gradient; step skipped")
