@@ -124,15 +124,11 @@ class SDPAttention(DotProductAttention):
                 out = sdpa(q, k, v, attn_mask=mask, is_causal=causal)
             elif self.dense_document_mask:
                 out = sdpa(q, k, v, attn_mask=document_mask(packed_seq_params.cu_seqlens_q, q.size(2)))
-            else:
-                bounds = packed_seq_params.cu_seqlens_q.tolist()
-                out = torch.cat(
-                    [
-                        sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
-                        for a, b in zip(bounds, bounds[1:])
-                    ],
-                    dim=2,
-                )
+            else:  # split, not slices: a slice's backward writes a gradient of the whole sequence, per document
+                cu = packed_seq_params.cu_seqlens_q
+                lengths = (cu[1:] - cu[:-1]).tolist()
+                parts = zip(q.split(lengths, dim=2), k.split(lengths, dim=2), v.split(lengths, dim=2))
+                out = torch.cat([sdpa(*qkv, is_causal=True) for qkv in parts], dim=2)
         # [b, heads, s, dim] -> [s, b, heads * dim]
         return out.permute(2, 0, 1, 3).reshape(out.size(2), out.size(0), self.hidden_size_per_partition)
 
