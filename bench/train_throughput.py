@@ -103,7 +103,6 @@ class Shape:
     @classmethod
     def from_config(cls, m: ModelConfig, vocab: int) -> Shape:
         groups = m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
-        assert m.ffn_hidden_size is not None and m.max_position_embeddings is not None
         if m.position_embedding_type == "rope":
             assert m.rotary_percent == 1.0, "the plain model rotates whole heads only"
         return cls(
@@ -285,7 +284,6 @@ def build_plain(cfg: Config, tr: Trainer, fused_adam: bool = False) -> PlainTrai
         fused=fused_adam or None,
     )
     t = cfg.training
-    assert t.global_batch_size is not None
     data = MicroBatches(tr.train_data[0].dataset, t.micro_batch_size, 0, 1)
     return PlainTrainer(model, optimizer, data, t.global_batch_size // t.micro_batch_size, cfg.optimizer.clip_grad)
 
@@ -532,7 +530,6 @@ def main(argv: list[str] | None = None) -> None:
 def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused: PlainTrainer) -> None:
     """Times ours, plain (torch's default AdamW) and plain with fused AdamW, alternating."""
     m, t = cfg.model, cfg.training
-    assert t.global_batch_size is not None
     ours_params = sum(p.numel() for p in tr.model[0].module.parameters())  # type: ignore[union-attr]
     plain_params = sum(p.numel() for p in pt.model.parameters())
     formula = num_parameters(cfg, tr.padded_vocab_size)

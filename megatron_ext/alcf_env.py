@@ -86,8 +86,9 @@ LLAMA_FLAGS = (
 
 def preset_flags(p: Preset) -> list[str]:
     """The model flags of a preset: Llama-style, its RoPE base and the shape its variables default to."""
-    shape = [arg for v in VARIABLES if v.preset and v.section == "model" for arg in (v.flag, str(getattr(p, v.preset)))]
-    return [*LLAMA_FLAGS, "--rotary-base", str(p.rotary_base), *shape]  # type: ignore[list-item]
+    model = [v for v in VARIABLES if v.section == "model"]
+    shape = [arg for v in model if v.preset and v.flag for arg in (v.flag, str(getattr(p, v.preset)))]
+    return [*LLAMA_FLAGS, "--rotary-base", str(p.rotary_base), *shape]
 
 
 def preset_parameters(p: Preset, vocab: int = 32000) -> int:

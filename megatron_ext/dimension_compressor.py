@@ -268,8 +268,11 @@ class Result:
         }
 
 
-def evaluate(model: torch.nn.Module, data: Data, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Reconstruction metrics of `model` on the validation sequences (real tokens only)."""
+def evaluate(
+    model: Callable[[torch.Tensor], torch.Tensor], data: Data, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Reconstruction metrics of `model` (a module or its compiled forward) on the validation sequences (real
+    tokens only)."""
     metrics = ReconstructionMetrics(data.hidden_size)
     with torch.no_grad():
         for x, mask in data.store.batches(data.valid_ids, batch_size):

@@ -132,22 +132,24 @@ class ScheduleConfig:
             _check(c is not None and self.min_lr <= c <= self.lr, f"{s} needs constant_lr in [min_lr, lr], got {c}")
             _check(self.lr_timescale > 0, "lr_timescale must be positive")
             if self.lr_cooldown > 0:
-                _check(self.lr_decay is not None, f"{s} with a cooldown needs lr_decay (where the cooldown ends)")
+                if self.lr_decay is None:
+                    raise ScheduleError(f"{s} with a cooldown needs lr_decay (where the cooldown ends)")
                 stable = self.lr_warmup + self.lr_infinite_decay
                 _check(
-                    stable <= self.lr_decay - self.lr_cooldown,  # type: ignore[operator]
+                    stable <= self.lr_decay - self.lr_cooldown,
                     f"{s}: warmup + infinite decay ({stable:g}) run past the cooldown start "
-                    f"({self.lr_decay - self.lr_cooldown:g})",  # type: ignore[operator]
+                    f"({self.lr_decay - self.lr_cooldown:g})",
                 )
         elif s != "constant":
-            _check(self.lr_decay is not None, f"{s} needs lr_decay (where the LR reaches min_lr)")
+            if self.lr_decay is None:
+                raise ScheduleError(f"{s} needs lr_decay (where the LR reaches min_lr)")
             _check(
-                self.lr_decay > self.lr_warmup,  # type: ignore[operator]
+                self.lr_decay > self.lr_warmup,
                 f"lr_decay {self.lr_decay} must be beyond lr_warmup {self.lr_warmup}",
             )
             if s == "WSD":
                 _check(
-                    0 < self.lr_wsd_decay <= self.lr_decay,  # type: ignore[operator]
+                    0 < self.lr_wsd_decay <= self.lr_decay,
                     f"WSD needs 0 < lr_wsd_decay <= lr_decay, got {self.lr_wsd_decay}",
                 )
         _check(self.start_weight_decay >= 0 and self.end_weight_decay >= 0, "weight decay must be >= 0")
@@ -253,7 +255,7 @@ def lr_at(cfg: ScheduleConfig, t: float, *, max_lr: float | None = None, min_lr:
         return mx
     if style in INFINITE_STYLES:
         return _infinite_lr(cfg, t, mx, mn)
-    decay_end = float(cfg.lr_decay)  # type: ignore[arg-type]
+    decay_end = float(cfg.lr_decay)  # type: ignore[arg-type]  # set for these styles: ScheduleConfig._validate
     if t > decay_end:
         return mn
     if style == "inverse-square-root":
@@ -276,7 +278,7 @@ def lr_at(cfg: ScheduleConfig, t: float, *, max_lr: float | None = None, min_lr:
 
 def _infinite_lr(cfg: ScheduleConfig, t: float, mx: float, mn: float) -> float:
     """After warmup: decay to constant_lr, hold, cool down to min_lr over the last lr_cooldown, then min_lr."""
-    const = float(cfg.constant_lr)  # type: ignore[arg-type]
+    const = float(cfg.constant_lr)  # type: ignore[arg-type]  # set for these styles: ScheduleConfig._validate
     if mx != cfg.lr and cfg.lr > 0:
         const *= mx / cfg.lr  # a group with its own peak keeps the same constant/peak ratio
     decay_start, decay_len = cfg.lr_warmup, cfg.lr_infinite_decay
@@ -288,7 +290,7 @@ def _infinite_lr(cfg: ScheduleConfig, t: float, mx: float, mn: float) -> float:
         return mx + (const - mx) * _inv_sqrt_shape(alpha, r) / _inv_sqrt_shape(alpha, 1.0)
     if cfg.lr_cooldown <= 0:
         return const
-    end = float(cfg.lr_decay)  # type: ignore[arg-type]
+    end = float(cfg.lr_decay)  # type: ignore[arg-type]  # set with a cooldown: ScheduleConfig._validate
     cool_start = end - cfg.lr_cooldown
     if t <= cool_start:
         return const
@@ -324,13 +326,13 @@ def phases(cfg: ScheduleConfig) -> list[Phase]:
         hold = w + cfg.lr_infinite_decay
         spans.append(("decay", w, hold))
         if cfg.lr_cooldown > 0:
-            end = float(cfg.lr_decay)  # type: ignore[arg-type]
+            end = float(cfg.lr_decay)  # type: ignore[arg-type]  # set with a cooldown: ScheduleConfig._validate
             spans += [("stable", hold, end - cfg.lr_cooldown), ("cooldown", end - cfg.lr_cooldown, end)]
             spans.append(("final", end, None))
         else:
             spans.append(("stable", hold, None))
     else:
-        end = float(cfg.lr_decay)  # type: ignore[arg-type]
+        end = float(cfg.lr_decay)  # type: ignore[arg-type]  # set for these styles: ScheduleConfig._validate
         if style == "WSD":
             anneal = max(w, end - cfg.lr_wsd_decay)
             spans += [("stable", w, anneal), ("cooldown", anneal, end)]
@@ -358,7 +360,7 @@ def format_count(x: float) -> str:
 
 def to_samples(cfg: ScheduleConfig, pos: float) -> float:
     """A position in ``cfg.unit`` as samples (tokens divided by ``seq_length``)."""
-    return pos / cfg.seq_length if cfg.unit == "tokens" else pos  # type: ignore[operator]
+    return pos / _token_length(cfg.seq_length) if cfg.unit == "tokens" else pos
 
 
 def describe(cfg: ScheduleConfig) -> str:
@@ -415,12 +417,17 @@ def convert_length(
     elif given == "samples":
         samples = value
     else:  # tokens -> samples
-        _check((seq_length or 0) > 0, "token lengths need a positive seq_length")
-        return value / seq_length  # type: ignore[operator]
+        return value / _token_length(seq_length)
     if unit == "samples":
         return samples
-    _check((seq_length or 0) > 0, "token lengths need a positive seq_length")
-    return samples * seq_length  # type: ignore[operator]
+    return samples * _token_length(seq_length)
+
+
+def _token_length(seq_length: int | None) -> int:
+    """Tokens per sample, which a length in tokens needs."""
+    if seq_length is None or seq_length <= 0:
+        raise ScheduleError("token lengths need a positive seq_length")
+    return seq_length
 
 
 def resolve_lengths(

@@ -330,7 +330,7 @@ def plot(runs: list[Run], out: Path, title: str | None = None, mark: CheckpointM
     for k, run in enumerate(runs):
         its = _iterations(run)
         color = f"C{k}"
-        pieces = [(its, "-", run.label)]
+        pieces: list[tuple[list[float], str, str | None]] = [(its, "-", run.label)]
         if mark is not None and k == 0:  # the schedule's past solid, what a resume would follow dashed
             its = sorted(set(its) | {mark.iteration})
             after = [i for i in its if i >= mark.iteration]

@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -51,7 +52,15 @@ def _signature(spec: BlendSpec) -> str:
     return hashlib.sha256(json.dumps(sorted(spec.files)).encode()).hexdigest()[:16]
 
 
-def _packing(cfg: Config) -> dict[str, bool]:
+class _Packing(TypedDict):
+    """CorpusBlend's keyword arguments for document marking, typed so that `**` checks them."""
+
+    eod_mask_loss: bool
+    document_boundaries: bool
+    reset_position_ids: bool
+
+
+def _packing(cfg: Config) -> _Packing:
     """How samples mark their documents (Megatron-LM's --reset-attention-mask, --reset-position-ids,
     --eod-mask-loss)."""
     d = cfg.data
@@ -92,7 +101,7 @@ class MicroBatches:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        n = len(self.dataset)  # type: ignore[arg-type]
+        n = len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; blends have one
         samples = [self.dataset[(start + i) % n] for i in range(self.micro_batch_size)]
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return collate(samples)

@@ -124,7 +124,8 @@ def plot_loss_curves(
     ax.legend()
     if bytes_per_tok:
         factor = 1 / bytes_per_tok / math.log(2)
-        right = ax.secondary_yaxis("right", functions=(lambda x: x * factor, lambda y: y / factor))
+        scale = (lambda x: np.multiply(x, factor), lambda y: np.divide(y, factor))  # nats <-> bits, on array-likes
+        right = ax.secondary_yaxis("right", functions=scale)
         right.set_ylabel("bits per byte of the validation text")
     if title:
         ax.set_title(title, fontsize=10)

@@ -46,6 +46,7 @@ class ParamScheduler:
         self.step(0)
 
     def _advance(self, samples: float) -> float:
+        # A schedule in tokens has its seq_length (ScheduleConfig._validate).
         return samples * self.config.seq_length if self.config.unit == "tokens" else samples  # type: ignore[operator]
 
     def get_lr(self, param_group: Mapping[str, Any] | None = None) -> float:
@@ -131,7 +132,7 @@ class ParamScheduler:
         if self.config.unit == "samples":
             return float(samples)
         seq = loaded.seq_length or self.config.seq_length
-        return float(samples) * seq  # type: ignore[operator]
+        return float(samples) * seq  # type: ignore[operator]  # our schedule is in tokens: it has its seq_length
 
     def phase(self) -> Phase:
         """The phase the current position is in."""
