@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = (
+PROMPTS = (  # the first is the demo's shown sample
+    "def read_config(path):\n",
     "def main(",
     "import os\nimport sys\n\n\n",
     "class Stack:\n    def __init__(self",
@@ -40,7 +41,6 @@ PROMPTS = (
     'if __name__ == "__main__":\n',
     "    def __repr__(self):\n",
     "    try:\n",
-    "def read_config(path):\n",
 )
 _CLOSING = {")": "(", "]": "[", "}": "{"}
 MAX_LINE = 120

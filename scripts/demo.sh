@@ -79,7 +79,7 @@ bash $run/pretrain.sh --load $run/checkpoints --train-iters 3000 --override-opt_
 NLAYERS=4 HIDDEN=128 HEADS=4 NUM_KV_HEAD=4 FFN_HIDDEN_SIZE=352 SEQ=256 NGPU_PER_HOST=2 MICRO_BATCH=16 LR=3e-3 \\
   MIN_LR=3e-4 TRAIN_ITERS=300 TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=$tok DATA_CACHE_PATH=$run/cache \\
   EVAL_INTERVAL=50 EVAL_ITERS=4 LOG_INTERVAL=10 SAVE=$run/alcf/checkpoints RUN_DIR=$run/alcf \\
-  bash train_alcf.sh --data-path ${data}_text_document --lr-warmup-iters 30 $(printf '%q ' "$@")
+  bash train_alcf.sh --data-path ${data}_text_document --lr-warmup-iters 30${*:+ $(printf '%q ' "$@")}
     # the same run through train_alcf.sh: 2 ranks (torchrun here, mpiexec/srun in a job) x micro-batch 16
 EOF
 echo "demo finished in $((SECONDS - start)) s (setup not counted); load average now: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -131,7 +131,7 @@ def test_demo_reduced(tmp_path: Path) -> None:
     assert tok.vocab_size == 400
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "tensorboard").is_dir()
-    assert "--- greedy sample, prompt 'def main(' " in out
+    assert f"--- greedy sample, prompt {quality.PROMPTS[0]!r} " in out
     assert re.search(r"model: +valid Python lines (\d\.\d{3} \(\d+/\d+ lines\)|n/a)", out)
 
     # Bits per byte as printed = loss x tokens / bytes of the validation documents / ln 2, counted here from the
