@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from functools import partial
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_ext.cli import UserError
 from megatron_ext.training import universal
 from megatron_ext.training.layout import (
+    COMMON_STATE,
     TRACKER,
     CheckpointNotFound,
     iteration_dir,
@@ -214,12 +216,45 @@ def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> No
     torch.distributed.barrier()
 
 
+# What our own runs write into a --save folder besides checkpoints: a --load folder holding only these is empty.
+RUN_FILES = re.compile(r"config\.json|train\.log|tensorboard|iter_\d+\.tmp|\..*")
+
+
+def not_a_checkpoint(root: Path) -> str | None:
+    """Why `root`, holding no checkpoint, must not be taken as an empty folder to start afresh in (or None): a
+    Hugging Face model, or files that are not a run's own (a typo'd path, another framework's checkpoint)."""
+    if not root.is_dir():
+        return None
+    config = root / "config.json"
+    if config.is_file() and '"model_type"' in config.read_text(errors="replace") and any(root.glob("*.safetensors")):
+        return (
+            f"--load {root} is a Hugging Face model; convert it first: tools/convert_checkpoint.py from-hf --load "
+            f"{root} --save NEW, then --load NEW (with --finetune to start a new run from its weights)"
+        )
+    others = sorted(p.name for p in root.iterdir() if not RUN_FILES.fullmatch(p.name))
+    if others:
+        return (
+            f"--load {root} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''} but no checkpoint; "
+            "expected iter_NNNNNNN folders with latest_checkpointed_iteration.txt, a universal checkpoint, or an "
+            "empty or new folder to start in"
+        )
+    return None
+
+
 def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path | None, list[str]]:
     """The checkpoint to resume from: the tracker's, else (damaged or missing) the newest good one; and a line
-    for every checkpoint passed over. A requested iteration (--ckpt-step) is that one or none."""
+    for every checkpoint passed over. A requested iteration (--ckpt-step) is that one or none; an iteration folder
+    itself (`ckpt/iter_0000002`) is that iteration. Raises CheckpointError when `root` holds no checkpoint but is
+    not empty either (see :func:`not_a_checkpoint`): a fresh start there would hide the mistake."""
     root = Path(root)
     if universal.is_universal(root):
         return root, []
+    folder = re.fullmatch(r"iter_(\d+)", root.name)
+    if folder and (root / COMMON_STATE).is_file():
+        if iteration is not None and iteration != int(folder.group(1)):
+            raise CheckpointError(f"--load {root} is iteration {int(folder.group(1))}, --ckpt-step {iteration}: "
+                                  "give one of them")  # fmt: skip
+        root, iteration = root.parent, int(folder.group(1))
     if iteration is not None:
         problem = verify(iteration_dir(root, iteration))
         if problem is None:
@@ -239,6 +274,9 @@ def find_loadable(root: str | Path, iteration: int | None = None) -> tuple[Path 
         if problem is None:
             return iteration_dir(root, iteration), notes
         notes.append(f"checkpoint {iteration_dir(root, iteration)} is unusable ({problem}); skipped")
+    problem = None if notes else not_a_checkpoint(root)
+    if problem:
+        raise CheckpointError(problem)
     return None, notes
 
 
@@ -253,11 +291,16 @@ def load(
     """Restores model, optimizer (unless None) and RNG from the newest good checkpoint (or `iteration`), or from
     a universal checkpoint folder; returns its other entries (the schedule under "scheduler": whether it is
     followed is the caller's decision)."""
-    choice: list[Any] = [None, []]
+    choice: list[Any] = [None, [], None]
     if torch.distributed.get_rank() == 0:
-        choice = list(find_loadable(root, iteration))
+        try:
+            choice = [*find_loadable(root, iteration), None]
+        except CheckpointError as e:  # raised on every rank below, not on rank 0 alone (the others would wait)
+            choice = [None, [], str(e)]
     torch.distributed.broadcast_object_list(choice, src=0)  # every rank loads the same checkpoint
-    path, notes = choice
+    path, notes, refusal = choice
+    if refusal:
+        raise CheckpointError(refusal)
     for note in notes:
         log(note)
     if path is None:
