@@ -349,15 +349,16 @@ class Report:
         self.values[name] = (value, source)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan(Report):
-    """Everything train_alcf.sh needs: resolved variables, derived sizes, the validated config and the command."""
+    """Everything train_alcf.sh needs: resolved variables, derived sizes, the validated config and the command
+    (built once all of them are known; the steps before tell through a Report)."""
 
-    argv: list[str] = field(default_factory=list)
-    config: Config | None = None
-    command: list[str] = field(default_factory=list)
-    exports: dict[str, str] = field(default_factory=dict)
-    run_dir: str = ""
+    argv: list[str]
+    config: Config
+    command: list[str]
+    exports: dict[str, str]
+    run_dir: str
     signal: str = "TERM"
     dry_run: bool = False
 
@@ -868,45 +869,46 @@ def resolve(
 
     Raises EnvError (a variable) or ConfigError (the schema, reworded to name the variables) for any mistake.
     """
-    plan = Plan(dry_run=_bool(env, "DRY_RUN"))
+    told, dry_run = Report(), _bool(env, "DRY_RUN")
     extra = list(extra)
     if _bool(env, "CONTINUE"):
         extra, dropped = strip_one_time(extra)
         if dropped:
-            plan.notes.append(f"CONTINUE=1: continuing from SAVE; ignored {' '.join(dropped)}")
+            told.notes.append(f"CONTINUE=1: continuing from SAVE; ignored {' '.join(dropped)}")
     given = given_dests(extra)
-    arch = model_preset(env, plan)
-    shape = job_shape(env, plan)
+    arch = model_preset(env, told)
+    shape = job_shape(env, told)
     launcher = choose_launcher(launcher, shape)
-    plan.derived["LAUNCHER"] = launcher if launcher != "mpiexec" else f"mpiexec ({mpi_flavor})"
+    told.derived["LAUNCHER"] = launcher if launcher != "mpiexec" else f"mpiexec ({mpi_flavor})"
 
-    flags = variables_to_flags(env, PRESETS[arch], shape.devices, given, plan)
+    flags = variables_to_flags(env, PRESETS[arch], shape.devices, given, told)
     cfg = parse_config([*flags.argv, *extra], flags.names)
-    dp = data_parallel_size(cfg, shape, plan)
-    gb, batch_derived = global_batch(env, cfg, dp, plan)
-    iters, pass_iters = run_length(env, cfg, gb, arch, given, plan)
-    save, load = checkpoint_paths(env, cfg, arch, given, batch_derived, plan)
-    plan.run_dir, tensorboard = run_folder(env, arch, shape.job, given, plan, now)
-    check_inputs(env, cfg, given, plan)
+    dp = data_parallel_size(cfg, shape, told)
+    gb, batch_derived = global_batch(env, cfg, dp, told)
+    iters, pass_iters = run_length(env, cfg, gb, arch, given, told)
+    save, load = checkpoint_paths(env, cfg, arch, given, batch_derived, told)
+    run_dir, tensorboard = run_folder(env, arch, shape.job, given, told, now)
+    check_inputs(env, cfg, given, told)
 
     derived: list[tuple[str, str | None]] = [("--global-batch-size", str(gb))] if batch_derived else []
     derived += [("--train-iters", str(iters))] if pass_iters else []
-    derived += [("--save", save), ("--load", load), ("--run-dir", plan.run_dir), ("--exit-signal-handler", None)]
+    derived += [("--save", save), ("--load", load), ("--run-dir", run_dir), ("--exit-signal-handler", None)]
     derived += [("--tensorboard-dir", tensorboard)] if tensorboard else []
-    plan.argv = [*flags.argv, *(a for flag, text in derived for a in (flag, text) if a is not None), *extra]
+    argv = [*flags.argv, *(a for flag, text in derived for a in (flag, text) if a is not None), *extra]
     names = {**flags.names, "--save": "SAVE", "--load": "LOAD"}
-    plan.config = complete_config(cfg, derived, given, shape.world_size, names)
+    config = complete_config(cfg, derived, given, shape.world_size, names)
 
     python = python or sys.executable
-    plan.exports = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(shape.cpus_per_rank)}
-    program = [python, str(SCRIPT), *plan.argv]
-    plan.command, plan.signal = launch_command(
-        launcher, program, shape, mpi_flavor=mpi_flavor, mpi_exe=mpi_exe, env=env
-    )
+    exports = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or str(shape.cpus_per_rank)}
+    program = [python, str(SCRIPT), *argv]
+    command, signal = launch_command(launcher, program, shape, mpi_flavor=mpi_flavor, mpi_exe=mpi_exe, env=env)
     for name in ("LAUNCH_WITH", "DRY_RUN", "CONTINUE"):
-        plan.set(name, _value(env, name) or VAR_BY_NAME[name].default, _source(env, name))
-    plan.set("PYTHON", python, _source(env, "PYTHON"))
-    return plan
+        told.set(name, _value(env, name) or VAR_BY_NAME[name].default, _source(env, name))
+    told.set("PYTHON", python, _source(env, "PYTHON"))
+    return Plan(
+        **vars(told), argv=argv, config=config, command=command, exports=exports, run_dir=run_dir, signal=signal,
+        dry_run=dry_run,
+    )  # fmt: skip
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
@@ -940,7 +942,6 @@ def write_run_dir(plan: Plan) -> None:
     run = Path(plan.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / ".env").write_text(dotenv(plan))
-    assert plan.config is not None
     plan.config.to_json(run / "config.json")
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in plan.exports.items())
     script = f"#!/usr/bin/env bash\n# launched by train_alcf.sh\ncd {shlex.quote(os.getcwd())}\n{exports}"
@@ -977,7 +978,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(report(plan), flush=True)
     if plan.dry_run:
-        assert plan.config is not None
         print("configuration:\n" + json.dumps(plan.config.to_dict(), indent=2, sort_keys=True))
         print("DRY_RUN=1: nothing launched")
     else:
