@@ -363,7 +363,6 @@ def setup(cfg: Config) -> Trainer:
     rank0 = info.rank == 0
     if rank0 and run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        cfg.to_json(Path(run_dir) / "config.json")
     metrics = MetricsLogger(
         enabled=rank0,
         world_size=info.world_size,
@@ -383,6 +382,8 @@ def setup(cfg: Config) -> Trainer:
         cfg, plat, plat.current_device(), tokenizer, recipe, config, model, optimizer, scheduler, train_data, metrics,
         state,
     )  # fmt: skip
+    if rank0 and run_dir:  # only once set up: a run that fails on its data or --load leaves the folder as it was
+        cfg.to_json(Path(run_dir) / "config.json")
     if cfg.checkpoint.async_save and plat.device_type == "cuda":
         tr.async_saves = AsyncCallsQueue()
     elif cfg.checkpoint.async_save:
