@@ -63,6 +63,12 @@ def report(error: UserError | OSError) -> int:
     return 2
 
 
+def os_reason(error: OSError) -> str:
+    """An OSError's cause in words, without its file name: 'no space left on device', 'read-only file system'."""
+    text = error.strerror or (os.strerror(error.errno) if error.errno else str(error))
+    return text[:1].lower() + text[1:]
+
+
 def run_tool(run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Runs a tool's ``run(argv)``; a user mistake (or an unreadable file) ends in one ``error:`` line and exit
     status 2, also when called in-process (a bad flag returns argparse's status instead of exiting)."""

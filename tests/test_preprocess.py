@@ -1,6 +1,7 @@
 """tools/preprocess_data.py: jsonl (plain, gz, zst, folders) to .bin/.idx that megatron-core reads back exactly,
 deterministic for any worker count, one-line errors, and all-or-nothing outputs even when interrupted."""
 
+import errno
 import gzip
 import io
 import json
@@ -234,6 +235,43 @@ def test_error_keeps_existing_output(tmp_path):
         pp.preprocess([bad], tmp_path / "out", "ByteTokenizer")
     assert _bytes(str(tmp_path / "out_text_document")) == before
     assert _files(tmp_path) == ["bad.jsonl", "good.jsonl", "out_text_document.bin", "out_text_document.idx"]
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"), [(errno.EROFS, "read-only file system"), (errno.ENOSPC, "no space left on device")]
+)
+def test_an_unwritable_output_folder_is_one_line_error(tmp_path, monkeypatch, capsys, code, reason):
+    """A read-only folder (at the first write) or a disk that fills (mid-run): an OSError traceback before."""
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in TEXTS])
+    pp.preprocess([good], tmp_path / "out" / "x", "ByteTokenizer")
+    before = _bytes(str(tmp_path / "out" / "x_text_document"))
+
+    def fail(self, tokens):
+        raise OSError(code, os.strerror(code), self._bin_tmp)
+
+    monkeypatch.setattr(pp.IndexedDatasetWriter, "add_document", fail)
+    argv = ["--input", str(good), "--output-prefix", str(tmp_path / "out" / "x"), "--tokenizer-type", "ByteTokenizer"]
+    assert pp.main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: --output-prefix {tmp_path / 'out' / 'x'}: cannot write in {tmp_path / 'out'}: {reason}\n"
+    )
+    assert _bytes(str(tmp_path / "out" / "x_text_document")) == before
+    assert _files(tmp_path / "out") == ["x_text_document.bin", "x_text_document.idx"]  # no temporaries left
+
+
+def test_the_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """SIGKILL leaves `.tmp-PID` files (no clean-up runs); the next run removes those whose process is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f"out_text_document.{ext}.tmp-{int(dead.stdout)}" for ext in ("bin", "idx")]
+    live = tmp_path / f"out_text_document.bin.tmp-{os.getppid()}"  # a run still writing: kept
+    other = tmp_path / f"other_text_document.bin.tmp-{int(dead.stdout)}"  # another prefix's: not ours to judge
+    for path in (*stale, live, other):
+        path.write_bytes(b"x" * 100)
+    pp.preprocess([_write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])], tmp_path / "out", "ByteTokenizer")
+    assert _files(tmp_path) == sorted(
+        ["d.jsonl", "out_text_document.bin", "out_text_document.idx", live.name, other.name]
+    )
 
 
 @pytest.mark.parametrize("failure", ["raise", "die"])

@@ -33,6 +33,28 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
+def remove_stale_temporaries(prefix: str | Path) -> list[str]:
+    """Deletes the ``.tmp-<pid>`` files of ``prefix`` whose writer is gone (a run killed by SIGKILL cleans up
+    nothing); a live writer's stay. Returns the files removed."""
+    removed = []
+    for tmp in sorted(Path(prefix).parent.glob(f"{Path(prefix).name}.*.tmp-*")):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if tmp.name.startswith(f"{Path(prefix).name}.") and pid.isdigit() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(str(tmp))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class IndexedDatasetWriter:
     """Writes ``<prefix>.bin`` and ``<prefix>.idx``; use as a context manager.
 

@@ -32,9 +32,9 @@ from types import FrameType
 import numpy as np
 from tqdm import tqdm
 
-from megatron_ext.cli import OneLineParser, UserError, report
+from megatron_ext.cli import OneLineParser, UserError, os_reason, report
 from megatron_ext.config import file_in_the_way
-from megatron_ext.data.indexed import IndexedDatasetWriter, token_dtype
+from megatron_ext.data.indexed import IndexedDatasetWriter, remove_stale_temporaries, token_dtype
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -382,47 +382,57 @@ def preprocess(
     except ValueError as err:
         raise PreprocessError(str(err)) from err
     prefixes = {k: dataset_prefix(output_prefix, k) for k in keys}
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size).name
     stats = PreprocessStats(outputs=prefixes, dtype=dtype, tokens=dict.fromkeys(keys, 0))
+    folder = Path(output_prefix).absolute().parent
+    try:  # the output side: a read-only or full disk is one line naming the folder, not an OSError traceback
+        folder.mkdir(parents=True, exist_ok=True)
+        for prefix in prefixes.values():
+            remove_stale_temporaries(prefix)
 
-    with contextlib.ExitStack() as stack:
-        writers = {k: stack.enter_context(IndexedDatasetWriter(p, tokenizer.vocab_size)) for k, p in prefixes.items()}
-        bar = stack.enter_context(tqdm(unit=" docs", unit_scale=True, file=sys.stderr, disable=not progress))
-        batches = _read_batches(files, chunk_size)
-        if workers == 1:
-            encoder = _Encoder(tokenizer, keys, append_eod)
-            results: Iterator[_Encoded] = map(encoder, batches)
-        else:
-            pool = stack.enter_context(_worker_pool(workers, (tokenizer_type, model, keys, append_eod)))
-            results = _pool_results(pool, batches)
-        for enc in results:
-            stats.bytes_read += enc.num_bytes
-            if enc.bad:
-                if not skip_bad_lines:
-                    lineno, reason = enc.bad[0]
-                    raise PreprocessError(f"{files[enc.file_index]}:{lineno}: {reason}")
-                stats.bad_lines += len(enc.bad)
-            for key, writer in writers.items():
-                flat, lengths = enc.tokens[key], enc.lengths[key]
-                ends = np.cumsum(lengths).tolist()
-                begin = 0
-                for end in ends:
-                    writer.add_document(flat[begin:end])
-                    begin = end
-                stats.tokens[key] += int(flat.size)
-            docs = len(enc.lengths[keys[0]])
-            stats.documents += docs
-            bar.update(docs)
-        if stats.documents == 0:
-            where = str(files[0]) if len(files) == 1 else f"{len(files)} input files"
-            raise PreprocessError(f"{where}: no documents" + (" (every line was bad)" if stats.bad_lines else ""))
-        empty = [k for k, n in stats.tokens.items() if n == 0]
-        if empty:
-            raise PreprocessError(f"key {empty[0]!r}: every document is empty; megatron-core cannot read an empty .bin")
-        with _signals_deferred():
-            for writer in writers.values():
-                writer.finalize()
+        with contextlib.ExitStack() as stack:
+            writers = {
+                k: stack.enter_context(IndexedDatasetWriter(p, tokenizer.vocab_size)) for k, p in prefixes.items()
+            }
+            bar = stack.enter_context(tqdm(unit=" docs", unit_scale=True, file=sys.stderr, disable=not progress))
+            batches = _read_batches(files, chunk_size)
+            if workers == 1:
+                encoder = _Encoder(tokenizer, keys, append_eod)
+                results: Iterator[_Encoded] = map(encoder, batches)
+            else:
+                pool = stack.enter_context(_worker_pool(workers, (tokenizer_type, model, keys, append_eod)))
+                results = _pool_results(pool, batches)
+            for enc in results:
+                stats.bytes_read += enc.num_bytes
+                if enc.bad:
+                    if not skip_bad_lines:
+                        lineno, reason = enc.bad[0]
+                        raise PreprocessError(f"{files[enc.file_index]}:{lineno}: {reason}")
+                    stats.bad_lines += len(enc.bad)
+                for key, writer in writers.items():
+                    flat, lengths = enc.tokens[key], enc.lengths[key]
+                    ends = np.cumsum(lengths).tolist()
+                    begin = 0
+                    for end in ends:
+                        writer.add_document(flat[begin:end])
+                        begin = end
+                    stats.tokens[key] += int(flat.size)
+                docs = len(enc.lengths[keys[0]])
+                stats.documents += docs
+                bar.update(docs)
+            if stats.documents == 0:
+                where = str(files[0]) if len(files) == 1 else f"{len(files)} input files"
+                raise PreprocessError(f"{where}: no documents" + (" (every line was bad)" if stats.bad_lines else ""))
+            empty = [k for k, n in stats.tokens.items() if n == 0]
+            if empty:
+                raise PreprocessError(
+                    f"key {empty[0]!r}: every document is empty; megatron-core cannot read an empty .bin"
+                )
+            with _signals_deferred():
+                for writer in writers.values():
+                    writer.finalize()
+    except OSError as err:
+        raise PreprocessError(f"--output-prefix {output_prefix}: cannot write in {folder}: {os_reason(err)}") from err
     stats.seconds = time.perf_counter() - start
     if log is not None:
         log(stats.report())
