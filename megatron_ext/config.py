@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import sys
 import types
@@ -112,6 +113,17 @@ def folder_problem(folder: str | Path) -> str | None:
     return (
         "is a file; expected a folder" if blocker == Path(folder) else f"{blocker} is a file; expected a folder there"
     )
+
+
+def write_problem(folder: str | Path) -> str | None:
+    """Why nothing can be written at `folder` (or the parent it would be made in), or None: a read-only file
+    system or a missing permission is found at start-up, not as an OSError traceback at the first save."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if os.access(existing, os.W_OK | os.X_OK):
+        return None
+    cause = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+    return f"cannot write there{'' if existing == path else f' ({existing})'}: {cause}"
 
 
 def iterations_for_tokens(tokens: int, seq_length: int, global_batch_size: int) -> int:
@@ -657,6 +669,8 @@ class Config:
         }
         for flag, folder in folders.items():
             problem = None if folder is None else folder_problem(folder)
+            if problem is None and folder is not None and flag in ("--save", "--run-dir", "--tensorboard-dir"):
+                problem = write_problem(folder)
             if problem is not None:
                 raise ConfigError(f"{flag} {folder}: {problem}")
 

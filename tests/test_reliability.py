@@ -4,17 +4,22 @@ run folder as it was."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.config import parse_args
+from megatron_ext.training import checkpointing, loop
 from megatron_ext.training.checkpointing import CheckpointError, find_loadable
 from megatron_ext.training.loop import TrainingStopped, TrainState, check_non_finite
 
@@ -106,3 +111,70 @@ def test_what_counts_as_a_checkpoint_an_empty_folder_or_neither(tmp_path: Path) 
     assert find_loadable(step) == find_loadable(step.parent, 2) == (step, [])
     with pytest.raises(CheckpointError, match="is iteration 2, --ckpt-step 3: give one of them"):
         find_loadable(step, 3)
+
+
+# ---- disks: read-only and full ------------------------------------------------------------------------------
+
+
+def test_a_read_only_save_folder_is_one_line_at_start_up(tmp_path: Path, monkeypatch, capsys) -> None:
+    """It was an OSError traceback from mkdir (or from opening train.log). EROFS injected: the tests run as root."""
+    save = tmp_path / "ro" / "ckpt"
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(tmp_path)))
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_RDONLY))
+    assert loop.main([*TINY, "--save", str(save)]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"error: --save {save}: cannot write there ({tmp_path}): read-only file system\n")
+    assert not (tmp_path / "ro").exists()
+
+
+@pytest.fixture
+def world_of_one():
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _wrapped(error: BaseException) -> CheckpointException:
+    return CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (error, traceback.StackSummary())})
+
+
+@pytest.mark.parametrize(
+    ("failure", "free", "reason"),
+    [
+        (_wrapped(RuntimeError("unexpected pos 704 vs 598")), 0, "no space left on device"),  # torch's short write
+        (_wrapped(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))), 10**9, "no space left on device"),
+        ("mkdir", 10**9, "read-only file system"),
+    ],
+)
+def test_a_save_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch, world_of_one, failure: object, free: int, reason: str
+) -> None:
+    """A full disk was megatron's CheckpointException text ('unexpected pos 704 vs 598'), the half-written iter_N.tmp
+    left behind; a folder turned read-only mid-run was an OSError traceback."""
+    root = tmp_path / "ckpt"
+    (root / "iter_0000002").mkdir(parents=True)
+    (root / "iter_0000002" / "common.pt").write_bytes(b"weights")
+    (root / "latest_checkpointed_iteration.txt").write_text("2\n")
+    before = checksums(root)
+
+    def write_half(state: dict, folder: str, **kwargs: object) -> None:
+        (Path(folder) / "__0_0.distcp").write_bytes(b"x" * 598)
+        raise failure  # type: ignore[misc]
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(checkpointing, "checkpoint_state", lambda *args, **kwargs: {})
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", write_half)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    if failure == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    scheduler = SimpleNamespace(state_dict=dict)
+    with pytest.raises(CheckpointError) as e:
+        checkpointing.save(root, 4, [], None, scheduler, {})  # type: ignore[arg-type]
+    assert str(e.value).startswith(f"--save {root}: cannot write checkpoint iter_0000004: {reason}")
+    assert (
+        "\n" not in str(e.value)
+        and checksums(root) == before
+        and sorted(os.listdir(root)) == sorted(["iter_0000002", "latest_checkpointed_iteration.txt"])
+    )

@@ -11,6 +11,7 @@ detect a damaged checkpoint (truncated or missing files) and fall back to the ne
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -30,7 +31,7 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext.cli import UserError
+from megatron_ext.cli import UserError, os_reason
 from megatron_ext.training import universal
 from megatron_ext.training.layout import (
     COMMON_STATE,
@@ -180,11 +181,17 @@ def save(
     root = Path(root)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
+    failed: list[str | None] = [None]
     if torch.distributed.get_rank() == 0:
-        for stale in root.glob("iter_*.tmp"):  # left by a job killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    torch.distributed.barrier()
+        try:
+            for stale in root.glob("iter_*.tmp"):  # left by a job killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failed = [f"--save {root}: cannot write checkpoint {final.name}: {os_reason(e)}"]
+    torch.distributed.broadcast_object_list(failed, src=0)  # every rank stops, not rank 0 alone
+    if failed[0]:
+        raise CheckpointError(failed[0])
     state = checkpoint_state(model, optimizer, scheduler.state_dict(), iteration, extra)
     publish = partial(_publish, root, tmp, iteration, keep_last)
     with without_record_crc():  # the writer processes are forked inside: they inherit the setting
@@ -194,9 +201,37 @@ def save(
             request.add_finalize_fn(publish)
             async_queue.schedule_async_request(request)
             return final
-        dist_checkpointing.save(state, str(tmp))
+        try:
+            dist_checkpointing.save(state, str(tmp))
+        except (OSError, RuntimeError, CheckpointingException, CheckpointException) as e:
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"--save {root}: cannot write checkpoint {final.name}: {_write_failure(e, root)}; the half-written "
+                f"{tmp.name} is removed, the last complete checkpoint is unchanged"
+            ) from e
     publish()
     return final
+
+
+def _write_failure(error: BaseException, folder: Path) -> str:
+    """The cause of a failed save in words. A full disk often surfaces as torch's 'unexpected pos' from a short
+    write, not as ENOSPC, so the free space decides then."""
+    pending, seen = [error], []
+    while pending:
+        e = pending.pop()
+        seen.append(e)
+        if isinstance(e, OSError) and e.errno:
+            return os_reason(e)
+        if isinstance(e, CheckpointException):  # PyTorch's wrapper of each rank's failure
+            pending += [exc for exc, _ in e.failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None and c not in seen]
+    try:
+        if shutil.disk_usage(folder).free < 2**20:
+            return os.strerror(errno.ENOSPC).lower()
+    except OSError:
+        pass
+    return _first_line(error)
 
 
 def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> None:
