@@ -178,3 +178,25 @@ def test_a_save_on_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_check
         and checksums(root) == before
         and sorted(os.listdir(root)) == sorted(["iter_0000002", "latest_checkpointed_iteration.txt"])
     )
+
+
+def test_a_disk_that_fills_during_a_save_on_a_real_tmpfs(tmp_path: Path) -> None:
+    """A 700 KiB tmpfs holds the first checkpoint (~460 KB) but not the second: torch's writer fails with
+    'unexpected pos 704 vs 598'; the run says the disk is full, in one line, and keeps the first checkpoint."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(small)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        proc = pretrain(tmp_path, "--save", str(small / "ckpt"), "--save-interval", "2")
+        listing = sorted(os.listdir(small / "ckpt"))
+        tracker = (small / "ckpt" / "latest_checkpointed_iteration.txt").read_text()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: --save {small / 'ckpt'}: cannot write checkpoint iter_0000004: no space left on device; the "
+        "half-written iter_0000004.tmp is removed, the last complete checkpoint is unchanged\n"
+    ), proc.stderr[-3000:]
+    assert listing == ["config.json", "iter_0000002", "latest_checkpointed_iteration.txt", "train.log"]
+    assert tracker == "2\n"

@@ -12,6 +12,7 @@ detect a damaged checkpoint (truncated or missing files) and fall back to the ne
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import re
@@ -26,6 +27,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
@@ -201,6 +203,8 @@ def save(
             request.add_finalize_fn(publish)
             async_queue.schedule_async_request(request)
             return final
+        # The writer's "Local process N encountered an error" repeats the exception that the line below reports.
+        logging.getLogger(filesystem_async.__name__).setLevel(logging.CRITICAL)
         try:
             dist_checkpointing.save(state, str(tmp))
         except (OSError, RuntimeError, CheckpointingException, CheckpointException) as e:
