@@ -44,7 +44,6 @@ import math
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,12 +67,6 @@ def model_shape(gb: float, seq: int) -> tuple[int, int, int]:
         if layers >= 4 or hidden == 64:
             return hidden, max(1, layers), rows
     raise AssertionError("unreachable")
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _files(folder: Path) -> list[Path]:
@@ -289,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", _free_port())
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
     shutil.rmtree(a.workdir, ignore_errors=True)
     a.workdir.mkdir(parents=True)
     root, raw_file = a.workdir / "ckpt", a.workdir / "raw.bin"

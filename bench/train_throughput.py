@@ -46,7 +46,6 @@ import math
 import os
 import random
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -320,12 +319,6 @@ def _adam_kind(groups: list[dict]) -> str:
     return "fused" if all(g.get("fused") for g in groups) else "for-loop"
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def megatron_flags(a: argparse.Namespace, cache: str) -> list[str]:
     flags = [
         "--num-layers", str(a.num_layers),
@@ -517,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", _free_port())
+    os.environ.setdefault("MASTER_PORT", str(distributed.free_port()))
 
     with contextlib.ExitStack() as stack:
         cache = a.data_cache_path or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_tp_"))

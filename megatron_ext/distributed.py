@@ -379,7 +379,7 @@ def _mpi4py_available() -> bool:
     return importlib.util.find_spec("mpi4py") is not None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free right now on this host (the OS picks it); it may be taken before TCPStore binds it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -422,7 +422,7 @@ def resolve_rendezvous(info: RankInfo, env: Mapping[str, str] | None = None) -> 
             info = _from_mpi4py(info)
     if info.world_size == 1 and not env.get("MASTER_PORT", "").strip():
         # A lone process rendezvouses with itself: any free port, so that concurrent runs never collide.
-        return replace(info, master_port=_free_port())
+        return replace(info, master_port=free_port())
     if info.launcher not in MPI_LAUNCHERS or info.world_size == 1 or not _mpi4py_available():
         return info
     port_explicit = bool(env.get("MASTER_PORT", "").strip())
@@ -445,7 +445,7 @@ def resolve_rendezvous(info: RankInfo, env: Mapping[str, str] | None = None) -> 
         return info
     proposal = None
     if comm.Get_rank() == 0:
-        proposal = (info.master_port if port_explicit else _free_port(), socket.gethostname())
+        proposal = (info.master_port if port_explicit else free_port(), socket.gethostname())
     port, host = comm.bcast(proposal, root=0)
     return replace(info, master_port=port, master_addr=host if want_addr else info.master_addr)
 

@@ -6,13 +6,14 @@ from it with (resume) or without (--finetune) the moments."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from launchers import ROOT, clean_env
+
+from megatron_ext import distributed
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is in the `extras` group (scripts/setup.sh --extras)")
 import torch  # noqa: E402
@@ -27,12 +28,6 @@ MODEL = (
 RUN = "--micro-batch-size 2 --lr 1e-3 --eval-iters 0 --log-interval 1 --hidden-dropout 0 --attention-dropout 0".split()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**clean_env(), **env}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -42,7 +37,10 @@ def _run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("deepspeed")
-    _run([sys.executable, str(ROOT / "tests" / "deepspeed_checkpoint.py"), str(work)], MASTER_PORT=str(_free_port()))
+    _run(
+        [sys.executable, str(ROOT / "tests" / "deepspeed_checkpoint.py"), str(work)],
+        MASTER_PORT=str(distributed.free_port()),
+    )
     ds_universal = work / "ds_universal"
     ds_to_universal = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
     folders = ["--input_folder", str(work / "ds" / "global_step3"), "--output_folder", str(ds_universal)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +17,6 @@ from megatron_ext.distributed import LaunchError, RankInfo, discover, expand_hos
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "mpi_probe.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -324,7 +317,7 @@ def test_single_process_lifecycle(monkeypatch):
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         d.initialize_model_parallel(1, 1)
-    port = _free_port()
+    port = d.free_port()
     info = d.init_process_group("gloo", timeout_minutes=1, env={"MASTER_PORT": str(port)})
     try:
         assert info == RankInfo(0, 1, 0, 1, "127.0.0.1", port, "single")

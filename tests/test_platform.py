@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ext import platform
+from megatron_ext import distributed, platform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,10 @@ def test_every_patched_module_still_assumes_cuda() -> None:
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    env_code = "import os; os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29561', RANK='0', WORLD_SIZE='1')\n"
+    port = distributed.free_port()  # a fixed port collides with any other run on the machine
+    env_code = (
+        f"import os; os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{port}', RANK='0', WORLD_SIZE='1')\n"
+    )
     return subprocess.run(
         [sys.executable, "-c", env_code + textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, timeout=300
     )

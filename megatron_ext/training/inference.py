@@ -10,7 +10,6 @@ state). Import-light at the top, so a mistyped --load fails before megatron-core
 from __future__ import annotations
 
 import json
-import socket
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,12 +70,6 @@ def inference_config(saved: dict[str, Any], tensor_parallel_size: int = 1) -> tu
     return Config.from_dict(d), saved_tp
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_processes(backend: str, tensor_parallel_size: int) -> Any:
     """The process group: the launcher's (torchrun, mpiexec, srun), else a world of one on a free port (several
     tools may run at once). Inference splits the model only: the world must be exactly the TP size."""
@@ -92,7 +85,7 @@ def _start_processes(backend: str, tensor_parallel_size: int) -> Any:
             "LOCAL_RANK": "0",
             "LOCAL_WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(distributed.free_port()),
         }
     world = distributed.discover(env).world_size
     if world != tensor_parallel_size:
