@@ -200,3 +200,16 @@ def test_a_disk_that_fills_during_a_save_on_a_real_tmpfs(tmp_path: Path) -> None
     ), proc.stderr[-3000:]
     assert listing == ["config.json", "iter_0000002", "latest_checkpointed_iteration.txt", "train.log"]
     assert tracker == "2\n"
+
+
+def test_the_reason_no_checkpoint_loads_is_said_once(tmp_path: Path, world_of_one) -> None:
+    """The last skipped checkpoint's line was printed, then repeated inside the error."""
+    (tmp_path / "iter_0000001").mkdir()
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2\n")
+    lines: list[str] = []
+    with pytest.raises(CheckpointError) as e:
+        checkpointing.load(tmp_path, [], None, log=lines.append)
+    skipped = "checkpoint {} is unusable (incomplete: no metadata.json, common.pt); skipped"
+    assert lines == [skipped.format(tmp_path / "iter_0000002")]
+    assert str(e.value) == f"--load {tmp_path}: no usable checkpoint ({skipped.format(tmp_path / 'iter_0000001')})"

@@ -338,13 +338,13 @@ def load(
             choice = [None, [], str(e)]
     torch.distributed.broadcast_object_list(choice, src=0)  # every rank loads the same checkpoint
     path, notes, refusal = choice
-    if refusal:
-        raise CheckpointError(refusal)
+    if path is None and notes and not refusal:  # the last note is the error's reason: said once, in the error
+        refusal, notes = f"--load {root}: no usable checkpoint ({notes[-1]})", notes[:-1]
     for note in notes:
         log(note)
+    if refusal:
+        raise CheckpointError(refusal)
     if path is None:
-        if notes:
-            raise CheckpointError(f"--load {root}: no usable checkpoint ({notes[-1]})")
         return None
     if universal.is_universal(path):
         return _load_universal(Path(path), model, optimizer, log)
