@@ -213,3 +213,27 @@ def test_the_reason_no_checkpoint_loads_is_said_once(tmp_path: Path, world_of_on
     skipped = "checkpoint {} is unusable (incomplete: no metadata.json, common.pt); skipped"
     assert lines == [skipped.format(tmp_path / "iter_0000002")]
     assert str(e.value) == f"--load {tmp_path}: no usable checkpoint ({skipped.format(tmp_path / 'iter_0000001')})"
+
+
+# ---- data and checkpoints of another tokenizer ----------------------------------------------------------------
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_data_file(tmp_path: Path) -> None:
+    """A dataset made with another tokenizer was an IndexError traceback from F.embedding."""
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "web" / "other_tokenizer"
+    prefix.parent.mkdir()
+    with IndexedDatasetWriter(prefix, vocab_size=70_000) as writer:
+        for d in range(40):
+            writer.add_document([(d * 7 + k) % 250 for k in range(30)] + [60_000 + d])
+    before = checksums(prefix.parent)
+    proc = pretrain(tmp_path, "--data-path", str(prefix), "--split", "100,0,0", "--save", str(tmp_path / "ckpt"))
+    assert (proc.returncode, proc.stderr.count("\n")) == (1, 1), proc.stderr[-3000:]
+    assert re.fullmatch(
+        rf"error: data file {prefix} \(corpus web\): token id 600\d\d is beyond the tokenizer's vocabulary of 258 "
+        r"\(--tokenizer-type and --tokenizer-model\): the data was made with another tokenizer; preprocess it "
+        r"with this one\n",
+        proc.stderr,
+    ), proc.stderr
+    assert checksums(prefix.parent) == before and not (tmp_path / "ckpt" / "iter_0000001").exists()

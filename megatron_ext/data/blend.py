@@ -620,10 +620,13 @@ class CorpusBlend(torch.utils.data.Dataset):
         """The seq_length + 1 tokens of global sample i, packed across document boundaries."""
         return self.sample_documents(i)[0]
 
-    def sample_documents(self, i: int) -> tuple[np.ndarray, list[int], int]:
+    def sample_documents(
+        self, i: int, sources: list[tuple[str, np.ndarray]] | None = None
+    ) -> tuple[np.ndarray, list[int], int]:
         """The seq_length + 1 tokens of global sample i, the offsets in them where a document (an .idx sequence)
         begins after the first (empty documents have none), and the padding at the end (best-fit packing: whole
-        documents, the rest `eod`s, the padding one more document)."""
+        documents, the rest `eod`s, the padding one more document). `sources` gets (file prefix, tokens) of each
+        piece read."""
         i = self._check(i)
         c, k = int(self._cid[i]), int(self._draw[i])
         prefixes, seq_start, doc_start = self._files[c]
@@ -655,6 +658,8 @@ class CorpusBlend(torch.utils.data.Dataset):
                 if parts:
                     starts.append(length)
                 parts.append(ds.get(seq, offset, take))
+                if sources is not None:
+                    sources.append((prefixes[f], parts[-1]))
                 need -= take
                 length += take
             offset = 0
@@ -662,6 +667,13 @@ class CorpusBlend(torch.utils.data.Dataset):
             starts.append(length)
             parts.append(np.full(need, self.eod))
         return np.concatenate(parts).astype(np.int64), starts, need
+
+    def token_source(self, i: int, vocab_size: int) -> tuple[str, int]:
+        """Where global sample i holds a token id >= vocab_size: ('data file PREFIX (corpus C)', the id)."""
+        sources: list[tuple[str, np.ndarray]] = []
+        self.sample_documents(i, sources)
+        prefix, tokens = next((p, t) for p, t in sources if len(t) and int(t.max()) >= vocab_size)
+        return f"data file {prefix} (corpus {self.corpus_of(i)})", int(tokens.max())
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         text, starts, padding = self.sample_documents(i)

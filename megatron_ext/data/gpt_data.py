@@ -95,6 +95,7 @@ class MicroBatches:
     dp_rank: int
     dp_size: int
     consumed_samples: int = 0
+    vocab_size: int | None = None  # token ids must be below it: data made with another tokenizer is refused
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -102,9 +103,27 @@ class MicroBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         n = len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; blends have one
-        samples = [self.dataset[(start + i) % n] for i in range(self.micro_batch_size)]
+        indices = [(start + i) % n for i in range(self.micro_batch_size)]
+        batch = collate([self.dataset[i] for i in indices])
+        if self.vocab_size is not None:
+            self._check_vocabulary(batch, indices, self.vocab_size)
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return collate(samples)
+        return batch
+
+    def _check_vocabulary(self, batch: dict[str, torch.Tensor], indices: list[int], vocab_size: int) -> None:
+        """One max per micro-batch; past the vocabulary, names the data file (F.embedding's IndexError did not)."""
+        if max(int(batch["tokens"].max()), int(batch["labels"].max())) < vocab_size:
+            return
+        row = int(torch.maximum(batch["tokens"], batch["labels"]).max(dim=1).values.ge(vocab_size).nonzero()[0])
+        source, top = (
+            self.dataset.token_source(indices[row], vocab_size)
+            if isinstance(self.dataset, CorpusBlend)
+            else (f"sample {indices[row]}", int(batch["tokens"][row].max()))
+        )
+        raise ConfigError(
+            f"{source}: token id {top} is beyond the tokenizer's vocabulary of {vocab_size} (--tokenizer-type "
+            "and --tokenizer-model): the data was made with another tokenizer; preprocess it with this one"
+        )
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -513,7 +513,8 @@ class GPTRecipe(Recipe):
 
     def _micro_batches(self, dataset: torch.utils.data.Dataset, position: int = 0) -> MicroBatches:
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        return MicroBatches(dataset, self.cfg.training.micro_batch_size, dp_rank, dp_size, position)
+        mbs = self.cfg.training.micro_batch_size
+        return MicroBatches(dataset, mbs, dp_rank, dp_size, position, self.tokenizer.vocab_size)
 
     def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
         return self._micro_batches(self.train_data.blend, self.train_data.position(consumed_samples))
