@@ -558,6 +558,12 @@ class CheckpointConfig:
     finetune: bool = opt(
         False, "Load only the weights from --load: iteration, optimizer, schedule and data position start afresh."
     )
+    resize_vocabulary: bool = opt(
+        False,
+        "With --finetune: start from --load's weights under a tokenizer of another vocabulary size (the embedding "
+        "and output rows of token ids both know are kept, new rows initialised as the model's init does). "
+        "Without it, a --load saved with another vocabulary size is refused.",
+    )
     no_load_optim: bool = opt(False, "Do not load the optimizer state (moments) from --load.")
     no_load_rng: bool = opt(False, "Do not load the random-number-generator states from --load.")
     universal_checkpoint: bool = opt(
@@ -579,6 +585,11 @@ class CheckpointConfig:
             "--keep-last-checkpoints must be >= 1 (the newest complete checkpoint is never deleted)",
         )
         _check(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
+        _check(
+            self.finetune or not self.resize_vocabulary,
+            "--resize-vocabulary needs --finetune: a resumed run keeps its vocabulary (its optimizer state has its "
+            "shape)",
+        )
 
 
 @dataclass

@@ -237,3 +237,55 @@ def test_token_ids_beyond_the_vocabulary_name_the_data_file(tmp_path: Path) -> N
         proc.stderr,
     ), proc.stderr
     assert checksums(prefix.parent) == before and not (tmp_path / "ckpt" / "iter_0000001").exists()
+
+
+@pytest.fixture(scope="module")
+def bpe_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer of 300 tokens: padded to the byte tokenizer's 384 rows, so its checkpoints loaded silently."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(200)], trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tok.save(str(path))
+    assert tok.get_vocab_size() == 300
+    return path
+
+
+def _embedding(checkpoint: Path) -> torch.Tensor:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, out)
+    return torch.load(out, weights_only=False)["embedding.word_embeddings.weight"]
+
+
+def test_a_checkpoint_of_another_vocabulary_is_refused_or_resized(saved: Path, bpe_300: Path) -> None:
+    """A resume under a tokenizer of another vocabulary went on silently."""
+    tokenizer = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(bpe_300)]
+    before = checksums(saved / "ckpt")
+    proc = pretrain(saved, "--load", str(saved / "ckpt"), "--save", str(saved / "ckpt"), *tokenizer)
+    assert (proc.returncode, proc.stderr.count("\n")) == (2, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr == (
+        f"error: --load {saved / 'ckpt' / 'iter_0000004'} was saved with a vocabulary of 258 tokens (--tokenizer-type "
+        f"ByteTokenizer), this run's tokenizer (--tokenizer-type HuggingFaceTokenizer --tokenizer-model {bpe_300}) "
+        "has 300: use the checkpoint's tokenizer, or --finetune --resize-vocabulary to start from its weights with "
+        "the embedding resized\n"
+    )
+    assert checksums(saved / "ckpt") == before
+
+    tuned = saved / "tuned"  # the first 258 rows are the checkpoint's (a step of lr 1e-30 moves none), 42 new ones
+    proc = pretrain(saved, "--load", str(saved / "ckpt"), "--finetune", "--resize-vocabulary", "--save", str(tuned),
+                    "--train-iters", "1", "--lr", "1e-30", *tokenizer)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old, new = _embedding(saved / "ckpt" / "iter_0000004"), _embedding(tuned / "iter_0000001")
+    assert old.shape == new.shape == (384, 32)
+    assert torch.equal(new[:258], old[:258]) and not torch.equal(new[258:300], old[258:300])
+    assert 0.01 < float(new[258:300].std()) < 0.03  # --init-method-std 0.02, as the model's init

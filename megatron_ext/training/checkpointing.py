@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel
@@ -34,6 +35,7 @@ from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.cli import UserError, os_reason
+from megatron_ext.data.tokenizers import padded_vocab_size
 from megatron_ext.training import universal
 from megatron_ext.training.layout import (
     COMMON_STATE,
@@ -52,6 +54,15 @@ from megatron_ext.training.universal import ConvertError
 
 class CheckpointError(UserError, RuntimeError):
     """No checkpoint can be resumed from; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The run's tokenizer, which a checkpoint's embedding rows must belong to."""
+
+    size: int  # the tokenizer's own, before padding
+    tokenizer: str  # its flags, for messages
+    resize: bool = False  # --finetune --resize-vocabulary: keep the rows both know, the others as initialised
 
 
 # Gathered over data-parallel ranks through the gloo groups (megatron-core's NCCL variant needs CUDA).
@@ -326,10 +337,12 @@ def load(
     load_rng: bool = True,
     log: Callable[[str], None] = print,
     iteration: int | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> dict[str, Any] | None:
     """Restores model, optimizer (unless None) and RNG from the newest good checkpoint (or `iteration`), or from
     a universal checkpoint folder; returns its other entries (the schedule under "scheduler": whether it is
-    followed is the caller's decision)."""
+    followed is the caller's decision). A checkpoint of another vocabulary size than `vocabulary` is refused
+    unless it asks to resize."""
     choice: list[Any] = [None, [], None]
     if torch.distributed.get_rank() == 0:
         try:
@@ -350,6 +363,7 @@ def load(
         return _load_universal(Path(path), model, optimizer, log)
     state = _sharded_state(model, optimizer, is_loading=True)
     common = dist_checkpointing.load_common_state_dict(str(path))
+    resized = _vocabulary_rows(path, common, vocabulary, state)
     same_layout = common.get("parallel_layout") == _layout() and common.get("rng_state_saved", True)
     if load_rng and same_layout:  # RNG streams only mean something in the tensor/pipeline layout they were saved in
         state["rng_state"] = _rng_state()
@@ -361,6 +375,11 @@ def load(
                 e = next((exc for exc, _ in e.failures.values()), e)
             hint = "; without its optimizer state: --no-load-optim" if optimizer is not None else ""
             raise CheckpointError(f"--load {path}: {_first_line(e)} (another model or layout{hint})") from e
+        for model_key, name, shard, start, rows in resized:
+            known = slice(start, max(start, min(rows, start + len(shard))))
+            local = shard.clone()  # rows past `rows` keep their initial values
+            local[: known.stop - known.start] = loaded[model_key][name][known]
+            loaded[model_key][name] = local
         for i, chunk in enumerate(model):
             chunk.module.load_state_dict(loaded[_model_key(i, len(model))])
         if optimizer is not None:
@@ -372,6 +391,36 @@ def load(
     if "train_state" not in rest:
         rest.update(_megatron_lm_state(rest, log))
     return {"path": str(path), **rest}
+
+
+def _vocabulary_rows(
+    path: str | Path, common: dict[str, Any], vocabulary: Vocabulary | None, state: dict[str, Any]
+) -> list[tuple[str, str, torch.Tensor, int, int]]:
+    """Refuses a checkpoint of another vocabulary size, or (resizing) makes `state` read its whole embedding and
+    output tensors: returns, for each, where it is in `state`, our shard (a freshly initialised parameter), the
+    shard's first row and the rows both vocabularies know."""
+    saved = common.get("vocab_size")
+    if vocabulary is None or saved is None or saved == vocabulary.size:
+        return []
+    data = (common.get("config") or {}).get("data", {})
+    recorded = " ".join(f"--{k.replace('_', '-')} {data[k]}" for k in ("tokenizer_type", "tokenizer_model")
+                        if data.get(k))  # fmt: skip
+    if not vocabulary.resize:
+        raise CheckpointError(
+            f"--load {path} was saved with a vocabulary of {saved} tokens ({recorded or 'tokenizer not recorded'}), "
+            f"this run's tokenizer ({vocabulary.tokenizer}) has {vocabulary.size}: use the checkpoint's tokenizer, "
+            "or --finetune --resize-vocabulary to start from its weights with the embedding resized"
+        )
+    divisible = (common.get("config") or {}).get("model", {}).get("make_vocab_size_divisible_by", 128)
+    rows = padded_vocab_size(saved, divisible, common.get("parallel_layout", [1, 1])[1])
+    resized = []
+    for model_key in [k for k in state if k.startswith("model")]:
+        for name, sh in list(state[model_key].items()):
+            if isinstance(sh, ShardedTensor) and sh.key in universal.VOCAB_KEYS:
+                whole = torch.empty((rows, *sh.global_shape[1:]), dtype=sh.data.dtype)
+                state[model_key][name] = ShardedTensor.from_rank_offsets(sh.key, whole, replica_id=sh.replica_id)
+                resized.append((model_key, name, sh.data, sh.global_offset[0], min(saved, vocabulary.size)))
+    return resized
 
 
 def _first_line(e: BaseException) -> str:

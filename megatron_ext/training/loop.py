@@ -412,9 +412,14 @@ def _resume(
     if not ck.load:
         return TrainState(), None
     fresh_optimizer = ck.finetune or ck.no_load_optim
+    d = cfg.data
+    tokenizer = f"--tokenizer-type {d.tokenizer_type}" + (
+        f" --tokenizer-model {d.tokenizer_model}" if d.tokenizer_model else ""
+    )
+    vocabulary = checkpointing.Vocabulary(recipe.tokenizer.vocab_size, tokenizer, ck.resize_vocabulary)
     extra = checkpointing.load(
         ck.load, model, None if fresh_optimizer else optimizer, load_rng=not (ck.finetune or ck.no_load_rng),
-        log=log, iteration=ck.ckpt_step,
+        log=log, iteration=ck.ckpt_step, vocabulary=vocabulary,
     )  # fmt: skip
     if extra is None:
         if ck.finetune:
