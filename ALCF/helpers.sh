@@ -108,10 +108,21 @@ alcf_usage() {
 ALCF_CHILD=""
 
 # Passes a caught signal on to the launcher as the signal its ranks take for "save a checkpoint and exit"
-# (SIGUSR1 through mpiexec/mpirun/srun, which forward it; SIGTERM to torchrun/python).
+# (SIGUSR1 through mpiexec/mpirun/srun, which forward it; SIGTERM to python). torchrun turns a SIGTERM of its own
+# into a SignalException (a traceback, exit 1, the ranks killed 30 s later): its ranks, its children, get the
+# signal instead, and torchrun exits with their status once they have saved.
 alcf_forward() {
-  local sig="$1"
-  if [[ -n "${ALCF_CHILD}" ]] && kill -0 "${ALCF_CHILD}" 2>/dev/null; then
+  local sig="$1" ranks=()
+  if [[ -z "${ALCF_CHILD}" ]] || ! kill -0 "${ALCF_CHILD}" 2>/dev/null; then
+    return 0
+  fi
+  if [[ "${LAUNCH_CMD[0]##*/}" == torchrun || "${LAUNCH_CMD[*]:1:2}" == "-m torch.distributed.run" ]]; then
+    mapfile -t ranks < <(ps -o pid= --ppid "${ALCF_CHILD}" 2>/dev/null | tr -d ' ')
+  fi
+  if ((${#ranks[@]})); then
+    echo "train_alcf.sh: caught SIG${sig}; sending SIG${LAUNCH_SIGNAL} to the ranks (pids ${ranks[*]}): the run saves a checkpoint and exits"
+    kill -s "${LAUNCH_SIGNAL}" "${ranks[@]}" 2>/dev/null || true
+  else
     echo "train_alcf.sh: caught SIG${sig}; sending SIG${LAUNCH_SIGNAL} to the launcher (pid ${ALCF_CHILD}): the run saves a checkpoint and exits"
     kill -s "${LAUNCH_SIGNAL}" "${ALCF_CHILD}" 2>/dev/null || true
   fi

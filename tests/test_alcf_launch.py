@@ -385,3 +385,30 @@ def test_resume_through_a_universal_checkpoint_at_another_layout(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "loaded universal checkpoint" in proc.stdout and sorted(_losses(proc.stdout)) == [51, 52, 53]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "53"
+
+
+def test_sigterm_to_train_alcf_sh_alone_under_torchrun_saves_and_exits_0(
+    default_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    """A SIGTERM to the script's process alone (not its group), as a batch system may send: torchrun got it and
+    ended in its SignalException traceback with status 1 (after the ranks had saved)."""
+    default, first = default_run
+    assert first.returncode == 0
+    env = _env(tmp_path, SAVE="ckpt", NGPU_PER_HOST="2", TRAIN_ITERS="1000", RUN_DIR="run", LAUNCH_WITH="torchrun",
+               DATA_CACHE_PATH=str(default / "data_cache"))  # fmt: skip
+    proc = subprocess.Popen(["bash", str(TRAIN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)  # fmt: skip
+    log, deadline = tmp_path / "run" / "output.log", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and re.search(r"^iter 2/", log.read_text(), re.M):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    tail = out[-3000:] + err[-3000:]
+    assert proc.returncode == 0 and out.splitlines()[-1] == "train_alcf.sh: launcher exited with status 0", tail
+    assert "Traceback" not in out + err and "SignalException" not in out + err, tail
+    assert "caught SIGTERM; sending SIGTERM to the ranks (pids " in out, tail
+    stopped = int(re.search(r"exiting at iteration (\d+)", out).group(1))  # type: ignore[union-attr]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
+    assert (tmp_path / "ckpt" / f"iter_{stopped:07d}" / "metadata.json").is_file()
