@@ -42,8 +42,9 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
 print(f"{sys.argv[1]}: {len(sizes)} documents, {sum(sizes) / 1e6:.1f} MB")
 EOF
 
-step "2/5 tokenizer: SentencePiece BPE, $vocab pieces, byte fallback"
-"$py" tools/train_tokenizer.py --input "$corpus" --output-prefix "${tok%.model}" --vocab-size "$vocab"
+step "2/5 tokenizer: SentencePiece BPE, $vocab pieces, byte fallback, newline and indentation as pieces"
+"$py" tools/train_tokenizer.py --input "$corpus" --output-prefix "${tok%.model}" --vocab-size "$vocab" \
+  --code-layout
 
 step "3/5 preprocess: tokenize into Megatron .bin/.idx"
 "$py" tools/preprocess_data.py --input "$corpus" --output-prefix "$data" --tokenizer-type SentencePieceTokenizer \

@@ -39,3 +39,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     proc = _run("--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "sp"), "--vocab-size", "50")
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'bad.jsonl'}:2: no key 'text'"
     assert not list(tmp_path.glob("sp.*"))
+
+
+def test_code_layout_tokenises_a_line_alike_anywhere(tmp_path: Path) -> None:
+    """--code-layout: a document's tokens are its lines' tokens joined (newline and indentation are pieces, no
+    leading space added), so a continuation decoded on its own keeps its indent; without it, a line at the start
+    of a text gets SentencePiece's leading space and tokenises otherwise."""
+    docs = [text for _, text in iter_documents(stdlib_files()[:20])]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    lines = ["class Stack:\n", "    def push(self, item):\n", "        self.items.append(item)  # ünïcode\n", "\n"]
+    for flags, joined in ((["--code-layout"], True), ([], False)):
+        prefix = tmp_path / ("code" if flags else "plain")
+        proc = _run("--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(prefix), "--vocab-size", "500", *flags)
+        assert proc.returncode == 0, proc.stderr
+        tok = build_tokenizer("SentencePieceTokenizer", f"{prefix}.model")
+        whole, per_line = tok.tokenize("".join(lines)), [tok.tokenize(line) for line in lines]
+        assert (whole == sum(per_line, [])) is joined
+        continuation = tok.detokenize(whole[len(per_line[0]) :])  # as generate.py decodes what follows a prompt
+        assert (continuation == "".join(lines[1:])) is joined
+        assert tok.detokenize(whole) == "".join(lines)

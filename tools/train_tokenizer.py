@@ -6,6 +6,10 @@ Documents are fed line by line (SentencePiece drops "sentences" longer than --ma
 whole document usually is). The model gets an end-of-document piece (eos) that preprocessing appends with
 --append-eod, and byte fallback so no text is ever unknown. Output appears atomically: PREFIX.model and
 PREFIX.vocab are written under temporary names and renamed when training succeeded.
+
+--code-layout is for source code: the newline and runs of 4, 8, 12 and 16 spaces are pieces of their own, and no
+space is put before the text (SentencePiece's dummy prefix), so a line starts with the same pieces whether it is
+a training line or follows a newline inside a document, and a continuation decoded on its own keeps its indent.
 """
 
 from __future__ import annotations
@@ -79,8 +83,14 @@ def train(args: argparse.Namespace) -> dict[str, object]:
     return {"model": f"{out}.model", "vocab_size": args.vocab_size, "seconds": round(time.perf_counter() - start, 2)}
 
 
+CODE_LAYOUT_PIECES = ["\n", *(" " * n for n in (16, 12, 8, 4))]  # the newline, indentation's levels
+
+
 def _train_sentencepiece(spm: ModuleType, lines: Iterator[str], prefix: str, args: argparse.Namespace) -> None:
     """Lossless settings: no normalisation or whitespace folding (code keeps its indentation), byte fallback."""
+    layout: dict[str, object] = {}
+    if args.code_layout:
+        layout = {"add_dummy_prefix": False, "user_defined_symbols": CODE_LAYOUT_PIECES}
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines,
         model_prefix=prefix,
@@ -101,6 +111,7 @@ def _train_sentencepiece(spm: ModuleType, lines: Iterator[str], prefix: str, arg
         shuffle_input_sentence=True,
         num_threads=args.threads,
         minloglevel=2,
+        **layout,
     )
 
 
@@ -117,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines are skipped (bytes)")
+    p.add_argument(
+        "--code-layout",
+        action="store_true",
+        help="newline and indentation (4-16 spaces) as pieces, no leading space added to the text (for code)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     return p
 
