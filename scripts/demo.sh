@@ -55,14 +55,14 @@ step "3/5 preprocess: tokenize into Megatron .bin/.idx"
 flags=(--swiglu --normalization RMSNorm --position-embedding-type rope --untie-embeddings-and-output-weights
   --disable-bias-linear --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 352
   --seq-length 256 --hidden-dropout 0 --attention-dropout 0
-  --micro-batch-size 32 --train-iters 300 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30
+  --micro-batch-size 32 --train-iters 400 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 30
   --weight-decay 0.1 --adam-beta2 0.95 --adam-eps 1e-5 --clip-grad 1.0 --seed 1234
   --data-path "${data}_text_document" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$tok"
   --data-cache-path "$run/cache" --log-interval 10 --eval-interval 50 --eval-iters 4
   --tensorboard-dir "$run/tensorboard" --run-dir "$run" --save "$run/checkpoints" --save-interval 1000 "$@")
 printf '#!/usr/bin/env bash\n# The demo'"'"'s training command (scripts/demo.sh); arguments are appended.\n' >"$run/pretrain.sh"
 printf 'cd %q\nexec %q pretrain_gpt.py %s "$@"\n' "$root" "$py" "$(printf '%q ' "${flags[@]}")" >>"$run/pretrain.sh"
-step "4/5 train: a Llama-style GPT (4 layers, hidden 128), 300 steps of 32 x 256 tokens ($run/pretrain.sh)"
+step "4/5 train: a Llama-style GPT (4 layers, hidden 128), 400 steps of 32 x 256 tokens ($run/pretrain.sh)"
 bash "$run/pretrain.sh"
 
 step "5/5 results"
@@ -78,7 +78,7 @@ cat <<EOF
 bash $run/pretrain.sh --load $run/checkpoints --train-iters 3000 --override-opt_param-scheduler
     # resume to 3000 steps (the cosine is stretched to the new length: the LR goes back up first)
 NLAYERS=4 HIDDEN=128 HEADS=4 NUM_KV_HEAD=4 FFN_HIDDEN_SIZE=352 SEQ=256 NGPU_PER_HOST=2 MICRO_BATCH=16 LR=3e-3 \\
-  MIN_LR=3e-4 TRAIN_ITERS=300 TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=$tok DATA_CACHE_PATH=$run/cache \\
+  MIN_LR=3e-4 TRAIN_ITERS=400 TOKENIZER_TYPE=SentencePieceTokenizer TOKENIZER_MODEL=$tok DATA_CACHE_PATH=$run/cache \\
   EVAL_INTERVAL=50 EVAL_ITERS=4 LOG_INTERVAL=10 SAVE=$run/alcf/checkpoints RUN_DIR=$run/alcf \\
   bash train_alcf.sh --data-path ${data}_text_document --lr-warmup-iters 30${*:+ $(printf '%q ' "$@")}
     # the same run through train_alcf.sh: 2 ranks (torchrun here, mpiexec/srun in a job) x micro-batch 16
