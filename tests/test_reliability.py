@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -289,3 +290,78 @@ def test_a_checkpoint_of_another_vocabulary_is_refused_or_resized(saved: Path, b
     assert old.shape == new.shape == (384, 32)
     assert torch.equal(new[:258], old[:258]) and not torch.equal(new[258:300], old[258:300])
     assert 0.01 < float(new[258:300].std()) < 0.03  # --init-method-std 0.02, as the model's init
+
+
+# ---- kill -9 during a save --------------------------------------------------------------------------------------
+
+PAUSED_SAVE = """
+import os, sys, time
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+def paused(*args, **kwargs):  # the writer process, forked by the save: say so, then wait to be killed
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(300)
+
+FileSystemWriterAsync.write_preloaded_data = staticmethod(paused)
+from megatron_ext.training import loop
+sys.exit(loop.main(sys.argv[2:]))
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid`, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_checkpoint_writer_dies_with_its_killed_rank(tmp_path: Path) -> None:
+    """1 of 5 kill -9s during a save left megatron-core's writer process alive with parent 1. Deterministic: the
+    writer pauses (a patched write), the rank is killed, the writer must be gone."""
+    marker = tmp_path / "writer.pid"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-c", PAUSED_SAVE, str(marker), *TINY, "--data-cache-path", str(tmp_path / "cache"),
+            "--save", str(tmp_path / "ckpt")]  # fmt: skip
+    rank = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    writer, children = 0, set()
+    try:
+        for _ in range(1200):
+            if marker.is_file() or rank.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.is_file(), rank.stderr.read().decode()[-3000:] if rank.stderr else ""
+        writer = int(marker.read_text())
+        children = _descendants(rank.pid)
+        assert writer in children and _alive(writer)  # and megatron-core's results-queue manager, a spawned process
+        rank.kill()
+        rank.wait()
+        for _ in range(100):  # the kernel kills them at once; allow for a loaded machine
+            if not any(map(_alive, children)):
+                break
+            time.sleep(0.1)
+        assert [pid for pid in children if _alive(pid)] == []
+        assert not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+    finally:
+        rank.kill()
+        for pid in children if writer else []:
+            if _alive(pid):
+                os.kill(pid, 9)

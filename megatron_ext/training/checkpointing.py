@@ -11,15 +11,21 @@ detect a damaged checkpoint (truncated or missing files) and fall back to the ne
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import logging
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +213,7 @@ def save(
         raise CheckpointError(failed[0])
     state = checkpoint_state(model, optimizer, scheduler.state_dict(), iteration, extra)
     publish = partial(_publish, root, tmp, iteration, keep_last)
+    children_die_with_their_parent()
     with without_record_crc():  # the writer processes are forked inside: they inherit the setting
         if async_queue is not None:
             request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
@@ -227,6 +234,34 @@ def save(
             ) from e
     publish()
     return final
+
+
+def _die_with(parent: int) -> None:
+    """In a child of `parent`: killed when it dies (Linux's PR_SET_PDEATHSIG), at once if it already has."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (linux/prctl.h)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+@functools.cache
+def children_die_with_their_parent() -> SyncManager | None:
+    """From now on, the processes a save starts die with this one: after a kill -9 of a rank during a save, a writer
+    (forked inside dist_checkpointing.save) stayed alive with parent 1, holding the memory of the tensors it was
+    writing, and so did megatron-core's results-queue manager (a spawned process). Every fork of this process (and
+    of its forks) takes PR_SET_PDEATHSIG; the manager is started here with it, as megatron-core would start it, and
+    handed to megatron-core. Returns the manager (kept alive by the cache)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    forking = [0]
+
+    def remember_parent() -> None:
+        forking[0] = os.getpid()
+
+    os.register_at_fork(before=remember_parent, after_in_child=lambda: _die_with(forking[0]))
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))  # megatron-core's _get_write_results_queue
+    manager.start(_die_with, (os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+    return manager
 
 
 def _write_failure(error: BaseException, folder: Path) -> str:
