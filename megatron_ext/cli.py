@@ -63,6 +63,12 @@ def report(error: UserError | OSError) -> int:
     return 2
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (megatron-core's checkpoint errors run to many lines)."""
+    lines = [s.strip() for s in str(error).splitlines() if s.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def os_reason(error: OSError) -> str:
     """An OSError's cause in words, without its file name: 'no space left on device', 'read-only file system'."""
     text = error.strerror or (os.strerror(error.errno) if error.errno else str(error))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.cli import OneLineParser, UserError, first_line
 from megatron_ext.config import PRECISIONS
 
 DTYPE_CHOICES = list(PRECISIONS.values())
@@ -226,11 +226,6 @@ def _user_error(e: Exception) -> bool:
     return isinstance(e, known)
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse and dispatch to the subcommand's function; user mistakes end in one line and exit status 2."""
     parser = build_parser()
@@ -246,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _user_error(e):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     return 0
 

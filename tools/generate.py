@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_ext.cli import OneLineParser, UserError, report
+from megatron_ext.cli import OneLineParser, UserError, first_line, report
 from megatron_ext.training.inference import find_checkpoint, load_model
 
 if TYPE_CHECKING:
@@ -158,11 +158,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise GenerateError(f"--top-p {args.top_p} must be in (0, 1]")
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse, load, sample, print; user mistakes end in one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
@@ -185,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model, tokenizer, device, cfg, common = load_model(ckpt, args.device, args.tokenizer_model, args.seed)
         except (UserError, CheckpointingException, ValueError, OSError) as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
+            print(f"error: {first_line(e)}", file=sys.stderr)
             return 2
         iteration = common.get("iteration", "?")
         print(f"loaded {ckpt} (iteration {iteration})", file=sys.stderr)
