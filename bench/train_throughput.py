@@ -268,7 +268,7 @@ def _decay_group_values(tr: Trainer) -> tuple[float, float]:
 def build_plain(cfg: Config, tr: Trainer, fused_adam: bool = False) -> PlainTrainer:
     """The plain model, optimizer and data, configured as our run is (hyper-parameters read from our optimizer);
     `fused_adam`: torch's fused AdamW instead of its default."""
-    model = PlainGPT(Shape.from_config(cfg.model, tr.padded_vocab_size))
+    model = PlainGPT(Shape.from_config(cfg.model, tr.recipe.vocab_size))
     copy_weights(tr.model[0].module, model)  # type: ignore[arg-type]
     group = tr.optimizer.param_groups[0]
     lr, weight_decay = _decay_group_values(tr)
@@ -525,7 +525,7 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused
     m, t = cfg.model, cfg.training
     ours_params = sum(p.numel() for p in tr.model[0].module.parameters())  # type: ignore[union-attr]
     plain_params = sum(p.numel() for p in pt.model.parameters())
-    formula = num_parameters(cfg, tr.padded_vocab_size)
+    formula = num_parameters(cfg, tr.recipe.vocab_size)
     group = tr.optimizer.param_groups[0]
     lr, wd = _decay_group_values(tr)
     flavour = "llama (RMSNorm, SwiGLU, RoPE, GQA, untied, no bias)"
@@ -537,7 +537,7 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused
         f"  layers {m.num_layers}, hidden {m.hidden_size}, heads {m.num_attention_heads}"
         f"{f', kv groups {m.num_query_groups}' if m.group_query_attention else ''}, head dim "
         f"{m.kv_channels or m.hidden_size // m.num_attention_heads}, ffn {m.ffn_hidden_size}, vocab "
-        f"{tr.padded_vocab_size}, seq {m.seq_length}, dropout {m.hidden_dropout}/{m.attention_dropout}"
+        f"{tr.recipe.vocab_size}, seq {m.seq_length}, dropout {m.hidden_dropout}/{m.attention_dropout}"
     )
     print(
         f"  micro batch {t.micro_batch_size} x {t.global_batch_size // t.micro_batch_size} accumulation = global "

@@ -84,10 +84,6 @@ class Trainer:
     started: float = field(default_factory=time.monotonic)
     async_saves: AsyncCallsQueue | None = None  # --async-save on GPU: checkpoints being written in the background
 
-    @property
-    def padded_vocab_size(self) -> int:
-        return self.recipe.vocab_size
-
 
 def _is_loss_rank() -> bool:
     """Ranks whose loss values enter the global sums: last pipeline stage, first tensor-parallel rank."""
