@@ -138,18 +138,26 @@ def _extension_hint(prefix: str) -> str:
     return "; drop the extension, list the prefix" if prefix.endswith((".idx", ".bin")) else ""
 
 
-def _check_files(entry: DataEntry, check_sizes: bool) -> tuple[str | None, int]:
-    """The problem with one entry's files (or None) and its token count (0 when not read)."""
+def missing_file(entry: DataEntry) -> str | None:
+    """The problem when the entry's ``.idx`` or ``.bin`` is not on this machine, else None."""
     idx, bin_ = entry.prefix + ".idx", entry.prefix + ".bin"
     if not os.path.isfile(idx):
         hint = _extension_hint(entry.prefix)
-        return f"{entry.source}: {idx} not found; expected a .bin/.idx pair at this prefix{hint}", 0
-    try:
-        bin_size = os.stat(bin_).st_size
-    except OSError:
-        return f"{entry.source}: {bin_} not found; expected a .bin next to {os.path.basename(idx)}", 0
+        return f"{entry.source}: {idx} not found; expected a .bin/.idx pair at this prefix{hint}"
+    if not os.path.exists(bin_):
+        return f"{entry.source}: {bin_} not found; expected a .bin next to {os.path.basename(idx)}"
+    return None
+
+
+def _check_files(entry: DataEntry, check_sizes: bool, missing_ok: bool = False) -> tuple[str | None, int]:
+    """The problem with one entry's files (or None) and its token count (0 when not read)."""
+    missing = missing_file(entry)
+    if missing is not None:
+        return None if missing_ok else missing, 0
     if not check_sizes:
         return None, 0
+    idx, bin_ = entry.prefix + ".idx", entry.prefix + ".bin"
+    bin_size = os.stat(bin_).st_size
     try:
         info = read_index(idx)
     except (OSError, ValueError) as e:
@@ -176,13 +184,14 @@ def _map_files(fn: Callable[[DataEntry], _T], entries: Sequence[DataEntry]) -> l
         return list(pool.map(fn, entries, chunksize=32))
 
 
-def find_problems(entries: Sequence[DataEntry], check_sizes: bool = True) -> list[str]:
-    """Every problem in a mixture, one line each, in list order (for tools that want to show them all)."""
+def find_problems(entries: Sequence[DataEntry], check_sizes: bool = True, missing_ok: bool = False) -> list[str]:
+    """Every problem in a mixture, one line each, in list order (for tools that want to show them all).
+    ``missing_ok``: datasets whose files are not on this machine are no problem (lists written before staging)."""
     if not entries:
         return ["no datasets given; expected at least one 'weight prefix [corpus]' line"]
     problems = []
     seen: dict[str, str] = {}
-    file_checks = _map_files(lambda e: _check_files(e, check_sizes)[0], entries)
+    file_checks = _map_files(lambda e: _check_files(e, check_sizes, missing_ok)[0], entries)
     for entry, file_problem in zip(entries, file_checks):
         w = entry.weight
         if not math.isfinite(w):
@@ -205,16 +214,21 @@ def find_problems(entries: Sequence[DataEntry], check_sizes: bool = True) -> lis
     return problems
 
 
-def validate(entries: Sequence[DataEntry], check_sizes: bool = True) -> None:
+def validate(entries: Sequence[DataEntry], check_sizes: bool = True, missing_ok: bool = False) -> None:
     """Raise :class:`DataListError` for the first problem (its one line, plus how many more there are).
 
-    Checks weights (finite, >= 0, not all zero), duplicate prefixes, that each ``.idx``/``.bin`` exists and, with
-    ``check_sizes``, that each ``.bin`` has exactly the size its ``.idx`` implies.
+    Checks weights (finite, >= 0, not all zero), duplicate prefixes, that each ``.idx``/``.bin`` exists (unless
+    ``missing_ok``) and, with ``check_sizes``, that each ``.bin`` has exactly the size its ``.idx`` implies.
     """
-    problems = find_problems(entries, check_sizes)
+    problems = find_problems(entries, check_sizes, missing_ok)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DataListError(problems[0] + more)
+
+
+def missing_files(entries: Sequence[DataEntry]) -> list[str]:
+    """The :func:`missing_file` line of each dataset not on this machine, in list order."""
+    return [m for m in _map_files(missing_file, entries) if m is not None]
 
 
 def token_counts(entries: Sequence[DataEntry]) -> np.ndarray:
