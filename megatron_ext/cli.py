@@ -28,9 +28,11 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a mistake in one line (no usage dump) and exits with status 2.
 
     The line points at ``PROG --help`` when the parser was given a ``prog`` (argv[0] is not a name a user typed
-    when a tool runs as a module or inside another program), else at ``--help``."""
+    when a tool runs as a module or inside another program), else at ``--help``. Prefix abbreviations are off
+    (``allow_abbrev=False``): a mistyped or foreign flag is an error, never bound to the flag it starts."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         prog = kwargs.get("prog", args[0] if args else None)
         self._help_hint = f"{prog} --help" if prog else "--help"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.compat import LEGACY_SPELLINGS, NO_EFFECT, NOT_BUILT, VALUE_ALIASES, Accepted, refused_feature
 from megatron_ext.lr_schedule import (
     LR_DECAY_STYLES,
     LR_LENGTHS,
@@ -169,6 +170,12 @@ class ModelConfig:
     hidden_dropout: float = opt(0.1, "Dropout after attention and MLP.")
     attention_dropout: float = opt(0.1, "Dropout of attention probabilities.")
     init_method_std: float = opt(0.02, "Standard deviation of the weight initialisation.")
+    use_cpu_initialization: bool = opt(
+        True,
+        "Layout-free initial weights: every full tensor drawn on the CPU from (--seed, its checkpoint key) and this "
+        "rank's slice cut out, so any TP/PP/DP/virtual-pipeline layout starts from the same model "
+        "(megatron_ext/models/init.py); --no-use-cpu-initialization keeps megatron-core's per-rank draw.",
+    )
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this x TP size.")
     attention_backend: str = opt(
         "auto",
@@ -243,10 +250,6 @@ class ParallelConfig:
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
         _check_positive(self, "distributed_timeout_minutes")
-        _check(
-            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
-            "--sequence-parallel needs --tensor-model-parallel-size > 1",
-        )
 
 
 @dataclass
@@ -523,10 +526,6 @@ class DataConfig:
             self.tokenizer_type == "ByteTokenizer" or self.tokenizer_model is not None,
             f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model PATH",
         )
-        _check(
-            not (self.data_path and self.data_file_list),
-            "give --data-path or --data-file-list, not both",
-        )
         for flag in ("reset_position_ids", "check_document_masking", "packing"):
             _check(
                 self.reset_attention_mask or getattr(self, flag) in (False, "concat"),
@@ -622,7 +621,195 @@ class VariantOptions:
         raises ConfigError naming the flags. Checks of the options alone belong in `__post_init__`."""
 
 
-VARIANTS: dict[str, type[VariantOptions]] = {"gpt": VariantOptions}
+def _counts(flag: str, text: str) -> list[int]:
+    """'1,3,6,12' or '2B,4B' -> whole counts (`parse_count`), or ConfigError naming `flag`."""
+    try:
+        return [parse_count(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"{flag} {text}: {e}") from None
+
+
+@dataclass
+class ProgressiveOptions(VariantOptions):
+    """Progressive depth growth (Apollo, arXiv 2401.09192; megatron_ext/models/progressive.py): the full-depth
+    model is built once; stage s trains N(s) unique layers, each micro-batch at a sampled depth whose layers map
+    onto them; at a stage boundary the unique layers are copied to their new positions (the full-depth function
+    is unchanged)."""
+
+    progressive_layers: str | None = opt(
+        None, "Unique layers of each stage, comma-separated, e.g. 1,3,6,12; each divides the next and --num-layers."
+    )
+    progressive_stages: str | None = opt(
+        None,
+        "Where each stage after the first starts, comma-separated counts in --progressive-stage-unit "
+        "(e.g. 2B,4B,10B): one fewer than --progressive-layers, increasing.",
+    )
+    progressive_stage_unit: str = opt(
+        "tokens", "Unit of --progressive-stages: consumed tokens, samples or iterations.",
+        choices=["tokens", "samples", "iters"],
+    )  # fmt: skip
+    depth_sampling: str = opt(
+        "lvps",
+        "Depth of each training micro-batch: lvps (Apollo's low-value-prioritized sampling), uniform "
+        "(N..--num-layers), full (always --num-layers).",
+        choices=["lvps", "uniform", "full"],
+    )
+    growth: str = opt(
+        "interpolate",
+        "Which unique layer each position uses: interpolate (position j of depth D: floor(j N / D)) or stack "
+        "(j mod N).",
+        choices=["interpolate", "stack"],
+    )
+    growth_moments: str = opt(
+        "copy",
+        "Adam moments of the layers a growth writes: copy the source layer's, or reset them to zero.",
+        choices=["copy", "reset"],
+    )
+
+    def layers(self) -> list[int]:
+        return _counts("--progressive-layers", self.progressive_layers or "")
+
+    def stages(self) -> list[int]:
+        return _counts("--progressive-stages", self.progressive_stages) if self.progressive_stages else []
+
+    def __post_init__(self) -> None:
+        _check(
+            self.progressive_layers is not None, "--model-variant progressive needs --progressive-layers, e.g. 1,3,6,12"
+        )
+        layers, stages = self.layers(), self.stages()
+        _check(all(n > 0 for n in layers), f"--progressive-layers {self.progressive_layers}: counts must be positive")
+        for a, b in zip(layers, layers[1:]):
+            _check(a < b and b % a == 0, f"--progressive-layers {self.progressive_layers}: {a} does not divide {b} "
+                   "(each stage's count must divide the next, larger one, for growth to keep the function)")  # fmt: skip
+        _check(
+            len(stages) == len(layers) - 1,
+            f"--progressive-stages needs {len(layers) - 1} start(s) for --progressive-layers {self.progressive_layers}"
+            f", not {len(stages)}",
+        )
+        _check(
+            all(a < b for a, b in zip([0, *stages], stages)),
+            f"--progressive-stages {self.progressive_stages}: starts must be positive and increasing",
+        )
+
+    def check(self, cfg: Config) -> None:
+        L = cfg.model.num_layers
+        bad = [n for n in self.layers() if L % n]
+        _check(not bad, f"--progressive-layers {self.progressive_layers}: {bad[0] if bad else 0} does not divide "
+               f"--num-layers {L}")  # fmt: skip
+        _check(self.layers()[-1] <= L, f"--progressive-layers: more than --num-layers {L}")
+        _check(
+            cfg.parallel.pipeline_model_parallel_size == 1,
+            "--model-variant progressive needs --pipeline-model-parallel-size 1 (the unique layers sit on the first "
+            "stage)",
+        )
+        _check(
+            not cfg.parallel.overlap_grad_reduce,
+            "--model-variant progressive cannot take --overlap-grad-reduce (a sampled depth leaves layers unused or "
+            "runs them twice, which the overlapped reduction does not allow)",
+        )
+
+
+@dataclass
+class ContextCompressorOptions(VariantOptions):
+    """AceRAG's context compressor (megatron_ext/context_compressor.py): an encoder made of a frozen LM's
+    embeddings, first layers and final norm turns a context into about n/r soft tokens that the LM reads instead
+    of the text. The model shape and the tokenizer are the LM's; the reference's underscore spellings are accepted."""
+
+    compressor_lm: str | None = opt(None, "The frozen LM: one of our checkpoints (a root or an iter_* folder).")
+    encoder_num_layers: int = opt(
+        8,
+        "Layers of the encoder: the LM's first K layers (initialised from the LM, fully trained).",
+        aliases=["--encoder_num_hidden_layers", "--encoder-num-hidden-layers", "--encoder_num_layers"],
+    )
+    comp_candidates: list[int] = opt([1, 2, 4, 8], "Compression ratios drawn from.", aliases=["--comp_candidates"])
+    stage: str = opt(
+        "pt",
+        "pt: pre-training in window mode on text; ft: fine-tuning on prompt/context/answer records.",
+        choices=["pt", "ft"],
+    )
+    window_mode: bool = opt(True, "Stage pt in window mode (the only pt mode built).", aliases=["--window_mode"])
+    window: int = opt(1024, "Stage pt: tokens per window.")
+    encoder_max_length: int = opt(
+        4096,
+        "Tokens the encoder sees at once (a chunk of whole windows; causal within it).",
+        aliases=["--encoder_max_length"],
+    )
+    lm_max_length: int = opt(
+        4096,
+        "Stage ft: the LM's input length (a context longer than it allows keeps its first and last halves).",
+        aliases=["--lm_max_length"],
+    )
+    min_length: int = opt(0, "Stage pt: documents shorter than this (tokens) are skipped.", aliases=["--min_length"])
+    max_length: int = opt(65536, "Stage pt: documents longer than this (tokens) are skipped.", aliases=["--max_length"])
+    pretraining_down_scaling_method: str = opt(
+        "stride",
+        "Stage pt: which encoder positions are kept (stride: the last of each group of r; random; terminal: the "
+        "last ceil(n/r)).",
+        choices=["stride", "random", "terminal"],
+        aliases=["--pretraining_down_scaling_method"],
+    )
+    down_scaling_method: str = opt(
+        "stride",
+        "Stage ft: which encoder positions are kept.",
+        choices=["stride", "random", "terminal"],
+        aliases=["--down_scaling_method"],
+    )
+    train_data: list[str] | None = opt(
+        None,
+        'JSONL files: stage pt {"text": ...} records (default: the data lists, --data-path or the built-in corpus), '
+        'stage ft {"prompt", "context", "answer"} records.',
+        aliases=["--train_data"],
+    )
+    eval_data: list[str] | None = opt(
+        None,
+        "Held-out JSONL files of the same kind (default: --split's validation share of the training documents).",
+        aliases=["--eval_data"],
+    )
+
+    def __post_init__(self) -> None:
+        ratios = self.comp_candidates
+        _check(bool(ratios) and min(ratios) >= 1, f"--comp-candidates {ratios}: ratios must be whole numbers >= 1")
+        _check_positive(self, "encoder_num_layers", "window", "encoder_max_length", "lm_max_length", "max_length")
+        _check(
+            self.stage == "ft" or self.window_mode,
+            "--stage pt without --window-mode is not built (part 2 of the compressor): use --window-mode",
+        )
+        for r in ratios:
+            _check(
+                self.window % r == 0 and self.encoder_max_length % r == 0,
+                f"--comp-candidates {r} must divide --window {self.window} and --encoder-max-length "
+                f"{self.encoder_max_length} (ceil(n/r) positions per whole window)",
+            )
+        _check(
+            self.encoder_max_length % self.window == 0,
+            f"--encoder-max-length {self.encoder_max_length} must be a multiple of --window {self.window}",
+        )
+        _check(self.min_length <= self.max_length, f"--min-length {self.min_length} > --max-length {self.max_length}")
+
+    def check(self, cfg: Config) -> None:
+        _check(self.compressor_lm is not None, "--model-variant context-compressor needs --compressor-lm CKPT")
+        p = cfg.parallel
+        _check(
+            p.pipeline_model_parallel_size == 1,
+            "--model-variant context-compressor: pipeline parallelism is not built (the encoder and the frozen LM "
+            "run on one stage); use tensor and data parallelism",
+        )
+        _check(
+            not p.sequence_parallel,
+            "--model-variant context-compressor: --sequence-parallel is not built (the soft tokens would have to be "
+            "placed before the scatter and the encoder's output gathered before positions are kept)",
+        )
+        _check(
+            self.stage == "pt" or bool(self.train_data),
+            "--stage ft needs --train-data FILE.jsonl of prompt/context/answer records",
+        )
+
+
+VARIANTS: dict[str, type[VariantOptions]] = {
+    "gpt": VariantOptions,
+    "progressive": ProgressiveOptions,
+    "context-compressor": ContextCompressorOptions,
+}
 """--model-variant names and their options sections. A built-in variant adds a line here (and its recipe to
 megatron_ext/models/recipe.py's BUILTIN_RECIPES); others register with `models.recipe.register_variant`."""
 
@@ -653,6 +840,18 @@ class VariantConfig:
 
 
 @dataclass
+class CompatConfig:
+    """What a Megatron-LM command line gave beyond the schema's fields: the flags of megatron_ext/compat.py's
+    tables (no effect here, or not built here) with their values, and how its reading changed a value as
+    Megatron-LM does (e.g. --sequence-parallel off at tensor-parallel size 1). Not flags themselves; saved in
+    config.json; the run prints them in one note at start-up (`startup_note`) and stops on a flag not built here
+    (`check_built`)."""
+
+    given: dict[str, Any] = field(default_factory=dict)
+    readings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved as JSON beside the checkpoints."""
 
@@ -667,6 +866,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     variant: VariantConfig = field(default_factory=VariantConfig)
     variant_options: VariantOptions = field(default_factory=VariantOptions)  # of type VARIANTS[model_variant]
+    compat: CompatConfig = field(default_factory=lambda: CompatConfig())
 
     def check_folders(self) -> None:
         """The folder flags must not name existing files (a typo like --save of a log file): checked at start-up,
@@ -686,6 +886,7 @@ class Config:
                 raise ConfigError(f"{flag} {folder}: {problem}")
 
     def __post_init__(self) -> None:
+        self._read_as_megatron()
         m, p = self.model, self.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         _check(
@@ -730,6 +931,20 @@ class Config:
         )
         self.variant_options.check(self)
         check_schedule(self)
+
+    def _read_as_megatron(self) -> None:
+        """Combinations Megatron-LM resolves rather than refuses are resolved alike, each with a line in the
+        start-up note (ALCF's helpers.sh passes --data-path beside --data-file-list; many scripts keep
+        --sequence-parallel at tensor-parallel size 1)."""
+        p, d = self.parallel, self.data
+        if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+            p.sequence_parallel = False
+            self.compat.readings.append(
+                "--sequence-parallel is off: --tensor-model-parallel-size is 1 (as Megatron-LM)"
+            )
+        if d.data_path and d.data_file_list:
+            d.data_path = None
+            self.compat.readings.append("--data-path is ignored: --data-file-list gives the data (as ALCF's scripts)")
 
     @property
     def virtual_pipeline_size(self) -> int | None:
@@ -793,7 +1008,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         parts = {}
         options = VARIANTS.get(d.get("variant", {}).get("model_variant", "gpt"), VariantOptions)  # the saved variant's
-        for name, sub in {**SECTIONS, "variant_options": options}.items():
+        for name, sub in {**SECTIONS, "variant_options": options, "compat": CompatConfig}.items():
             known = {x.name for x in dataclasses.fields(sub)}
             given = d.get(name, {})
             unknown = set(given) - known
@@ -918,7 +1133,7 @@ def check_schedule(cfg: Config) -> None:
 SECTIONS: dict[str, type[Any]] = {
     name: section
     for name, section in typing.get_type_hints(Config).items()
-    if name != "variant_options"  # each variant's options are a section of their own: VARIANTS
+    if name not in ("variant_options", "compat")  # a variant's options are a section of their own: VARIANTS
 }
 
 
@@ -936,19 +1151,6 @@ def base_type(annotation: Any) -> tuple[type, bool]:
     return hint, False
 
 
-# Megatron-DeepSpeed spellings that set a value rather than name a field.
-VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
-    "--use-rotary-position-embeddings": ("model", "position_embedding_type", "rope"),
-    "--use-flash-attn": ("model", "attention_backend", "sdpa"),
-    "--use-flash-attn-v2": ("model", "attention_backend", "sdpa"),
-    "--no-bias-gelu-fusion": ("", "", None),  # accepted and ignored: fusions are chosen automatically
-    "--no-bias-dropout-fusion": ("", "", None),
-    "--no-masked-softmax-fusion": ("", "", None),
-    "--no-gradient-accumulation-fusion": ("", "", None),
-    "--no-async-tensor-model-parallel-allreduce": ("", "", None),
-}
-
-
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -960,7 +1162,7 @@ def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> Non
     group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
     for f in dataclasses.fields(cls):
         dest = f"{section}.{f.name}"
-        names = [flag_of(f), *f.metadata.get("aliases", ())]
+        names = [flag_of(f), *f.metadata.get("aliases", ()), *LEGACY_SPELLINGS.get(flag_of(f), ())]
         kind, is_list = base_type(hints[f.name])
         help_text = f.metadata["help"]
         if kind is bool:
@@ -982,11 +1184,41 @@ def add_section(parser: argparse.ArgumentParser, section: str, cls: type) -> Non
         )
 
 
+class TrainingParser(OneLineParser):
+    """The training command line: a flag of a model family outside this project (megatron_ext/compat.py's
+    REFUSED: mixture of experts, gated delta net, gpt-oss, ModelOpt) is refused in one line before any other
+    check, wherever it stands on the line."""
+
+    def parse_known_args(  # type: ignore[override]  # the same call; typeshed's overloads need not be repeated
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        for arg in argv:
+            feature = refused_feature(arg)
+            if feature is not None:
+                self.exit(2, f"error: {arg.split('=', 1)[0]} is not supported ({feature})\n")
+        return super().parse_known_args(argv, namespace)
+
+
+def _add_accepted(group: argparse._ArgumentGroup, flag: str, accepted: Accepted, effect: str) -> None:
+    """A flag of megatron_ext/compat.py's tables, stored under `_compat<flag>` (None when not given)."""
+    help_text = f"{effect}: {accepted.reason}."
+    if accepted.takes is None:
+        group.add_argument(flag, dest=f"_compat{flag}", action="store_const", const=True, help=help_text)
+    else:
+        group.add_argument(
+            flag, dest=f"_compat{flag}", type=accepted.takes, nargs=accepted.nargs, choices=accepted.choices,
+            help=help_text,
+        )  # fmt: skip
+
+
 def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
     """Every field of the schema as a flag; the run's and the schedule's lengths (`--train-iters`,
     `--lr-warmup-tokens`, ...) also take counts such as 300B (`parse_count`). `prog` names the tool in error
-    lines (tools that read a training command line)."""
-    parser = OneLineParser(
+    lines (tools that read a training command line). Megatron-LM's flags without a field here (compat.py's
+    NO_EFFECT and NOT_BUILT) are accepted too; prefix abbreviations are not (a mistyped flag cannot bind to one of
+    ours)."""
+    parser = TrainingParser(
         prog=prog,
         description="Train a GPT on megatron-core. Flags follow Megatron-LM; Megatron-DeepSpeed aliases accepted.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -996,10 +1228,17 @@ def build_parser(prog: str = "pretrain_gpt.py") -> argparse.ArgumentParser:
     for variant, options in VARIANTS.items():
         if dataclasses.fields(options):
             add_section(parser, variant, options)
-    compat = parser.add_argument_group("compatibility", "Megatron-DeepSpeed spellings.")
-    for alias, (section, name, value) in VALUE_ALIASES.items():
-        target = f"--{name.replace('_', '-')} {value}" if section else "ignored"
-        compat.add_argument(alias, dest=f"_alias{alias}", action="store_true", help=f"= {target}")
+    compat = parser.add_argument_group(
+        "compatibility", "Megatron-LM and Megatron-DeepSpeed flags without a field here (megatron_ext/compat.py)."
+    )
+    for alias, (_, name, value) in VALUE_ALIASES.items():
+        compat.add_argument(
+            alias, dest=f"_alias{alias}", action="store_true", help=f"= --{name.replace('_', '-')} {value}"
+        )
+    for flag, accepted in NO_EFFECT.items():
+        _add_accepted(compat, flag, accepted, "no effect here")
+    for flag, accepted in NOT_BUILT.items():
+        _add_accepted(compat, flag, accepted, "not built here (the run stops at start-up)")
     return parser
 
 
@@ -1007,7 +1246,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py")
     """Parses flags into a validated Config; raises ConfigError for a mistake in the values."""
     ns = vars(build_parser(prog).parse_args(argv))
     values: dict[str, dict[str, Any]] = {s: {} for s in [*SECTIONS, *VARIANTS]}
+    compat = CompatConfig()
     for key, value in ns.items():
+        if key.startswith("_compat"):
+            if value is not None:
+                compat.given[key[len("_compat") :]] = value
+            continue
         if key.startswith("_alias"):
             section, name, target = VALUE_ALIASES[key[len("_alias") :]]
             if value and section:
@@ -1023,7 +1267,34 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "pretrain_gpt.py")
             f"{flag_of(given[0]) if given else ''} is an option of --model-variant {other}, not of {variant}",
         )
     options = VARIANTS[variant](**values[variant]) if variant in VARIANTS else VariantOptions()
-    return Config(**{s: cls(**values[s]) for s, cls in SECTIONS.items()}, variant_options=options)
+    sections = {s: cls(**values[s]) for s, cls in SECTIONS.items()}
+    return Config(**sections, variant_options=options, compat=compat)
+
+
+def startup_note(cfg: Config) -> str | None:
+    """The one note a run prints at start-up: each flag given that has no effect here, with why, and each
+    value the reading of a Megatron-LM command line changed. None when there is nothing to say."""
+    lines = [
+        f"  {flag}{'' if value is True else f' {value}'}: {NO_EFFECT[flag].reason}"
+        for flag, value in cfg.compat.given.items()
+        if flag in NO_EFFECT and value not in NO_EFFECT[flag].fine
+    ]
+    lines += [f"  {reading}" for reading in cfg.compat.readings]
+    return (
+        "\n".join(["note: Megatron-LM flags with no effect here, or read as Megatron-LM reads them:", *lines])
+        if lines
+        else None
+    )
+
+
+def check_built(cfg: Config) -> None:
+    """Stops the run at start-up on a flag that would change it but whose feature is not built here
+    (megatron_ext/compat.py's NOT_BUILT), naming the flag; the configuration still parses and prints."""
+    for flag, value in cfg.compat.given.items():
+        accepted = NOT_BUILT.get(flag)
+        if accepted is not None and value not in accepted.fine:
+            shown = "" if value is True else f" {value}"
+            raise ConfigError(f"{flag}{shown} is not built here ({accepted.reason}): remove it from the command line")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1037,7 +1308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = parse_args(args)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 

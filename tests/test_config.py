@@ -65,7 +65,6 @@ def test_json_round_trip(tmp_path: Path) -> None:
         ("--num-attention-heads 6 --hidden-size 96 --tensor-model-parallel-size 4", None, "not divisible by --tensor"),
         ("--num-layers 3 --pipeline-model-parallel-size 2", None, "--num-layers 3 is not divisible"),
         ("--num-query-groups 3 --num-attention-heads 4", None, "not divisible by --num-query-groups"),
-        ("--sequence-parallel", None, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
         ("--bf16 --fp16", None, "not both"),
         ("--min-lr 1 --lr 0.1", None, "--min-lr"),
         ("--split 90,x", None, "--split"),

@@ -39,7 +39,15 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import distributed, platform
 from megatron_ext.cli import UserError
-from megatron_ext.config import Config, ConfigError, parse_args, run_length_samples, schedule_config
+from megatron_ext.config import (
+    Config,
+    ConfigError,
+    check_built,
+    parse_args,
+    run_length_samples,
+    schedule_config,
+    startup_note,
+)
 from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer
 from megatron_ext.models.recipe import Batch, Recipe, build_recipe
 from megatron_ext.training import checkpointing, universal
@@ -122,7 +130,10 @@ def _global_sums(tr: Trainer, reports: list[dict[str, torch.Tensor]]) -> torch.T
 
 
 def _means(tr: Trainer, sums: torch.Tensor) -> dict[str, float]:
-    return {name: s / max(c, 1) for name, (s, c) in zip(tr.recipe.losses, sums.tolist())}
+    """Each loss's per-token mean; a reported loss without tokens here (e.g. one scored on validation only) is left
+    out rather than shown as 0."""
+    pairs = zip(tr.recipe.losses, sums.tolist())
+    return {name: s / max(c, 1) for name, (s, c) in pairs if c > 0 or name == "lm_loss"}
 
 
 def _run_microbatches(tr: Trainer, data: list[Iterator[Batch]], num_microbatches: int, forward_only: bool) -> list:
@@ -315,6 +326,7 @@ def _log_eval(tr: Trainer) -> None:
     results = evaluate(tr)
     tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
     for name, values in results.items():
+        values.update(tr.recipe.eval_metrics(values))
         loss, ppl = values["lm_loss"], math.exp(min(values["lm_loss"], 20))
         others = "".join(f" | {k} {v:.4f}" for k, v in values.items() if k != "lm_loss")
         tr.metrics.print(f"validation at iter {tr.state.iteration} | {name} | loss {loss:.4f} | ppl {ppl:.3f}{others}")
@@ -325,6 +337,7 @@ def setup(cfg: Config) -> Trainer:
     """Starts the process group, builds model, optimizer, schedule and data, and resumes from --load."""
     plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
     cfg.check_folders()
+    check_built(cfg)
     cfg.resolve_batch(distributed.discover().world_size)  # every size mistake surfaces before any collective
     info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
     platform.setup_device(plat, info.local_rank)
@@ -367,6 +380,8 @@ def setup(cfg: Config) -> Trainer:
         tensorboard_dir=cfg.logging.tensorboard_dir,
         log_file=Path(run_dir) / "train.log" if run_dir else None,
     )
+    if (note := startup_note(cfg)) is not None:
+        metrics.print(note)
     state, extra = _resume(cfg, model, optimizer, scheduler, recipe, metrics.print)
 
     saved_data = extra.get("data_state") if extra else None
