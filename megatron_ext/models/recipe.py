@@ -125,6 +125,11 @@ class Recipe(abc.ABC):
         the model and copy its optimizer moments; returns a line to log, or None. Collective if it communicates."""
         return None
 
+    def eval_metrics(self, losses: dict[str, float]) -> dict[str, float]:
+        """Numbers derived from one validation set's mean losses (e.g. the share of a gap closed), logged and sent
+        to tensorboard beside them."""
+        return {}
+
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -138,7 +143,11 @@ class Recipe(abc.ABC):
 
 
 _RECIPES: dict[str, type[Recipe]] = {}
-BUILTIN_RECIPES = {"gpt": "megatron_ext.models.gpt"}
+BUILTIN_RECIPES = {
+    "gpt": "megatron_ext.models.gpt",
+    "progressive": "megatron_ext.models.progressive",
+    "context-compressor": "megatron_ext.context_compressor",  # reads its frozen LM's checkpoint: above training/
+}
 """Built-in variant -> the module that registers its recipe, imported when the variant is chosen (so that
 choosing one does not import the others)."""
 

@@ -110,22 +110,19 @@ def load_model(
     states [s, b, h] (the output layer is skipped; see `final_hidden_states`). Starts the process group and
     megatron-core's parallel state; call `megatron_ext.distributed.destroy()` when done.
     """
-    import torch
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
     from megatron_ext import distributed, platform
     from megatron_ext.config import ConfigError
-    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
+    from megatron_ext.data.tokenizers import padded_vocab_size, tokenizer_of
     from megatron_ext.models.gpt import build_model, transformer_config
 
     saved, common = read_config(ckpt)
     cfg, saved_tp = inference_config(saved, tensor_parallel_size)
     if tokenizer_model is not None:
         cfg.data.tokenizer_model = tokenizer_model
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = tokenizer_of(cfg.data)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, saved_tp)
     if vocab % tensor_parallel_size:
         raise ConfigError(
@@ -141,21 +138,31 @@ def load_model(
 
     config = transformer_config(cfg, plat)
     gpt = build_model(cfg, plat, config, vocab)
-    # Sharded-tensor keys are global (layer offsets included), so one full chunk reads what was saved under
-    # "model" or "model0".."modelN" (virtual pipeline) alike; the dict key only nests the result.
     model = Float16Module(config, gpt) if cfg.precision.bf16 or cfg.precision.fp16 else gpt
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor/load_state_dict deprecation notes
-        loaded = dist_checkpointing.load(
-            {"model": gpt.sharded_state_dict()}, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED
-        )
-        gpt.load_state_dict(loaded["model"])
+    read_weights(gpt, ckpt)
     if hidden_states_only:
         # GPTModel returns the decoder's output (after its final norm) when it is not the post-processing stage.
         gpt.post_process = False
     target = plat.current_device()
     model.to(target).eval()
     return model, tokenizer, target, cfg, common
+
+
+def read_weights(gpt: torch.nn.Module, ckpt: Path) -> None:
+    """Loads the model weights of the checkpoint `ckpt` (an iter_* folder, any layout) into `gpt`, built at this
+    run's tensor-parallel size. Sharded-tensor keys are global (layer offsets included), so one full chunk reads
+    what was saved under "model" or "model0".."modelN" (virtual pipeline) alike; the dict key only nests the
+    result."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's ShardedTensor/load_state_dict deprecation notes
+        loaded = dist_checkpointing.load(
+            {"model": gpt.sharded_state_dict()}, str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED
+        )
+        gpt.load_state_dict(loaded["model"])
 
 
 def final_hidden_states(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
