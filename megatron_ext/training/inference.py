@@ -115,14 +115,14 @@ def load_model(
 
     from megatron_ext import distributed, platform
     from megatron_ext.config import ConfigError
-    from megatron_ext.data.tokenizers import padded_vocab_size, tokenizer_of
+    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
     from megatron_ext.models.gpt import build_model, transformer_config
 
     saved, common = read_config(ckpt)
     cfg, saved_tp = inference_config(saved, tensor_parallel_size)
     if tokenizer_model is not None:
         cfg.data.tokenizer_model = tokenizer_model
-    tokenizer = tokenizer_of(cfg.data)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, saved_tp)
     if vocab % tensor_parallel_size:
         raise ConfigError(
