@@ -153,6 +153,7 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
     "--use-rotary-position-embeddings": ("model", "position_embedding_type", "rope"),
     "--use-flash-attn": ("model", "attention_backend", "sdpa"),
     "--use-flash-attn-v2": ("model", "attention_backend", "sdpa"),
+    "--use-flash-attn-builder": ("model", "attention_backend", "sdpa"),  # ALCF's XPU flash attention (Aurora)
 }
 
 # --attention-backend values of Megatron-LM -> ours: flash attention is SDPA's flash kernels; cuDNN's fused

@@ -611,6 +611,46 @@ class LoggingConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Megatron-DeepSpeed's DeepSpeed flags. Training is megatron-core's (no DeepSpeed engine); when the run starts
+    these and --deepspeed_config's JSON are mapped onto the flags above (megatron_ext/deepspeed_config.py), and the
+    run's start-up note says how."""
+
+    deepspeed: bool = opt(False, "Megatron-DeepSpeed's switch; accepted: training is megatron-core's either way.")
+    deepspeed_config: str | None = opt(
+        None,
+        "A DeepSpeed JSON config, read when the run starts: batch sizes (checked against the flags and the world "
+        "size), bf16/fp16 and loss scaling, ZeRO stage, gradient clipping, optimizer and scheduler blocks fill in "
+        "flags left at their defaults; the rest is listed in the start-up note.",
+        flag="--deepspeed_config",
+        aliases=["--deepspeed-config"],
+        metavar="FILE",
+    )
+    zero_stage: int | None = opt(
+        None,
+        "ZeRO stage: 1 or 2 turn on --use-distributed-optimizer (megatron-core's sharding of the optimizer state); "
+        "3 (parameter sharding) stops the run at start-up; 0 changes nothing.",
+        choices=[0, 1, 2, 3],
+    )
+    no_pipeline_parallel: bool = opt(
+        False, "Megatron-DeepSpeed's no-pipeline switch: needs --pipeline-model-parallel-size 1 (no effect then)."
+    )
+    ds_sequence_parallel_size: int = opt(
+        1,
+        "DeepSpeed Ulysses sequence parallelism: 1 only (larger stops the run at start-up); --sequence-parallel is "
+        "Megatron's, within the tensor-parallel group.",
+    )
+    deepspeed_activation_checkpointing: bool = opt(
+        False,
+        "DeepSpeed's checkpointing of the recomputed activations: recomputation here is megatron-core's "
+        "(--recompute-activations, alias --checkpoint-activations); this switch alone recomputes nothing.",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.ds_sequence_parallel_size >= 1, "--ds-sequence-parallel-size must be >= 1")
+
+
+@dataclass
 class VariantOptions:
     """A model variant's own options (a subclass per variant, built with `opt`: its fields are flags in a `--help`
     group named after the variant, saved in config.json and checkpoints under "variant_options"). The base, with
@@ -864,6 +904,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     variant: VariantConfig = field(default_factory=VariantConfig)
     variant_options: VariantOptions = field(default_factory=VariantOptions)  # of type VARIANTS[model_variant]
     compat: CompatConfig = field(default_factory=lambda: CompatConfig())

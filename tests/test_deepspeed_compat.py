@@ -5,6 +5,7 @@ table. Fast: one interpreter start (the guide's mixing command as a shell runs i
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -99,3 +100,148 @@ def test_lists_of_files_not_staged_here_are_mixed_with_a_warning(
     assert "has 7 bytes but the .idx implies 600" in capsys.readouterr().err
     assert mix(["--input", "1", "absent.txt"]) == 2
     assert capsys.readouterr().err == "error: absent.txt: cannot read data list: No such file or directory\n"
+
+
+# ---- --deepspeed_config: DeepSpeed's JSON mapped onto the schema when the run starts ------------------------
+
+# As ALCF's helpers.sh writes it for MICRO_BATCH=2 GRAD_ACC_STEPS=4 on 4 ranks, ZERO_STAGE=1, DTYPE=bf16, OPT=adamw.
+ALCF_JSON = {
+    "train_batch_size": 32,
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 4,
+    "steps_per_print": 1,
+    "gradient_clipping": 1.0,
+    "wall_clock_breakdown": False,
+    "zero_optimization": {"stage": 1, "overlap_comm": True, "reduce_bucket_size": 5e8, "contiguous_gradients": True},
+    "bf16": {"enabled": True},
+    "fp16": {"enabled": False, "loss_scale": 0, "initial_scale_power": 16},
+    "optimizer": {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-5, "weight_decay": 0.1}},
+    "activation_checkpointing": {"partition_activations": True, "cpu_checkpointing": True},
+    "comms_logger": {"enabled": False},
+    "data_types": {"grad_accum_dtype": "fp32"},
+}
+MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--train-iters", "10"]
+
+
+def _ds(tmp_path: Path, ds: dict, *flags: str, world_size: int = 4):
+    from megatron_ext.config import parse_args
+    from megatron_ext.deepspeed_config import apply
+
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ds))
+    cfg = parse_args([*MODEL, "--deepspeed", "--deepspeed_config", str(path), *flags])
+    return apply(cfg, world_size), str(path)
+
+
+def test_an_alcf_json_maps_to_the_schema_with_one_note(tmp_path: Path) -> None:
+    from megatron_ext.config import startup_note
+
+    cfg, path = _ds(tmp_path, ALCF_JSON, "--zero-stage", "1", "--use-flash-attn-builder")
+    t, p, o = cfg.training, cfg.parallel, cfg.optimizer
+    assert (t.micro_batch_size, t.global_batch_size, cfg.precision.bf16, cfg.precision.fp16) == (2, 32, True, False)
+    assert (p.use_distributed_optimizer, p.overlap_grad_reduce, o.clip_grad) == (True, True, 1.0)
+    assert (o.optimizer, o.lr, o.adam_beta1, o.adam_beta2, o.adam_eps, o.weight_decay) == (
+        "adam",
+        2e-4,
+        0.9,
+        0.95,
+        1e-5,
+        0.1,
+    )
+    assert cfg.model.attention_backend == "sdpa"
+    cfg.resolve_batch(4)  # 2 x 4 accumulation steps x 4 data-parallel ranks
+    assert cfg.training.global_batch_size // (2 * 4) == 4
+    source = f"--deepspeed_config {path}"
+    lines = startup_note(cfg).splitlines()
+    assert f"  {source}: taken: train_micro_batch_size_per_gpu -> --micro-batch-size 2, train_batch_size -> " \
+        "--global-batch-size 32, bf16.enabled -> --bf16 true, zero_optimization.overlap_comm -> --overlap-grad-reduce true, optimizer.params.betas[1] -> " \
+        "--adam-beta2 0.95, optimizer.params.eps -> --adam-eps 1e-05, optimizer.params.lr -> --lr 0.0002, " \
+        "optimizer.params.weight_decay -> --weight-decay 0.1" in lines  # fmt: skip
+    assert [x for x in lines if "-> --use-distributed-optimizer: megatron-core's distributed optimizer" in x] == [
+        "  --zero-stage 1 -> --use-distributed-optimizer: megatron-core's distributed optimizer shards the Adam state "
+        "and fp32 master weights over the data-parallel ranks and reduce-scatters the gradients (ZeRO-1's memory "
+        "saving; the bf16/fp16 gradient buffer stays whole, as ZeRO-2 would shard it)"
+    ]  # once: the JSON's stage 1 says the same
+    assert any(x.startswith(f"  {source}: activation_checkpointing (cpu_checkpointing, partition_activations)")
+               for x in lines)  # fmt: skip
+    assert f"  {source}: no counterpart here, ignored: comms_logger, data_types, fp16.initial_scale_power, " \
+        "fp16.loss_scale, steps_per_print, wall_clock_breakdown, zero_optimization.contiguous_gradients, " \
+        "zero_optimization.reduce_bucket_size" in lines  # fmt: skip
+
+
+def test_a_conflicting_batch_size_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from megatron_ext.training.loop import main
+
+    ds = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    common = [*MODEL, "--deepspeed", "--deepspeed_config", str(path), "--device", "cpu"]
+    assert main([*common, "--global-batch-size", "16"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --deepspeed_config {path}: train_batch_size 8 conflicts with --global-batch-size 16; expected the "
+        "same value (or leave the flag out)\n"
+    )
+    path.write_text(json.dumps({**ds, "train_batch_size": 16}))  # DeepSpeed's own check, against the world size
+    assert main(common) == 2
+    assert capsys.readouterr().err == (
+        f"error: --deepspeed_config {path}: train_batch_size 16 is not train_micro_batch_size_per_gpu 2 x "
+        "gradient_accumulation_steps 4 x data-parallel size 1 (world size 1 / TP 1 / PP 1)\n"
+    )
+    # python -m megatron_ext.config never reads the JSON: a file absent here still prints the configuration
+    from megatron_ext.config import parse_args
+
+    assert parse_args([*MODEL, "--deepspeed_config", str(tmp_path / "absent.json")]).deepspeed.deepspeed_config
+
+
+def test_fp16_scheduler_and_what_the_command_line_keeps(tmp_path: Path) -> None:
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 2,
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 1e-3, "warmup_num_steps": 3,
+                                                          "total_num_steps": 10, "warmup_type": "linear"}},
+    }  # fmt: skip
+    cfg, path = _ds(tmp_path, ds, "--lr", "5e-4", "--clip-grad", "0.5", world_size=2)
+    pr, sc = cfg.precision, cfg.schedule
+    assert (pr.fp16, pr.loss_scale, pr.initial_loss_scale, pr.loss_scale_window, pr.min_loss_scale) == (
+        True, None, 4096.0, 500, 1.0)  # fmt: skip
+    assert (cfg.training.micro_batch_size, cfg.training.global_batch_size) == (1, 1 * 2 * 2)
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.clip_grad) == (5e-4, 0.0, 0.5)
+    assert (sc.lr_decay_style, sc.lr_warmup_iters, sc.lr_decay_iters, sc.lr_warmup_init) == ("linear", 3, 10, 0.0)
+    source = f"--deepspeed_config {path}"
+    assert f"{source}: differs from the command line: optimizer.params.lr 0.001 (the command line's --lr 0.0005 " \
+        "is kept), scheduler.params.warmup_max_lr 0.001 (the command line's --lr 0.0005 is kept)" in \
+        cfg.compat.readings  # fmt: skip
+    assert f"{source}: no gradient_clipping (DeepSpeed would not clip): --clip-grad 0.5 clips here" in \
+        cfg.compat.readings  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("ds", "flags", "message"),
+    [
+        ({"zero_optimization": {"stage": 3}}, [],
+         "{src}: zero_optimization.stage 3 is not supported here (ZeRO-3 shards the parameters); expected 0, 1 or 2 "
+         "(megatron-core's distributed optimizer), or tensor/pipeline parallelism to split the model"),
+        ({}, ["--zero-stage", "3"], "--zero-stage 3 is not supported here (ZeRO-3 shards the parameters); expected "
+         "0, 1 or 2 (megatron-core's distributed optimizer), or tensor/pipeline parallelism to split the model"),
+        ({}, ["--ds-sequence-parallel-size", "4"], "--ds-sequence-parallel-size 4 is not supported here (DeepSpeed "
+         "Ulysses sequence parallelism); expected 1 (--sequence-parallel is Megatron's, within the tensor-parallel "
+         "group)"),
+        ({"bf16": {"enabled": True}}, ["--fp16"], "{src}: bf16.enabled true conflicts with --fp16; expected one "
+         "precision"),
+        ({"optimizer": {"type": "OneBitLamb"}}, [], "{src}: optimizer.type 'OneBitLamb' is not supported here; "
+         "expected Adam, AdamW or SGD (or remove the block: --optimizer decides)"),
+        ({"train_micro_batch_size_per_gpu": "two"}, [], '{src}: train_micro_batch_size_per_gpu "two" is not an '
+         "integer"),
+    ],
+)  # fmt: skip
+def test_what_is_not_supported_stops_at_start_up_in_one_line(
+    tmp_path: Path, ds: dict, flags: list[str], message: str
+) -> None:
+    from megatron_ext.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _ds(tmp_path, ds, *flags)
+    assert str(e.value) == message.format(src=f"--deepspeed_config {tmp_path / 'ds_config.json'}")

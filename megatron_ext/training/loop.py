@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 
-from megatron_ext import distributed, platform
+from megatron_ext import deepspeed_config, distributed, platform
 from megatron_ext.cli import UserError
 from megatron_ext.config import (
     Config,
@@ -338,7 +338,9 @@ def setup(cfg: Config) -> Trainer:
     plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
     cfg.check_folders()
     check_built(cfg)
-    cfg.resolve_batch(distributed.discover().world_size)  # every size mistake surfaces before any collective
+    world_size = distributed.discover().world_size
+    cfg = deepspeed_config.apply(cfg, world_size)  # --deepspeed_config's JSON is read here, not when parsed
+    cfg.resolve_batch(world_size)  # every size mistake surfaces before any collective
     info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
     platform.setup_device(plat, info.local_rank)
     distributed.initialize_model_parallel(
