@@ -16,7 +16,7 @@ from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_f
 from megatron.core.transformer.module import MegatronModule
 
 
-def _local_shards(model_chunks: list[torch.nn.Module]) -> Iterator[ShardedTensor]:
+def local_shards(model_chunks: list[torch.nn.Module]) -> Iterator[ShardedTensor]:
     """Every ShardedTensor of this rank's model chunks (factories such as SwiGLU's fc1 split are built)."""
     for chunk in model_chunks:
         module: MegatronModule = getattr(chunk, "module", chunk)  # DDP-wrapped or bare
@@ -35,7 +35,7 @@ def _local_shards(model_chunks: list[torch.nn.Module]) -> Iterator[ShardedTensor
                 yield item
 
 
-def _slices(sh: ShardedTensor) -> tuple[slice, ...]:
+def shard_region(sh: ShardedTensor) -> tuple[slice, ...]:
     """This shard's region of the full tensor; prepended (layer) axes have extent 1 and are not in local_shape."""
     shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
     return tuple(slice(o, o + n) for o, n in zip(sh.global_offset, shape))
@@ -45,7 +45,7 @@ def load_full_weights(model_chunks: list[torch.nn.Module], full: dict[str, torch
     """Copies each local shard from the full tensor of its key (any TP/PP layout)."""
     missing = []
     with torch.no_grad():
-        for sh in _local_shards(model_chunks):
+        for sh in local_shards(model_chunks):
             if sh.key not in full:
                 missing.append(sh.key)
                 continue
@@ -54,7 +54,7 @@ def load_full_weights(model_chunks: list[torch.nn.Module], full: dict[str, torch
                 raise ValueError(
                     f"{sh.key}: full tensor has shape {tuple(tensor.shape)}, model expects {sh.global_shape}"
                 )
-            sh.data.copy_(tensor[_slices(sh)].reshape(sh.data.shape))
+            sh.data.copy_(tensor[shard_region(sh)].reshape(sh.data.shape))
     if missing:
         raise KeyError(f"no full weight for {sorted(set(missing))}")
 
@@ -62,8 +62,8 @@ def load_full_weights(model_chunks: list[torch.nn.Module], full: dict[str, torch
 def full_weights_single_rank(model_chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Full tensors of a model that holds every shard itself (TP=1, PP=1); for tests and exports."""
     full: dict[str, torch.Tensor] = {}
-    for sh in _local_shards(model_chunks):
+    for sh in local_shards(model_chunks):
         tensor = full.setdefault(sh.key, torch.zeros(sh.global_shape, dtype=sh.data.dtype))
-        region = _slices(sh)
+        region = shard_region(sh)
         tensor[region] = sh.data.detach().reshape(tensor[region].shape)
     return full

@@ -47,6 +47,7 @@ from megatron_ext.data.gpt_data import (
     collate,
     training_entries,
 )
+from megatron_ext.models.init import initialise
 from megatron_ext.models.long_context import check_document_masking, chunked_cross_entropy
 from megatron_ext.models.recipe import Batch, Progress, Recipe, register_variant
 from megatron_ext.models.size import num_parameters
@@ -498,7 +499,10 @@ class GPTRecipe(Recipe):
         return transformer_config(self.cfg, self.platform)
 
     def build_model(self, config: TransformerConfig, vp_stage: int | None) -> torch.nn.Module:
-        return build_model(self.cfg, self.platform, config, self.vocab_size, vp_stage)
+        model = build_model(self.cfg, self.platform, config, self.vocab_size, vp_stage)
+        if self.cfg.model.use_cpu_initialization:  # the same initial model on every layout
+            initialise([model], config, self.cfg.training.seed)
+        return model
 
     def num_parameters(self) -> int:
         return num_parameters(self.cfg, self.vocab_size)
