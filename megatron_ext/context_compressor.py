@@ -42,8 +42,13 @@ RUN_MODEL_FIELDS = ("seq_length", "hidden_dropout", "attention_dropout", "attent
 
 
 def lm_fingerprint(ckpt: Path) -> str:
-    """sha256 of the LM checkpoint's manifest (file names and sizes of a finished save)."""
-    return hashlib.sha256((ckpt / layout.MANIFEST).read_bytes()).hexdigest()
+    """sha256 of the LM checkpoint's manifest (file names and sizes of a finished save) and common state (its run's
+    config, iteration, counters, RNG): the sizes alone are the same for every LM of one shape."""
+    digest = hashlib.sha256()
+    for name in (layout.MANIFEST, layout.COMMON_STATE):
+        path = ckpt / name
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
 
 
 def lm_checkpoint(load: str) -> Path:
@@ -234,14 +239,14 @@ class ContextCompressorRecipe(Recipe):
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"compressor_lm": str(self.lm_path.resolve()), "lm_manifest_sha256": self.fingerprint}
+        return {"compressor_lm": str(self.lm_path.resolve()), "lm_fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("lm_manifest_sha256")
+        saved = state.get("lm_fingerprint")
         if saved is not None and saved != self.fingerprint:
             raise ConfigError(
                 f"--compressor-lm {self.lm_path} is not the LM this encoder was trained against "
-                f"({state.get('compressor_lm')}, manifest sha256 {saved[:12]}.., this one {self.fingerprint[:12]}..)"
+                f"({state.get('compressor_lm')}, fingerprint {saved[:12]}.., this one {self.fingerprint[:12]}..)"
             )
 
 
