@@ -46,7 +46,10 @@ def test_variant_options_are_flags_checked_at_parse_time(registered: None) -> No
         (["--counted-parity", "1"], "--counted-parity is an option of --model-variant every-other, not of gpt"),
         (["--model-variant", "every-other", "--counted-parity", "2"], "--counted-parity 2 must be 0 or 1"),
         (["--model-variant", "every-other", "--seq-length", "63"], "needs an even --seq-length, not 63"),
-        (["--model-variant", "every_other"], "--model-variant 'every_other' must be one of gpt, every-other"),
+        (
+            ["--model-variant", "every_other"],
+            f"--model-variant 'every_other' must be one of {', '.join(config.VARIANTS)}",
+        ),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_args(argv)
@@ -59,7 +62,8 @@ def test_unregistered_variant_is_one_line() -> None:
         [sys.executable, "-m", "megatron_ext.config", "--model-variant", "every-other"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert proc.returncode != 0 and proc.stderr == "error: --model-variant 'every-other' must be one of gpt\n"
+    builtin = ", ".join(v for v in config.VARIANTS if v != toy_variant.NAME)  # gpt and the package's variants
+    assert proc.returncode != 0 and proc.stderr == f"error: --model-variant 'every-other' must be one of {builtin}\n"
 
 
 def _losses(log: str) -> dict[int, float]:
