@@ -105,6 +105,21 @@ NO_EFFECT: dict[str, Accepted] = {
     "--manual-gc": Accepted(_PERF),
     "--manual-gc-interval": Accepted(_PERF, int),
     "--num-workers-per-rank": Accepted(_PERF, int),
+    # Logging: what these ask for is always logged here (megatron_ext/training/metrics.py); the others are fields
+    "--log-throughput": Accepted(
+        "tokens/s, TFLOP/s per device and MFU are always in the log line and tensorboard", fine=(True,)
+    ),
+    "--log-validation-ppl-to-tensorboard": Accepted(
+        "the validation perplexity is always in tensorboard (valid/<corpus>/ppl)", fine=(True,)
+    ),
+    "--log-batch-size-to-tensorboard": Accepted(
+        "the batch size is always in tensorboard (train/global_batch_size)", fine=(True,)
+    ),
+    "--no-log-learning-rate-to-tensorboard": Accepted("the learning rate is always in tensorboard (train/lr)"),
+    "--no-log-loss-scale-to-tensorboard": Accepted("the loss scale is always in tensorboard (train/loss_scale)"),
+    "--tensorboard-log-interval": Accepted("tensorboard is written at every --log-interval", int),
+    "--tensorboard-queue-size": Accepted("the tensorboard writer's queue; " + _PERF, int),
+    "--use-pytorch-profiler": Accepted("--profile always records with torch's profiler here", fine=(True,)),
 }
 
 # Change the run but are not built here: parsed (so the configuration prints and DRY_RUN shows them), and the run
@@ -157,8 +172,9 @@ VALUE_ALIASES: dict[str, tuple[str, str, Any]] = {
 }
 
 # --attention-backend values of Megatron-LM -> ours: flash attention is SDPA's flash kernels; cuDNN's fused
-# attention is Transformer Engine's (te); Megatron-LM's local is megatron-core's DotProductAttention.
-ATTENTION_BACKENDS: dict[str, str] = {"flash": "sdpa", "fused": "te", "local": "unfused"}
+# attention is Transformer Engine's, so auto (te where it is installed on a GPU, else sdpa: the same function);
+# Megatron-LM's local is megatron-core's DotProductAttention.
+ATTENTION_BACKENDS: dict[str, str] = {"flash": "sdpa", "fused": "auto", "local": "unfused"}
 
 
 def refused_feature(arg: str) -> str | None:

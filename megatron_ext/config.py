@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext.cli import OneLineParser, UserError
-from megatron_ext.compat import LEGACY_SPELLINGS, NO_EFFECT, NOT_BUILT, VALUE_ALIASES, Accepted, refused_feature
+from megatron_ext.compat import (
+    ATTENTION_BACKENDS,
+    LEGACY_SPELLINGS,
+    NO_EFFECT,
+    NOT_BUILT,
+    VALUE_ALIASES,
+    Accepted,
+    refused_feature,
+)
 from megatron_ext.lr_schedule import (
     LR_DECAY_STYLES,
     LR_LENGTHS,
@@ -183,10 +191,31 @@ class ModelConfig:
         "unfused (megatron-core's local DotProductAttention), te (Transformer Engine), auto (te when "
         "installed on GPU, else sdpa). With --reset-attention-mask sdpa runs causal SDPA per document; "
         "sdpa-dense (one SDPA call with a dense document mask) and unfused take an O(s^2) mask: references.",
-        choices=["auto", "sdpa", "sdpa-dense", "unfused", "te"],
+        choices=["auto", "sdpa", "sdpa-dense", "unfused", "te", *ATTENTION_BACKENDS],
+    )
+    apply_layernorm_1p: bool = opt(
+        False, "LayerNorm with zero-centred gamma: weight initialised to 0 and applied as (1 + weight)."
+    )
+    squared_relu: bool = opt(False, "MLP activation relu(x)^2 instead of GeLU.")
+    no_position_embedding: bool = opt(
+        False,
+        "No learned absolute position embedding (Megatron-LM's deprecated spelling): --position-embedding-type "
+        "learned_absolute becomes none; rope stays rope.",
+    )
+    rotary_interleaved: bool = opt(False, "RoPE rotates interleaved pairs (x0,x1),(x2,x3)... instead of halves.")
+    word_embedding_init_std: float | None = opt(
+        None, "Standard deviation of the word embedding's initialisation (default --init-method-std)."
     )
 
     def __post_init__(self) -> None:
+        self.attention_backend = ATTENTION_BACKENDS.get(self.attention_backend, self.attention_backend)
+        if self.no_position_embedding and self.position_embedding_type == "learned_absolute":
+            self.position_embedding_type = "none"
+        _check(not (self.swiglu and self.squared_relu), "give --swiglu or --squared-relu, not both")
+        _check(
+            not self.apply_layernorm_1p or self.normalization.lower() == "layernorm",
+            "--apply-layernorm-1p is for --normalization LayerNorm",
+        )
         norm = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(self.normalization.lower())
         if norm is None:
             raise ConfigError(f"--normalization {self.normalization!r} must be LayerNorm or RMSNorm")
@@ -221,6 +250,7 @@ class ModelConfig:
         _check(0 <= self.hidden_dropout < 1 and 0 <= self.attention_dropout < 1, "dropouts must be in [0, 1)")
         _check(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive")
         _check_positive(self, "ffn_hidden_size", "kv_channels", "norm_epsilon", "init_method_std", "rotary_base")
+        _check_positive(self, "word_embedding_init_std")
         _check(0 < self.rotary_percent <= 1, f"--rotary-percent {self.rotary_percent} must be in (0, 1]")
 
 
@@ -245,11 +275,26 @@ class ParallelConfig:
     device: str = opt(
         "auto", "Where to train: auto picks cuda, then xpu, then cpu.", choices=["auto", "cuda", "xpu", "cpu"]
     )
+    context_parallel_size: int = opt(1, "Context-parallel size (parsed; > 1 is not built here: the run stops).")
+    decoder_first_pipeline_num_layers: int | None = opt(
+        None, "Uneven pipeline: layers of the first stage (the rest spread evenly over the other stages)."
+    )
+    decoder_last_pipeline_num_layers: int | None = opt(
+        None, "Uneven pipeline: layers of the last stage (the rest spread evenly over the other stages)."
+    )
+    grad_reduce_in_bf16: bool = opt(
+        False, "Reduce gradients over data-parallel ranks in bf16 (with --bf16) instead of fp32."
+    )
 
     def __post_init__(self) -> None:
         _check(self.tensor_model_parallel_size >= 1, "--tensor-model-parallel-size must be >= 1")
         _check(self.pipeline_model_parallel_size >= 1, "--pipeline-model-parallel-size must be >= 1")
-        _check_positive(self, "distributed_timeout_minutes")
+        _check_positive(self, "distributed_timeout_minutes", "context_parallel_size")
+        for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            _check(
+                getattr(self, name) is None or self.pipeline_model_parallel_size > 1,
+                f"--{name.replace('_', '-')} needs --pipeline-model-parallel-size > 1",
+            )
 
 
 @dataclass
@@ -259,6 +304,10 @@ class TrainingConfig:
     micro_batch_size: int = opt(4, "Samples per micro-batch on one data-parallel rank.")
     global_batch_size: int = derived(
         "Samples per optimizer step over all ranks; default micro batch x data-parallel size."
+    )
+    eval_global_batch_size: int = derived(
+        "Samples of one validation batch over all ranks (--eval-iters of them per evaluation); default "
+        "--global-batch-size."
     )
     rampup_batch_size: list[int] | None = opt(
         None,
@@ -295,13 +344,37 @@ class TrainingConfig:
     )
     max_skipped_steps: int = opt(10, "Stop after this many consecutive skipped (NaN/inf) steps.")
     seed: int = opt(1234, "Random seed (weights, dropout, data order).")
+    recompute_granularity: str | None = opt(
+        None,
+        "Activation recompute: full (whole layers, --recompute-method/--recompute-num-layers) or selective (the "
+        "core attention only). --recompute-activations is full, uniform, 1 layer.",
+        choices=["full", "selective"],
+    )
+    recompute_method: str | None = opt(
+        None, "With full recompute: uniform (every chunk of N layers) or block (the first N layers of a stage).",
+        choices=["uniform", "block"],
+    )  # fmt: skip
+    recompute_num_layers: int | None = opt(None, "With full recompute: N of --recompute-method (default 1).")
+    deterministic_mode: bool = opt(
+        False, "Deterministic algorithms only (torch.use_deterministic_algorithms): bitwise-repeatable runs."
+    )
 
     def __post_init__(self) -> None:
         _check(self.micro_batch_size > 0, "--micro-batch-size must be positive")
         _check(self.train_iters is None or self.train_iters > 0, "--train-iters must be positive")
         _check_positive(self, "global_batch_size", "train_samples", "exit_interval", "exit_duration_in_mins")
-        _check_positive(self, "cross_entropy_chunk")
+        _check_positive(self, "eval_global_batch_size")
+        _check_positive(self, "cross_entropy_chunk", "recompute_num_layers")
         _check(self.seed >= 0, f"--seed {self.seed} must be >= 0")
+        if self.recompute_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "full"
+        _check(
+            self.recompute_granularity == "full" or (self.recompute_method, self.recompute_num_layers) == (None, None),
+            "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+        )
+        if self.recompute_granularity == "full":
+            self.recompute_method = self.recompute_method or "uniform"
+            self.recompute_num_layers = self.recompute_num_layers or 1
         _check(
             self.train_iters is None or self.train_samples is None,
             "give --train-iters or --train-samples, not both",
@@ -317,7 +390,7 @@ class TrainingConfig:
 class OptimizerConfig:
     """AdamW (or SGD), gradient clipping, weight decay and the learning-rate schedule."""
 
-    optimizer: str = opt("adam", "Optimizer (adam is AdamW).", choices=["adam", "sgd"])
+    optimizer: str = opt("adam", "Optimizer (adam and adamw are both AdamW).", choices=["adam", "adamw", "sgd"])
     lr: float = opt(3e-4, "Peak learning rate.")
     min_lr: float = opt(0.0, "Learning rate at the end of decay or cooldown (0 allowed for every style).")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")
@@ -326,6 +399,10 @@ class OptimizerConfig:
     adam_eps: float = opt(1e-8, "Adam epsilon.")
     sgd_momentum: float = opt(0.9, "SGD momentum.")
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0 disables).")
+    decoupled_lr: float | None = opt(
+        None, "Peak LR of the embedding and output layer (their own parameter group; default --lr)."
+    )
+    decoupled_min_lr: float | None = opt(None, "Minimum LR of the --decoupled-lr group (default --min-lr).")
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, not {self.lr}")
@@ -336,6 +413,14 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, not {self.weight_decay}")
         _check(0 <= self.min_lr <= self.lr, f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         _check(self.clip_grad >= 0, "--clip-grad must be >= 0")
+        if self.optimizer == "adamw":  # ALCF's spelling; megatron-core's adam is AdamW
+            self.optimizer = "adam"
+        _check_positive(self, "decoupled_lr")
+        _check(
+            self.decoupled_min_lr is None
+            or (self.decoupled_lr is not None and 0 <= self.decoupled_min_lr <= self.decoupled_lr),
+            "--decoupled-min-lr needs --decoupled-lr, and must be in [0, --decoupled-lr]",
+        )
 
 
 @dataclass
@@ -450,6 +535,15 @@ class PrecisionConfig:
     min_loss_scale: float = opt(1.0, "Minimum dynamic loss scale.")
     loss_scale_window: int = opt(1000, "Steps without overflow before the dynamic loss scale grows.")
     hysteresis: int = opt(2, "Overflows tolerated before the dynamic loss scale shrinks.")
+    fp8_format: str | None = opt(
+        None,
+        "FP8 training with Transformer Engine on a GPU that has it: e4m3 or hybrid (e4m3 forward, e5m2 backward). "
+        "Elsewhere the run stops at start-up.",
+        choices=["e4m3", "hybrid"],
+    )
+    fp8_amax_history_len: int = opt(1, "FP8: length of the amax history window.")
+    fp8_amax_compute_algo: str = opt("most_recent", "FP8: scaling from the history.", choices=["most_recent", "max"])
+    fp8_param_gather: bool = opt(False, "FP8: keep the parameters in FP8 for the all-gather (needs --fp8-format).")
 
     def __post_init__(self) -> None:
         _check(not (self.bf16 and self.fp16), "give --bf16 or --fp16, not both")
@@ -457,6 +551,20 @@ class PrecisionConfig:
     @property
     def params_dtype(self) -> str:
         return PRECISIONS["bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"]
+
+
+# --tokenizer-type values -> the DataConfig fields each needs (megatron_ext/data/tokenizers.py builds them).
+TOKENIZER_TYPES: dict[str, tuple[str, ...]] = {
+    "ByteTokenizer": (),
+    "SentencePieceTokenizer": ("tokenizer_model",),
+    "GPTSentencePieceTokenizer": ("tokenizer_model",),
+    "Llama2Tokenizer": ("tokenizer_model",),
+    "HuggingFaceTokenizer": ("tokenizer_model",),
+    "HFTokenizer": ("tokenizer_model",),
+    "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+    "NullTokenizer": ("vocab_size",),
+    "TikTokenizer": ("tokenizer_model",),
+}
 
 
 @dataclass
@@ -482,15 +590,22 @@ class DataConfig:
     data_cache_path: str = opt("data_cache", "Folder for index caches and the built-in corpus.")
     tokenizer_type: str = opt(
         "ByteTokenizer",
-        "Tokenizer.",
-        choices=[
-            "ByteTokenizer",
-            "SentencePieceTokenizer",
-            "GPTSentencePieceTokenizer",
-            "HuggingFaceTokenizer",
-        ],
+        "Tokenizer: the files each needs are in TOKENIZER_TYPES (HFTokenizer is HuggingFaceTokenizer, "
+        "Llama2Tokenizer and GPTSentencePieceTokenizer are SentencePieceTokenizer; NullTokenizer reads text of ids).",
+        choices=list(TOKENIZER_TYPES),
     )
     tokenizer_model: str | None = opt(None, "SentencePiece .model, or a Hugging Face tokenizer.json / folder.")
+    vocab_file: str | None = opt(None, "GPT2BPETokenizer: the GPT-2 vocab.json (read when the run starts).")
+    merge_file: str | None = opt(None, "GPT2BPETokenizer: the GPT-2 merges.txt (read when the run starts).")
+    vocab_size: int | None = opt(None, "NullTokenizer: ids below this are tokens, this one is end-of-document.")
+    tiktoken_pattern: str | None = opt(
+        None, "TikTokenizer's split pattern (parsed; TikTokenizer is not built here).", choices=["v1", "v2"]
+    )
+    mock_data: bool = opt(
+        False,
+        "Train on synthetic data (random token ids in documents of random length, made under --data-cache-path "
+        "for the tokenizer's vocabulary): no data files needed.",
+    )
     num_workers: int = opt(0, "Data-loader worker processes.")
     reset_attention_mask: bool = opt(
         False,
@@ -518,13 +633,21 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        parts = self.split.replace("/", ",").split(",")
+        split = self.split.strip("'\" ")  # Megatron-LM's llama3 example passes --split "'99,1,0'"
+        parts = split.replace("/", ",").split(",")
         ok = len(parts) in (1, 2, 3) and all(p.strip().replace(".", "", 1).isdigit() for p in parts)
         ok = ok and sum(float(p) for p in parts) > 0
         _check(ok, f"--split {self.split!r} must be up to three non-negative numbers like 969,30,1, not all 0")
+        self.split = split
+        for needed in TOKENIZER_TYPES[self.tokenizer_type]:
+            _check(
+                getattr(self, needed) is not None,
+                f"--tokenizer-type {self.tokenizer_type} needs --{needed.replace('_', '-')}",
+            )
+        _check(self.vocab_size is None or self.vocab_size > 0, f"--vocab-size {self.vocab_size} must be positive")
         _check(
-            self.tokenizer_type == "ByteTokenizer" or self.tokenizer_model is not None,
-            f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model PATH",
+            not (self.mock_data and (self.data_path or self.data_file_list)),
+            "--mock-data trains on synthetic data: give it without --data-path / --data-file-list",
         )
         for flag in ("reset_position_ids", "check_document_masking", "packing"):
             _check(
@@ -603,11 +726,75 @@ class LoggingConfig:
         None, "Peak dense TFLOP/s of one device for MFU; default from a table of known GPUs (n/a on CPU)."
     )
     run_dir: str | None = opt(None, "Write config.json and the line log here (default: --save, if set).")
+    # What more a log line reports (megatron_ext/training/telemetry.py, megatron_ext/training/timers.py)
+    timing_log_level: int = opt(
+        0,
+        "Timers of the step's phases, min/max across ranks after each log line: 0 only checkpoint saves and "
+        "evaluations (nothing inside a step, no device synchronisation); 1 also forward-backward, gradient "
+        "all-reduce and the optimizer's phases; 2 also each micro-batch's data, forward and backward (1 and 2 "
+        "synchronise the device around each timed phase).",
+        choices=[0, 1, 2],
+    )
+    timing_log_option: str = opt(
+        "minmax", "Timers across ranks: max, minmax, or all (each rank's).", choices=["max", "minmax", "all"]
+    )
+    barrier_with_level_1_timing: bool = opt(
+        True,
+        "Level-1 timers start at a barrier of all ranks, so a rank's time is its own work "
+        "(--no-barrier-with-level-1-timing: not, as Megatron-LM's flag).",
+    )
+    log_timers_to_tensorboard: bool = opt(
+        False, "Write the timers to tensorboard too: timers/<name>-time, seconds per step, max across ranks."
+    )
+    log_memory_to_tensorboard: bool = opt(
+        False,
+        "Write memory to tensorboard: memory/allocated_bytes, max_allocated_bytes, reserved_bytes, "
+        "allocation_count (GPU), memory/rss_bytes, max_rss_bytes (CPU: this process's resident memory).",
+    )
+    log_params_norm: bool = opt(False, "The L2 norm of all parameters in each log line and tensorboard.")
+    log_num_zeros_in_grad: bool = opt(
+        False, "The number of zeros in the gradients of each logged step (megatron-core's count), line and tensorboard."
+    )
+    log_optimizer_states_to_tensorboard: bool = opt(
+        False,
+        "Norms of the Adam moments in tensorboard: optimizer/momentum_l2, variance_l2, variance_sqrt_l2, "
+        "momentum_abs_max, variance_abs_max (every parameter once, over all ranks).",
+    )
+    logging_level: int | None = opt(
+        None,
+        "Python logging level of every logger (10 DEBUG, 20 INFO, 30 WARNING, 40 ERROR); default: the "
+        "MEGATRON_LOGGING_LEVEL variable, else unchanged.",
+    )
+    profile: bool = opt(
+        False,
+        "Record a torch profiler trace (CPU and device activities) of steps --profile-step-start to "
+        "--profile-step-end, written beside the tensorboard logs (else in --run-dir).",
+    )
+    profile_step_start: int = opt(10, "First profiled step: the one that starts at this iteration (counted from 0).")
+    profile_step_end: int = opt(12, "Profiling stops at this iteration (the step that starts here is not traced).")
+    profile_ranks: list[int] = opt([0], "Ranks that record a trace.")
+    wandb_project: str | None = opt(
+        None,
+        "Also log every tensorboard scalar to this Weights & Biases project (the wandb extra); offline when the "
+        "service is unreachable or not logged in (`wandb sync` later), or as WANDB_MODE says.",
+    )
+    wandb_entity: str | None = opt(None, "Weights & Biases entity (team or user).")
+    wandb_exp_name: str | None = opt(None, "Weights & Biases run name (default: wandb's).")
+    wandb_save_dir: str | None = opt(None, "wandb writes its run into wandb/ here (default: the run folder).")
 
     def __post_init__(self) -> None:
         _check(self.log_interval > 0, "--log-interval must be positive")
         _check(self.eval_interval > 0, "--eval-interval must be positive")
         _check(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 disables validation)")
+        _check(
+            0 <= self.profile_step_start < self.profile_step_end,
+            f"--profile-step-start {self.profile_step_start} and --profile-step-end {self.profile_step_end}: "
+            "expected 0 <= start < end",
+        )
+        _check(
+            not self.profile or bool(self.tensorboard_dir or self.run_dir),
+            "--profile writes its trace beside the tensorboard logs: give --tensorboard-dir (or --run-dir)",
+        )
 
 
 @dataclass
@@ -939,10 +1126,7 @@ class Config:
                 m.num_query_groups % tp == 0,
                 f"--num-query-groups {m.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}",
             )
-        _check(
-            m.num_layers % pp == 0,
-            f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
-        )
+        self._check_pipeline_layers()
         vp = p.num_layers_per_virtual_pipeline_stage
         if vp is not None:
             _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
@@ -972,6 +1156,29 @@ class Config:
         )
         self.variant_options.check(self)
         check_schedule(self)
+
+    def _check_pipeline_layers(self) -> None:
+        """Layers split evenly over the pipeline stages, or unevenly with --decoder-first/last-pipeline-num-layers
+        (the other stages share the rest evenly, as megatron-core's TransformerConfig requires)."""
+        L, p = self.model.num_layers, self.parallel
+        pp = p.pipeline_model_parallel_size
+        ends = [n for n in (p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers) if n is not None]
+        if not ends:
+            _check(L % pp == 0, f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp}")
+            return
+        middle, stages = L - sum(ends), pp - len(ends)
+        _check(
+            all(n >= 1 for n in ends)
+            and middle >= stages
+            and (stages == 0 or middle % stages == 0)
+            and (stages or not middle),
+            f"--num-layers {L} minus --decoder-first/last-pipeline-num-layers ({'+'.join(map(str, ends))}) must split "
+            f"evenly over the other {stages} pipeline stage(s), at least one layer each",
+        )
+        _check(
+            p.num_layers_per_virtual_pipeline_stage is None,
+            "--decoder-first/last-pipeline-num-layers cannot take --num-layers-per-virtual-pipeline-stage",
+        )
 
     def _read_as_megatron(self) -> None:
         """Combinations Megatron-LM resolves rather than refuses are resolved alike, each with a line in the
@@ -1013,6 +1220,13 @@ class Config:
         _check(
             t.global_batch_size % per_step == 0,
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}",
+        )
+        if t.eval_global_batch_size is None:
+            t.eval_global_batch_size = t.global_batch_size
+        _check(
+            t.eval_global_batch_size % per_step == 0,
+            f"--eval-global-batch-size {t.eval_global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}",
         )
         if t.rampup_batch_size is not None:
@@ -1328,9 +1542,17 @@ def startup_note(cfg: Config) -> str | None:
     )
 
 
-def check_built(cfg: Config) -> None:
+def check_built(cfg: Config, transformer_engine_gpu: bool = False) -> None:
     """Stops the run at start-up on a flag that would change it but whose feature is not built here
-    (megatron_ext/compat.py's NOT_BUILT), naming the flag; the configuration still parses and prints."""
+    (megatron_ext/compat.py's NOT_BUILT, context parallelism, FP8 without Transformer Engine on a GPU), naming the
+    flag; the configuration still parses and prints."""
+    cp, fp8 = cfg.parallel.context_parallel_size, cfg.precision.fp8_format
+    _check(cp == 1, f"--context-parallel-size {cp} is not built here (context parallelism): use 1")
+    _check(
+        fp8 is None or transformer_engine_gpu,
+        f"--fp8-format {fp8} needs Transformer Engine on a GPU, which this run does not have: remove the --fp8-* flags",
+    )
+    _check(not cfg.precision.fp8_param_gather or fp8 is not None, "--fp8-param-gather needs --fp8-format")
     for flag, value in cfg.compat.given.items():
         accepted = NOT_BUILT.get(flag)
         if accepted is not None and value not in accepted.fine:

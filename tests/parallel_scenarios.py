@@ -51,6 +51,9 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
     "dp2_distopt": (["--use-distributed-optimizer"], "reference"),
     "dp2_distopt_overlap": (["--use-distributed-optimizer", "--overlap-grad-reduce"], "reference"),
     "recompute": (["--recompute-activations"], "reference"),
+    "recompute_selective": (["--recompute-granularity", "selective"], "reference"),
+    "recompute_block": (["--checkpoint-activations", "--activations-checkpoint-method", "block"], "reference"),
+    "pp2_uneven": (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1"], "reference"),
     "bf16": (["--bf16"], "reference"),
     "fp16": (["--fp16", "--initial-loss-scale", "32"], "reference"),
 }
@@ -58,6 +61,12 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
 
 def _params(tr: object) -> list[torch.Tensor]:
     return [p.detach().clone() for chunk in tr.model for p in chunk.parameters()]  # type: ignore[attr-defined]
+
+
+def _layers(tr: object) -> int:
+    """Transformer layers on this rank (the first pipeline stage on rank 0)."""
+    names = [n for chunk in tr.model for n, _ in chunk.named_parameters()]  # type: ignore[attr-defined]
+    return len({n.split("decoder.layers.")[1].split(".")[0] for n in names if "decoder.layers." in n})
 
 
 def run(name: str, prefix: str, workdir: Path) -> dict[str, object]:
@@ -73,7 +82,7 @@ def run(name: str, prefix: str, workdir: Path) -> dict[str, object]:
     else:
         load_full_weights(tr.model, torch.load(init))
         tr.optimizer.reload_model_params()
-    result: dict[str, object] = {"losses": [], "grad_norms": []}
+    result: dict[str, object] = {"losses": [], "grad_norms": [], "layers": _layers(tr)}
     try:
         for step in range(STEPS):
             hook = None

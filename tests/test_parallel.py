@@ -16,6 +16,7 @@ TWO_RANK = [
     "pp2",
     "pp2_tied",
     "pp2_interleaved",
+    "pp2_uneven",
     "dp2",
     "dp2_distopt",
     "dp2_distopt_overlap",
@@ -28,7 +29,7 @@ TWO_RANK = [
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("parallel")
     prefix = ngram_corpus(str(tmp / "docs"))
-    ref_names = ["reference", "reference_tied", "recompute", "bf16", "fp16"]
+    ref_names = ["reference", "reference_tied", "recompute", "recompute_selective", "recompute_block", "bf16", "fp16"]
     ref = launch_scenarios(SCRIPT, 1, 29517, [prefix], tmp / "ref.json", ref_names)
     two = launch_scenarios(SCRIPT, 2, 29518, [prefix], tmp / "two.json", TWO_RANK)
     return {**ref, **two}
@@ -50,6 +51,9 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-5) -> bool:
         ("dp2_distopt", "reference"),
         ("dp2_distopt_overlap", "reference"),
         ("recompute", "reference"),
+        ("recompute_selective", "reference"),
+        ("recompute_block", "reference"),
+        ("pp2_uneven", "reference"),
     ],
 )
 def test_layout_matches_single_process(results: dict, name: str, reference: str) -> None:
@@ -57,6 +61,12 @@ def test_layout_matches_single_process(results: dict, name: str, reference: str)
     assert ref[0] > ref[-1], f"reference loss did not fall: {ref}"
     assert _close(got, ref), f"{name} losses {got} differ from {reference} {ref}"
     assert _close(results[name]["grad_norms"], results[reference]["grad_norms"], rtol=1e-4)
+
+
+def test_uneven_pipeline_puts_the_given_layers_on_the_first_stage(results: dict) -> None:
+    """pp2_uneven (--decoder-first-pipeline-num-layers 1 of 4) trains like one process (above) with 1 layer on
+    the first stage, where pp2 has 2."""
+    assert (results["pp2_uneven"]["layers"], results["pp2"]["layers"], results["reference"]["layers"]) == (1, 2, 4)
 
 
 def test_injected_nan_never_reaches_the_weights(results: dict) -> None:

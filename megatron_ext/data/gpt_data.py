@@ -24,17 +24,22 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.blend import BlendSpec, CorpusBlend
 from megatron_ext.data.builtin_corpus import build_builtin_corpus
 from megatron_ext.data.data_list import DataEntry, parse_data_lists, parse_data_path, validate
+from megatron_ext.data.mock import MOCK_CORPUS, build_mock_corpus
 from megatron_ext.data.tokenizers import Tokenizer
 
 BUILTIN_CORPUS = "stdlib"
 
 
 def training_entries(cfg: Config, tokenizer: Tokenizer) -> list[DataEntry]:
-    """The training files: --data-file-list, --data-path, or the built-in corpus; validated (file:line errors)."""
+    """The training files: --data-file-list, --data-path, --mock-data or the built-in corpus; validated
+    (file:line errors)."""
     if cfg.data.data_file_list:
         entries = parse_data_lists(cfg.data.data_file_list)
     elif cfg.data.data_path:
         entries = parse_data_path(cfg.data.data_path)
+    elif cfg.data.mock_data:
+        prefix = build_mock_corpus(Path(cfg.data.data_cache_path) / MOCK_CORPUS, tokenizer, cfg.model.seq_length)
+        entries = [DataEntry(1.0, prefix, MOCK_CORPUS, "--mock-data")]
     else:
         prefix = build_builtin_corpus(Path(cfg.data.data_cache_path) / "builtin", tokenizer)
         entries = [DataEntry(1.0, prefix, BUILTIN_CORPUS, "built-in corpus")]

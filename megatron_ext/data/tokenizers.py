@@ -17,13 +17,7 @@ from typing import Any, cast
 import numpy as np
 
 from megatron_ext.cli import UserError
-
-TOKENIZER_TYPES = (
-    "ByteTokenizer",
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "HuggingFaceTokenizer",
-)
+from megatron_ext.config import TOKENIZER_TYPES, DataConfig
 
 # Files that define a Hugging Face tokenizer; their bytes go into the tokenizer's name so that two
 # different tokenizers never share a cached dataset.
@@ -212,20 +206,123 @@ class HuggingFaceTokenizer(Tokenizer):
         return cast(str, self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._size], skip_special_tokens=True))
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path | None) -> Tokenizer:
-    """The tokenizer named by ``--tokenizer-type`` (and ``--tokenizer-model`` where it needs a file)."""
-    if tokenizer_type == "ByteTokenizer":
-        return ByteTokenizer()
+class GPT2BPETokenizer(Tokenizer):
+    """GPT-2's byte-level BPE from a local vocab.json and merges.txt (Megatron-LM's --vocab-file/--merge-file);
+    eod is <|endoftext|>, or one id appended after the vocabulary if it has none."""
+
+    def __init__(self, vocab_file: str | Path, merge_file: str | Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not Path(path).is_file():
+                raise TokenizerError(f"{flag} {str(path)!r}: no such file; expected GPT-2's vocab.json / merges.txt")
+        try:
+            bpe = models.BPE.from_file(str(vocab_file), str(merge_file))
+        except Exception as err:  # the Rust library raises its own Exception type with the parse error
+            raise TokenizerError(
+                f"--vocab-file {vocab_file}, --merge-file {merge_file}: not GPT-2 BPE ({err})"
+            ) from None
+        self._tok = RustTokenizer(bpe)
+        self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = decoders.ByteLevel()
+        self._size = self._tok.get_vocab_size()
+        eos = self._tok.token_to_id("<|endoftext|>")
+        self._eod = eos if eos is not None else self._size
+        self._vocab_size = self._size if eos is not None else self._size + 1
+        self._pad = -1
+        data = [Path(vocab_file).read_bytes(), Path(merge_file).read_bytes()]
+        self.name = f"gpt2bpe-{_slug(Path(vocab_file).stem)}-{_digest(*data)}"
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self._size and int(i) != self._eod])
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's NullTokenizer: text is ids written as numbers separated by spaces; --vocab-size ids plus
+    eod (= --vocab-size). For data that is already token ids, and for --mock-data at a chosen vocabulary."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self._vocab_size, self._eod, self._pad = vocab_size + 1, vocab_size, -1
+        self.name = f"null-{vocab_size}"
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError as err:
+            raise TokenizerError(f"NullTokenizer reads ids written as numbers: {err}") from err
+        bad = [i for i in ids if not 0 <= i < self._eod]
+        if bad:
+            raise TokenizerError(f"NullTokenizer: id {bad[0]} is outside --vocab-size {self._eod}")
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids if 0 <= int(i) < self._eod)
+
+
+# Other names of the tokenizers above, as Megatron-LM and ALCF's scripts spell them.
+_SAME_AS = {
+    "GPTSentencePieceTokenizer": "SentencePieceTokenizer",
+    "Llama2Tokenizer": "SentencePieceTokenizer",
+    "HFTokenizer": "HuggingFaceTokenizer",
+}
+
+
+def build_tokenizer(
+    tokenizer_type: str,
+    tokenizer_model: str | Path | None,
+    *,
+    vocab_file: str | Path | None = None,
+    merge_file: str | Path | None = None,
+    vocab_size: int | None = None,
+) -> Tokenizer:
+    """The tokenizer named by ``--tokenizer-type``, from the files (or vocabulary size) it needs
+    (config.TOKENIZER_TYPES)."""
     if tokenizer_type not in TOKENIZER_TYPES:
         raise TokenizerError(
             f"--tokenizer-type {tokenizer_type!r} is unknown; expected one of {', '.join(TOKENIZER_TYPES)}"
         )
-    if not tokenizer_model:
-        what = "a SentencePiece .model file" if "SentencePiece" in tokenizer_type else "a tokenizer.json or its folder"
-        raise TokenizerError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}: expected {what}")
-    if tokenizer_type == "HuggingFaceTokenizer":
+    given = {"tokenizer_model": tokenizer_model, "vocab_file": vocab_file, "merge_file": merge_file}
+    given["vocab_size"] = vocab_size
+    missing = [f"--{n.replace('_', '-')}" for n in TOKENIZER_TYPES[tokenizer_type] if not given[n]]
+    if missing:
+        what = {"tokenizer_model": "a SentencePiece .model file or a Hugging Face tokenizer.json or its folder"}
+        raise TokenizerError(
+            f"{' and '.join(missing)} is required with --tokenizer-type {tokenizer_type}"
+            + (f": expected {what['tokenizer_model']}" if missing == ["--tokenizer-model"] else "")
+        )
+    kind = _SAME_AS.get(tokenizer_type, tokenizer_type)
+    if kind == "ByteTokenizer":
+        return ByteTokenizer()
+    if kind == "GPT2BPETokenizer":
+        assert vocab_file is not None and merge_file is not None
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if kind == "NullTokenizer":
+        assert vocab_size is not None
+        return NullTokenizer(vocab_size)
+    if kind == "TikTokenizer":
+        raise TokenizerError(
+            "--tokenizer-type TikTokenizer is not built here (tiktoken's vocabulary format): save the vocabulary as "
+            "a Hugging Face tokenizer.json and use --tokenizer-type HuggingFaceTokenizer"
+        )
+    assert tokenizer_model is not None
+    if kind == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     return SentencePieceTokenizer(tokenizer_model)
+
+
+def tokenizer_of(data: DataConfig) -> Tokenizer:
+    """The run's tokenizer, from its --tokenizer-type and the files or size that type needs."""
+    return build_tokenizer(
+        data.tokenizer_type,
+        data.tokenizer_model,
+        vocab_file=data.vocab_file,
+        merge_file=data.merge_file,
+        vocab_size=data.vocab_size,
+    )
 
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:

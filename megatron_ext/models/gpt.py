@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.activations import squared_relu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -56,13 +57,29 @@ from megatron_ext.platform import DTYPES, Platform
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
+class LayerNorm1P(torch.nn.LayerNorm):
+    """LayerNorm with zero-centred gamma (--apply-layernorm-1p): the weight starts at 0 and scales by
+    (1 + weight), so weight decay pulls the scale towards 1. megatron-core's torch norm wrapper refuses it (TE's
+    norms do it on GPU)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.elementwise_affine:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        return F.layer_norm(input, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
 class TorchNorm:
     """torch.nn.LayerNorm / RMSNorm with the `sequence_parallel` marking megatron-core's grad reduction reads."""
 
     def __new__(  # type: ignore[misc]  # returns a torch norm, not a TorchNorm: a factory with a class's name
         cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: object
     ) -> torch.nn.Module:
-        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm_cls: type[torch.nn.Module] = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        if config.layernorm_zero_centered_gamma:
+            norm_cls = LayerNorm1P
         norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
         for p in norm.parameters():
             p.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # megatron-core's mark
@@ -318,7 +335,7 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
     dtype = DTYPES[prec.params_dtype]
     fused = platform.device_type == "cuda"
-    recompute = cfg.training.recompute_activations
+    t = cfg.training
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -332,8 +349,13 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
         layernorm_epsilon=m.norm_epsilon,
         add_bias_linear=not m.disable_bias_linear,
         gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
+        activation_func=F.silu if m.swiglu else squared_relu if m.squared_relu else F.gelu,
         init_method_std=m.init_method_std,
+        embedding_init_method_std=m.word_embedding_init_std,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
+        rotary_interleaved=m.rotary_interleaved,
+        num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_size,
@@ -343,13 +365,17 @@ def transformer_config(cfg: Config, platform: Platform) -> TransformerConfig:
         bf16=prec.bf16,
         fp16=prec.fp16,
         use_cpu_initialization=platform.is_cpu,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        recompute_granularity=t.recompute_granularity,
+        recompute_method=t.recompute_method,
+        recompute_num_layers=t.recompute_num_layers,
+        deterministic_mode=t.deterministic_mode,
+        fp8=prec.fp8_format,
+        fp8_amax_history_len=prec.fp8_amax_history_len,
+        fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
         # Batched p2p with both pipeline neighbours on one rank (interleaved PP=2) mismatches messages on gloo.
         batch_p2p_comm=platform.backend != "gloo",
         masked_softmax_fusion=fused,
-        bias_activation_fusion=fused and not m.disable_bias_linear,
+        bias_activation_fusion=fused and not m.disable_bias_linear and not m.squared_relu,
         bias_dropout_fusion=fused,
         apply_rope_fusion=False,
         # On CPU the MLP calls the spec's activation module (megatron-core's hook for TE's): our SwiGLU.
@@ -511,7 +537,7 @@ class GPTRecipe(Recipe):
         cfg, eod = self.cfg, self.tokenizer.eod
         entries = training_entries(cfg, self.tokenizer)
         self.train_data = build_train_data(cfg, entries, run_samples, consumed_samples, saved, eod)
-        valid_samples = cfg.logging.eval_iters * cfg.training.global_batch_size
+        valid_samples = cfg.logging.eval_iters * cfg.training.eval_global_batch_size
         self.valid_sets = build_validation_sets(cfg, entries, valid_samples, eod)
         return self.train_data.note
 

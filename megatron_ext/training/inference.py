@@ -19,6 +19,7 @@ from megatron_ext.training.layout import CheckpointNotFound
 
 if TYPE_CHECKING:
     import torch
+    from megatron.core.transformer.module import MegatronModule
 
 
 def find_checkpoint(load: str | Path, iteration: int | None = None) -> Path:
@@ -115,14 +116,14 @@ def load_model(
 
     from megatron_ext import distributed, platform
     from megatron_ext.config import ConfigError
-    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
+    from megatron_ext.data.tokenizers import padded_vocab_size, tokenizer_of
     from megatron_ext.models.gpt import build_model, transformer_config
 
     saved, common = read_config(ckpt)
     cfg, saved_tp = inference_config(saved, tensor_parallel_size)
     if tokenizer_model is not None:
         cfg.data.tokenizer_model = tokenizer_model
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = tokenizer_of(cfg.data)
     vocab = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by, saved_tp)
     if vocab % tensor_parallel_size:
         raise ConfigError(
@@ -148,7 +149,7 @@ def load_model(
     return model, tokenizer, target, cfg, common
 
 
-def read_weights(gpt: torch.nn.Module, ckpt: Path) -> None:
+def read_weights(gpt: MegatronModule, ckpt: Path) -> None:
     """Loads the model weights of the checkpoint `ckpt` (an iter_* folder, any layout) into `gpt`, built at this
     run's tensor-parallel size. Sharded-tensor keys are global (layer offsets included), so one full chunk reads
     what was saved under "model" or "model0".."modelN" (virtual pipeline) alike; the dict key only nests the

@@ -12,6 +12,7 @@ is never applied.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -48,11 +49,12 @@ from megatron_ext.config import (
     schedule_config,
     startup_note,
 )
-from megatron_ext.data.tokenizers import Tokenizer, build_tokenizer
+from megatron_ext.data.tokenizers import Tokenizer, tokenizer_of
+from megatron_ext.models.gpt import HAVE_TE
 from megatron_ext.models.recipe import Batch, Recipe, build_recipe
 from megatron_ext.training import checkpointing, universal
 from megatron_ext.training.metrics import MetricsLogger, peak_tflops
-from megatron_ext.training.optim import build_optimizer, build_scheduler, wrap_model
+from megatron_ext.training.optim import build_optimizer, build_scheduler, lr_range, wrap_model
 from megatron_ext.training.schedules import ParamScheduler
 
 
@@ -213,11 +215,12 @@ def check_non_finite(tr: Trainer, values: dict[str, float]) -> None:
 
 
 def evaluate(tr: Trainer) -> dict[str, dict[str, float]]:
-    """Mean per-token validation losses of each validation set over --eval-iters global batches (the same
-    batches at every evaluation, so the numbers are comparable over the run)."""
+    """Mean per-token validation losses of each validation set over --eval-iters batches of
+    --eval-global-batch-size samples (the same batches at every evaluation, so the numbers are comparable over
+    the run)."""
     cfg = tr.cfg
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)
+    num_microbatches = cfg.training.eval_global_batch_size // (cfg.training.micro_batch_size * dp_size)
     for chunk in tr.model:
         chunk.eval()
     losses = {}
@@ -337,7 +340,10 @@ def setup(cfg: Config) -> Trainer:
     """Starts the process group, builds model, optimizer, schedule and data, and resumes from --load."""
     plat = platform.select(cfg.parallel.device, cfg.parallel.distributed_backend)
     cfg.check_folders()
-    check_built(cfg)
+    check_built(cfg, HAVE_TE and plat.device_type == "cuda")
+    if cfg.training.deterministic_mode:  # before any kernel runs (cuBLAS reads its workspace setting once)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     world_size = distributed.discover().world_size
     cfg = deepspeed_config.apply(cfg, world_size)  # --deepspeed_config's JSON is read here, not when parsed
     cfg.resolve_batch(world_size)  # every size mistake surfaces before any collective
@@ -358,7 +364,7 @@ def setup(cfg: Config) -> Trainer:
         parallel_state.get_data_parallel_world_size(),
     )  # fmt: skip
 
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = tokenizer_of(cfg.data)
     recipe = build_recipe(cfg, plat, tokenizer)
     vpp = cfg.virtual_pipeline_size
     config = recipe.transformer_config()
@@ -499,7 +505,7 @@ def resume_schedule(
             note += f" (the command line's {', '.join(differs)} ignored)"
     # The optimizer's param groups came from the checkpoint with its peak/min LR; make them the followed ones.
     for group in optimizer.param_groups:
-        group["max_lr"], group["min_lr"] = scheduler.config.lr, scheduler.config.min_lr
+        group["max_lr"], group["min_lr"] = lr_range(cfg, group, scheduler.config.lr, scheduler.config.min_lr)
     scheduler.step(0)
     return f"{note}:\n{scheduler.describe()}"
 

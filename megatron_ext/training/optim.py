@@ -19,7 +19,8 @@ def wrap_model(cfg: Config, config: TransformerConfig, chunks: list[torch.nn.Mod
     if cfg.precision.bf16 or cfg.precision.fp16:
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not (cfg.parallel.grad_reduce_in_bf16 and cfg.precision.bf16),
+        fp8_param_gather=cfg.precision.fp8_param_gather,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,  # we check the reduced norm ourselves and skip or stop
@@ -54,6 +55,8 @@ def build_optimizer(cfg: Config, model: list[DistributedDataParallel]) -> Megatr
         loss_scale_window=prec.loss_scale_window,
         hysteresis=prec.hysteresis,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        decoupled_lr=o.decoupled_lr,
+        decoupled_min_lr=o.decoupled_min_lr,
     )
     optimizer = get_megatron_optimizer(config, model)
     use_fused_adam_on_cpu(optimizer)
@@ -102,6 +105,15 @@ def _saved_as_built(opt: torch.optim.Optimizer, state_dict: dict) -> dict:
         if group.get("fused"):
             group["fused"] = None
     return state_dict
+
+
+def lr_range(cfg: Config, group: dict, lr: float, min_lr: float) -> tuple[float, float]:
+    """A param group's (peak, minimum) LR: the schedule's, or --decoupled-lr/--decoupled-min-lr for the
+    embedding and output layer's group (megatron-core marks it: not `default_config`)."""
+    o = cfg.optimizer
+    if o.decoupled_lr is None or group.get("default_config", True):
+        return lr, min_lr
+    return o.decoupled_lr, min_lr if o.decoupled_min_lr is None else o.decoupled_min_lr
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> ParamScheduler:
