@@ -77,8 +77,9 @@ class ContextCompressorRecipe(Recipe):
     lm: GPTModel
 
     def __init__(self, cfg: Config, platform: Platform, tokenizer: Tokenizer) -> None:
-        assert cfg.variant_options.compressor_lm is not None  # ContextCompressorOptions.check
-        self.lm_path = lm_checkpoint(cfg.variant_options.compressor_lm)
+        options = cfg.variant_options
+        assert isinstance(options, ContextCompressorOptions) and options.compressor_lm is not None  # checked at parse
+        self.lm_path = lm_checkpoint(options.compressor_lm)
         saved, common = inference.read_config(self.lm_path)
         lm_vocab = common.get("vocab_size")
         if lm_vocab is not None and lm_vocab != tokenizer.vocab_size:
@@ -93,7 +94,7 @@ class ContextCompressorRecipe(Recipe):
         self.lm_cfg = dataclasses.replace(
             cfg, model=type(cfg.model)(**{**lm_model, **{k: getattr(cfg.model, k) for k in RUN_MODEL_FIELDS[1:]}})
         )
-        cfg.model = encoder_config(cfg, lm_model, cfg.variant_options.encoder_num_layers).model
+        cfg.model = encoder_config(cfg, lm_model, options.encoder_num_layers).model
         super().__init__(cfg, platform, tokenizer)
         divisible = self.lm_cfg.model.make_vocab_size_divisible_by
         self.vocab_size = padded_vocab_size(tokenizer.vocab_size, divisible, saved_tp)
@@ -104,7 +105,7 @@ class ContextCompressorRecipe(Recipe):
                 "by it (reshard the LM first: tools/convert_checkpoint.py reshard --target-tp N)"
             )
         self.fingerprint = lm_fingerprint(self.lm_path)
-        self.losses = ("lm_loss", *data.eval_losses(self.options))
+        self.losses = ("lm_loss", *data.eval_losses(self.options))  # type: ignore[misc]  # depend on the ratios
         self._tokens = torch.zeros(2, dtype=torch.float64)  # encoder and LM tokens of this step, this rank
 
     # ---- the model -------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class ContextCompressorRecipe(Recipe):
         return self._micro_batches(self.train_set, consumed_samples, wrap=True)
 
     def validation_sets(self) -> list[str]:
-        return ["held-out"] if self.valid_set is not None else []
+        return ["held-out"] if self.valid_set is not None and self.cfg.logging.eval_iters > 0 else []
 
     def valid_batches(self, name: str) -> Iterator[Batch]:
         assert self.valid_set is not None

@@ -62,7 +62,7 @@ class Sample:
     soft: list[tuple[int, int]] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
 
-    def compress(self, tokens: np.ndarray, ratios: Sequence[int], segment: int, chunk: int, method: str,
+    def compress(self, tokens: np.ndarray, ratios: Sequence[int] | np.ndarray, segment: int, chunk: int, method: str,
                  rng: np.random.Generator) -> np.ndarray:  # fmt: skip
         """Adds `tokens` as encoder chunks of `chunk` tokens, cut into segments of `segment` tokens (a chunk holds
         whole segments) each kept at its ratio; returns the soft-token references (-index-1) in order."""
@@ -159,7 +159,8 @@ def read_record(record: Any, tokenize: Callable[[str], list[int]], eod: int) -> 
         raise ValueError('expected {"prompt": str, "context": str, "answer": str}')
     head, _, tail = record["prompt"].rpartition("{context}")
     ids = [np.asarray(tokenize(text), dtype=np.int64) for text in (head, record["context"], tail)]
-    return Record(*ids, np.asarray([*tokenize(record["answer"]), eod], dtype=np.int64))
+    answer = np.asarray([*tokenize(record["answer"]), eod], dtype=np.int64)
+    return Record(head=ids[0], context=ids[1], tail=ids[2], answer=answer)
 
 
 def fit_context(r: Record, ratio: int, lm_max_length: int) -> np.ndarray:

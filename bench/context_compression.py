@@ -1,0 +1,183 @@
+"""How much of the context's worth a frozen LM keeps when it reads the context compressor's soft tokens instead.
+
+    OMP_NUM_THREADS=1 python bench/context_compression.py
+
+The task makes the continuation depend on the context: key-value lines (`qz:417`) planted between slices of the
+built-in corpus (the Python standard library's text), then a query (`?qz:`) whose answer is the value. In this
+process, with byte tokens:
+
+1. a small Llama-style LM is trained on documents of that task (every key queried after the context) mixed with
+   plain corpus text (LM_SHARE of the documents);
+2. the context compressor (--model-variant context-compressor, an encoder of the LM's first ENCODER_LAYERS layers)
+   is trained in stage pt (window mode) on the same documents, then
+3. in stage ft on prompt/context/answer records of the task (one query each), from stage pt's encoder;
+4. on held-out records, the LM's loss on the answer with no context, the full context and the context compressed
+   at r = 2, 4, 8 (the baselines measured in the same run), before and after stage ft.
+
+Prints `gap closed at rK: X` (the share of the no-context -> full-context loss gap that the compressed context
+closes; target >= 0.70 at r = 4) with the share of LM input tokens saved, and the wall time of each part.
+Toy scale: the reference compresses RAG passages for Llama-2-7B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_ext.platform import quiet_optional_dependency_warnings  # noqa: E402
+
+quiet_optional_dependency_warnings()
+
+from megatron.core import parallel_state  # noqa: E402
+
+from megatron_ext.config import parse_args  # noqa: E402
+from megatron_ext.data import context_compressor as cc_data  # noqa: E402
+from megatron_ext.data.builtin_corpus import iter_documents, stdlib_files  # noqa: E402
+from megatron_ext.data.indexed import IndexedDatasetWriter  # noqa: E402
+from megatron_ext.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_ext.training import loop  # noqa: E402
+
+RUN = ROOT / "runs" / "bench_context_compression"
+PAIRS, FILLER, LM_SHARE = 4, (16, 32), 0.3
+LM_DOCS, RECORDS, HELD_OUT = 12000, 6000, 128
+SEQ, HIDDEN, LAYERS, HEADS = 256, 128, 4, 4
+ENCODER_LAYERS = 4
+LM_ITERS, PT_ITERS, FT_ITERS = 1500, 200, 600
+RATIOS = (2, 4, 8)
+TARGET = 0.70
+MODEL = (
+    f"--num-layers {LAYERS} --hidden-size {HIDDEN} --num-attention-heads {HEADS} --seq-length {SEQ} "
+    "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
+    "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0"
+).split()
+TRAINING = "--micro-batch-size 16 --lr 2e-3 --min-lr 2e-4 --lr-warmup-fraction 0.05 --log-interval 100".split()
+
+
+def filler(texts: list[str], rng: np.random.Generator) -> str:
+    text = texts[int(rng.integers(len(texts)))]
+    n = int(rng.integers(*FILLER))
+    start = int(rng.integers(max(len(text) - n, 1)))
+    return "".join(c if c.isascii() and c.isprintable() else " " for c in text[start : start + n])
+
+
+def task(texts: list[str], rng: np.random.Generator) -> tuple[str, dict[str, str]]:
+    """(context with PAIRS planted key-value lines between corpus slices, the pairs)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pairs: dict[str, str] = {}
+    while len(pairs) < PAIRS:
+        pairs["".join(rng.choice(list(letters), 2))] = "".join(rng.choice(list("0123456789"), 3))
+    context = "".join(f"{filler(texts, rng)}\n{k}:{v}\n" for k, v in pairs.items()) + filler(texts, rng)
+    return context, pairs
+
+
+def lm_document(texts: list[str], rng: np.random.Generator) -> str:
+    if rng.random() < LM_SHARE:
+        return "".join(filler(texts, rng) for _ in range(6))
+    context, pairs = task(texts, rng)
+    keys = list(pairs)
+    rng.shuffle(keys)
+    return context + "".join(f"\n?{k}:{pairs[k]}" for k in keys) + "\n"
+
+
+def record(texts: list[str], rng: np.random.Generator) -> dict[str, str]:
+    context, pairs = task(texts, rng)
+    key = str(rng.choice(list(pairs)))
+    return {"prompt": f"{{context}}\n?{key}:", "context": context, "answer": pairs[key]}
+
+
+def write_data(texts: list[str]) -> None:
+    tokenizer = build_tokenizer("ByteTokenizer", None)
+    rng = np.random.default_rng(0)
+    docs = [lm_document(texts, rng) for _ in range(LM_DOCS)]
+    with IndexedDatasetWriter(RUN / "lm_docs", vocab_size=tokenizer.vocab_size) as w:
+        for d in docs:
+            w.add_document([*tokenizer.tokenize(d), tokenizer.eod])
+        w.finalize()
+    (RUN / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for name, count in (("records.jsonl", RECORDS), ("held_out.jsonl", HELD_OUT)):
+        (RUN / name).write_text("".join(json.dumps(record(texts, rng)) + "\n" for _ in range(count)))
+
+
+def run(argv: list[str], evaluate_first: bool = False) -> dict[str, Any]:
+    """Trains one run in this process; returns its held-out evaluations (before training too if asked)."""
+    tr = loop.setup(parse_args(argv))
+    found = {}
+    if evaluate_first:
+        found["before"] = loop.evaluate(tr)
+    loop.train(tr)
+    if tr.recipe.validation_sets():
+        found["after"] = loop.evaluate(tr)
+    tr.metrics.close()
+    parallel_state.destroy_model_parallel()
+    return found
+
+
+def tokens_saved(ratio: int) -> float:
+    """Share of the LM's input positions saved on the held-out records at `ratio` (against the full context)."""
+    tokenizer = build_tokenizer("ByteTokenizer", None)
+    full = compressed = 0
+    for line in (RUN / "held_out.jsonl").read_text().splitlines():
+        r = cc_data.read_record(json.loads(line), tokenizer.tokenize, tokenizer.eod)
+        full += len(r.head) + len(r.context) + len(r.tail) + len(r.answer)
+        compressed += len(r.head) + -(-len(r.context) // ratio) + len(r.tail) + len(r.answer)
+    return 1 - compressed / full
+
+
+def compressor_flags(stage: str) -> list[str]:
+    ratios = [str(r) for r in RATIOS]
+    flags = [*MODEL, *TRAINING, "--model-variant", "context-compressor", "--encoder-num-layers", str(ENCODER_LAYERS),
+             "--comp_candidates", *ratios, "--encoder_max_length", str(SEQ), "--stage", stage]  # fmt: skip
+    if stage == "pt":
+        return [*flags, "--train_data", str(RUN / "docs.jsonl"), "--window", "32", "--max_length", "1024"]
+    held = ["--eval_data", str(RUN / "held_out.jsonl"), "--eval-iters", str(HELD_OUT // 16)]
+    return [*flags, "--train_data", str(RUN / "records.jsonl"), *held, "--window", "32", "--lm_max_length", str(SEQ)]
+
+
+def main() -> None:
+    print(f"bench/context_compression.py: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    RUN.mkdir(parents=True, exist_ok=True)
+    texts = [text for _, text in iter_documents(stdlib_files()[:400])]
+    times = {}
+    start = time.perf_counter()
+    write_data(texts)
+    lm = RUN / "lm"
+    common = ["--data-cache-path", str(RUN / "cache"), "--eval-interval", "100000"]
+    run([*MODEL, *TRAINING, "--data-path", str(RUN / "lm_docs"), "--train-iters", str(LM_ITERS), "--save", str(lm),
+         "--eval-iters", "0", *common])  # fmt: skip
+    times["LM"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pt = RUN / "stage_pt"
+    run([*compressor_flags("pt"), "--compressor-lm", str(lm), "--train-iters", str(PT_ITERS), "--save", str(pt),
+         "--eval-iters", "0", *common])  # fmt: skip
+    times["stage pt"] = time.perf_counter() - start
+    start = time.perf_counter()
+    argv = [*compressor_flags("ft"), "--compressor-lm", str(lm), "--load", str(pt), "--finetune"]
+    ft = run([*argv, "--train-iters", str(FT_ITERS), "--save", str(RUN / "stage_ft"), *common], evaluate_first=True)
+    times["stage ft"] = time.perf_counter() - start
+    before, after = ft["before"]["held-out"], ft["after"]["held-out"]
+    print(f"held-out answers ({HELD_OUT} records, {PAIRS} planted pairs each): loss with no context "
+          f"{after['nocontext_loss']:.3f}, full context {after['full_loss']:.3f}")  # fmt: skip
+    gaps = {}
+    for r in RATIOS:
+        gap = after["nocontext_loss"] - after["full_loss"]
+        closed = (after["nocontext_loss"] - after[f"r{r}_loss"]) / gap
+        closed_pt = (before["nocontext_loss"] - before[f"r{r}_loss"]) / gap
+        gaps[r] = closed
+        print(f"gap closed at r{r}: {closed:.3f} (loss {after[f'r{r}_loss']:.3f}; after stage pt alone "
+              f"{closed_pt:.3f}); LM tokens saved {100 * tokens_saved(r):.1f}%")  # fmt: skip
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    verdict = "met" if gaps[4] >= TARGET else "missed"
+    print(f"target gap closed >= {TARGET} at r4: {verdict} ({gaps[4]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
