@@ -309,6 +309,12 @@ class TrainingConfig:
         "Samples of one validation batch over all ranks (--eval-iters of them per evaluation); default "
         "--global-batch-size."
     )
+    step_batch_size_schedule: str | None = opt(
+        None,
+        "Global batch size in steps of consumed tokens: 'TOKENS:BATCH ...' from 0, e.g. '0:384 200B:768 400B:1152' "
+        "(counts such as 200B); --global-batch-size defaults to the last batch size.",
+        metavar="SCHEDULE",
+    )
     rampup_batch_size: list[int] | None = opt(
         None,
         "Batch-size ramp-up: START INCREMENT RAMPUP_SAMPLES, growing the global batch from START by INCREMENT "
@@ -384,6 +390,35 @@ class TrainingConfig:
                 self.train_samples is not None,
                 "--rampup-batch-size needs --train-samples (the run length in samples, as in Megatron-LM)",
             )
+        if self.step_batch_size_schedule is not None:
+            steps = self.batch_size_steps()
+            _check(
+                self.train_samples is not None and self.rampup_batch_size is None,
+                "--step-batch-size-schedule needs --train-samples (the run length in samples) and no "
+                "--rampup-batch-size",
+            )
+            last = steps[-1][1]
+            _check(
+                self.global_batch_size in (None, last),
+                f"--global-batch-size {self.global_batch_size} differs from the last batch size {last} of "
+                "--step-batch-size-schedule: give one of them",
+            )
+            self.global_batch_size = last
+
+    def batch_size_steps(self) -> list[tuple[int, int]]:
+        """--step-batch-size-schedule as (from consumed tokens, global batch size) pairs, checked."""
+        flag = f"--step-batch-size-schedule {self.step_batch_size_schedule!r}"
+        try:
+            steps = [
+                (parse_count(tokens), int(batch))
+                for tokens, batch in (s.split(":") for s in (self.step_batch_size_schedule or "").strip("'\" ").split())
+            ]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ConfigError(f"{flag}: expected TOKENS:BATCH pairs such as '0:384 200B:768'") from None
+        _check(bool(steps) and steps[0][0] == 0, f"{flag}: the first step must start at 0 tokens")
+        _check(all(a[0] < b[0] for a, b in zip(steps, steps[1:])), f"{flag}: token counts must increase")
+        _check(all(batch > 0 for _, batch in steps), f"{flag}: batch sizes must be positive")
+        return steps
 
 
 @dataclass
@@ -677,6 +712,12 @@ class CheckpointConfig:
     keep_last_checkpoints: int | None = opt(
         None, "Delete older checkpoints once a newer one is complete, keeping this many (default: keep all)."
     )
+    save_retain_interval: int | None = opt(
+        None,
+        "Keep for good the checkpoints whose iteration is a multiple of N; the others are deleted once a newer one "
+        "is complete (beyond the newest --keep-last-checkpoints, default 1).",
+        metavar="N",
+    )
     finetune: bool = opt(
         False, "Load only the weights from --load: iteration, optimizer, schedule and data position start afresh."
     )
@@ -707,6 +748,7 @@ class CheckpointConfig:
             "--keep-last-checkpoints must be >= 1 (the newest complete checkpoint is never deleted)",
         )
         _check(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
+        _check_positive(self, "save_retain_interval")
         _check(
             self.finetune or not self.resize_vocabulary,
             "--resize-vocabulary needs --finetune: a resumed run keeps its vocabulary (its optimizer state has its "
@@ -1222,6 +1264,12 @@ class Config:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
             f"{t.micro_batch_size} x data-parallel size {dp}",
         )
+        for _, batch in t.batch_size_steps() if t.step_batch_size_schedule else []:
+            _check(
+                batch % per_step == 0,
+                f"--step-batch-size-schedule batch size {batch} is not divisible by --micro-batch-size "
+                f"{t.micro_batch_size} x data-parallel size {dp}",
+            )
         if t.eval_global_batch_size is None:
             t.eval_global_batch_size = t.global_batch_size
         _check(

@@ -491,3 +491,34 @@ def test_a_flag_not_built_here_stops_the_run_before_anything_starts(single_proce
     err = capsys.readouterr().err
     assert err.startswith("error: --use-megatron-fsdp is not built here") and err.count("\n") == 1
     assert not save.exists()
+
+
+def test_step_batch_size_schedule_steps_the_global_batch_by_consumed_tokens(single_process) -> None:
+    from megatron_ext.training.loop import setup, train_step
+
+    cfg = parse_args(
+        [*TINY, "--mock-data", "--train-samples", "40", "--data-cache-path", str(single_process / "cache")]
+        + ["--global-batch-size", "8", "--step-batch-size-schedule", "'0:2 96:4 160:8'"]
+    )  # seq 16: 96 tokens = 6 samples, 160 = 10
+    assert cfg.training.batch_size_steps() == [(0, 2), (96, 4), (160, 8)]
+    tr = setup(cfg)
+    batches = []
+    while tr.state.consumed_samples < 40:
+        before = tr.state.consumed_samples
+        train_step(tr)
+        batches.append(tr.state.consumed_samples - before)
+    assert batches == [2, 2, 2, 4, 8, 8, 8, 8]
+    with pytest.raises(ConfigError, match="differs from the last batch size 8"):
+        parse_args([*TINY, "--train-samples", "40", "--global-batch-size", "4", "--step-batch-size-schedule", "0:8"])
+
+
+def test_save_retain_interval_keeps_the_multiples(tmp_path) -> None:
+    from megatron_ext.training.checkpointing import _retain
+
+    for keep, interval, left in [(None, 4, [10, 8, 4]), (2, 4, [10, 9, 8, 4]), (2, None, [10, 9])]:
+        root = tmp_path / f"{keep}-{interval}"
+        for i in range(1, 11):
+            (root / f"iter_{i:07d}").mkdir(parents=True)
+        _retain(root, keep, interval)
+        assert sorted((int(p.name[5:]) for p in root.iterdir()), reverse=True) == left
+    assert parse_args(["--save-retain-interval", "1000", *RUN]).checkpoint.save_retain_interval == 1000

@@ -175,10 +175,12 @@ def _iterations(root: Path) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def _retain(root: Path, keep: int) -> None:
-    """Deletes all but the newest `keep` checkpoints (called once the newest is complete)."""
-    for iteration in _iterations(root)[keep:]:
-        shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
+def _retain(root: Path, keep: int | None, interval: int | None = None) -> None:
+    """Deletes all but the newest `keep` checkpoints (1 when only `interval` is given) and those whose iteration
+    is a multiple of `interval` (--save-retain-interval); called once the newest is complete."""
+    for iteration in _iterations(root)[keep or 1 :]:
+        if interval is None or iteration % interval:
+            shutil.rmtree(iteration_dir(root, iteration), ignore_errors=True)
 
 
 def save(
@@ -190,6 +192,7 @@ def save(
     extra: dict[str, Any],
     keep_last: int | None = None,
     async_queue: AsyncCallsQueue | None = None,
+    retain_interval: int | None = None,
 ) -> Path:
     """Writes iter_%07d atomically and then points the tracker at it. Collective: every rank calls it.
 
@@ -212,7 +215,7 @@ def save(
     if failed[0]:
         raise CheckpointError(failed[0])
     state = checkpoint_state(model, optimizer, scheduler.state_dict(), iteration, extra)
-    publish = partial(_publish, root, tmp, iteration, keep_last)
+    publish = partial(_publish, root, tmp, iteration, keep_last, retain_interval)
     children_die_with_their_parent()
     with without_record_crc():  # the writer processes are forked inside: they inherit the setting
         if async_queue is not None:
@@ -284,7 +287,7 @@ def _write_failure(error: BaseException, folder: Path) -> str:
     return _first_line(error)
 
 
-def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> None:
+def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None, retain_interval: int | None) -> None:
     """Once every rank's files are written: manifest, atomic rename, tracker, retention (rank 0)."""
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
@@ -296,8 +299,8 @@ def _publish(root: Path, tmp: Path, iteration: int, keep_last: int | None) -> No
         tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(f"{iteration}\n")
         os.replace(tracker_tmp, root / TRACKER)
-        if keep_last is not None:
-            _retain(root, keep_last)
+        if keep_last is not None or retain_interval is not None:
+            _retain(root, keep_last, retain_interval)
     torch.distributed.barrier()
 
 
