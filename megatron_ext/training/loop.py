@@ -27,8 +27,10 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
     get_current_global_batch_size,
     get_num_microbatches,
+    init_num_microbatches_calculator,
     update_num_microbatches,
 )
 from megatron.core.optimizer import MegatronOptimizer
@@ -50,11 +52,12 @@ from megatron_ext.config import (
 from megatron_ext.data.tokenizers import Tokenizer, tokenizer_of
 from megatron_ext.models.gpt import HAVE_TE
 from megatron_ext.models.recipe import Batch, Recipe, build_recipe
-from megatron_ext.training import checkpointing, universal
-from megatron_ext.training.batch_schedule import init_batch_sizes
-from megatron_ext.training.metrics import MetricsLogger, peak_tflops
+from megatron_ext.training import checkpointing, telemetry, universal
+from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.optim import build_optimizer, build_scheduler, lr_range, wrap_model
 from megatron_ext.training.schedules import ParamScheduler
+from megatron_ext.training.telemetry import Telemetry
+from megatron_ext.training.timers import StepTimers, timed
 
 
 class TrainingStopped(RuntimeError):
@@ -88,6 +91,7 @@ class Trainer:
     scheduler: ParamScheduler
     train_data: list[Iterator[Batch]]  # one iterator per model chunk (virtual pipeline stages read the same batches)
     metrics: MetricsLogger
+    telemetry: Telemetry  # timers, profiler and what the logging flags add (megatron_ext/training/telemetry.py)
     state: TrainState = field(default_factory=TrainState)
     stop_requested: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -113,8 +117,12 @@ def loss_func(
     return loss_sum, tokens.to(torch.int), {k: v.detach() for k, v in reports.items()}
 
 
-def forward_step(recipe: Recipe, data: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, partial]:
-    output, masks = recipe.forward_step(next(data), model)
+def forward_step(
+    recipe: Recipe, timers: StepTimers | None, data: Iterator[Batch], model: torch.nn.Module
+) -> tuple[torch.Tensor, partial]:
+    with timed(timers, "batch-generator", 2):
+        batch = next(data)
+    output, masks = recipe.forward_step(batch, model)
     return output, partial(loss_func, masks)
 
 
@@ -140,7 +148,7 @@ def _means(tr: Trainer, sums: torch.Tensor) -> dict[str, float]:
 def _run_microbatches(tr: Trainer, data: list[Iterator[Batch]], num_microbatches: int, forward_only: bool) -> list:
     cfg = tr.cfg
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, tr.recipe),
+        forward_step_func=partial(forward_step, tr.recipe, tr.config.timers),
         data_iterator=data if len(data) > 1 else data[0],
         model=tr.model if len(tr.model) > 1 else tr.model[0],
         num_microbatches=num_microbatches,
@@ -166,13 +174,15 @@ def train_step(tr: Trainer) -> dict[str, float]:
     flops = tr.recipe.step_flops(tr.state, global_batch)
 
     # Apply the step only if everything is finite: megatron-core's step() would update with a NaN norm.
-    found_inf = tr.optimizer.prepare_grads()
-    clip = tr.cfg.optimizer.clip_grad
-    grad_norm = tr.optimizer.clip_grad_norm(clip) if clip > 0 else tr.optimizer.get_grad_norm()
-    finite = not found_inf and math.isfinite(grad_norm) and math.isfinite(loss)
-    if not tr.cfg.training.check_for_nan_in_loss_and_grad:
-        finite = not found_inf  # fp16 overflow is still skipped (the loss scaler shrinks)
-    applied = finite and tr.optimizer.step_with_ready_grads()
+    with tr.telemetry.optimizer_phase():
+        found_inf = tr.optimizer.prepare_grads()
+        clip = tr.cfg.optimizer.clip_grad
+        grad_norm = tr.optimizer.clip_grad_norm(clip) if clip > 0 else tr.optimizer.get_grad_norm()
+        grad_values = tr.telemetry.grads_ready()
+        finite = not found_inf and math.isfinite(grad_norm) and math.isfinite(loss)
+        if not tr.cfg.training.check_for_nan_in_loss_and_grad:
+            finite = not found_inf  # fp16 overflow is still skipped (the loss scaler shrinks)
+        applied = finite and tr.optimizer.step_with_ready_grads()
     if applied:
         tr.scheduler.step(increment=global_batch)
         tr.state.skipped_in_a_row = 0
@@ -185,6 +195,7 @@ def train_step(tr: Trainer) -> dict[str, float]:
     tr.state.consumed_flops += flops
     return {
         **means,
+        **grad_values,
         "grad_norm": grad_norm,
         "lr": tr.optimizer.param_groups[0]["lr"],
         "loss_scale": tr.optimizer.get_loss_scale().item(),
@@ -246,23 +257,23 @@ def save_checkpoint(tr: Trainer) -> None:
         "config": tr.cfg.to_dict(),
         "vocab_size": tr.tokenizer.vocab_size,  # the universal format keeps only these embedding rows
     }
-    start = time.perf_counter()
-    finish_saves(tr)  # one save in flight at a time: the next one clears unfinished folders
-    path = checkpointing.save(
-        ck.save,
-        tr.state.iteration,
-        tr.model,
-        tr.optimizer,
-        tr.scheduler,
-        extra,
-        ck.keep_last_checkpoints,
-        tr.async_saves,
-        ck.save_retain_interval,
-    )
-    seconds = time.perf_counter() - start
-    tr.metrics.exclude(seconds)
-    done = "handed to the background writer" if tr.async_saves else "saved"
-    tr.metrics.print(f"{done} checkpoint {path} in {seconds:.1f}s")
+    with tr.telemetry.saving(tr.state.iteration):
+        start = time.perf_counter()
+        finish_saves(tr)  # one save in flight at a time: the next one clears unfinished folders
+        path = checkpointing.save(
+            ck.save,
+            tr.state.iteration,
+            tr.model,
+            tr.optimizer,
+            tr.scheduler,
+            extra,
+            ck.keep_last_checkpoints,
+            tr.async_saves,
+        )
+        seconds = time.perf_counter() - start
+        tr.metrics.exclude(seconds)
+        done = "handed to the background writer" if tr.async_saves else "saved"
+        tr.metrics.print(f"{done} checkpoint {path} in {seconds:.1f}s")
 
 
 def finish_saves(tr: Trainer, blocking: bool = True) -> None:
@@ -296,13 +307,15 @@ def train(tr: Trainer) -> TrainState:
         f"training {tr.recipe.num_parameters():,} parameters ({cfg.variant.model_variant}) from iteration "
         f"{tr.state.iteration} ({tr.state.consumed_samples} samples consumed)"
     )
+    tr.metrics.start_window()
     while not _finished(tr):
-        values = train_step(tr)
+        with tr.telemetry.step(tr.state.iteration):
+            values = train_step(tr)
         check_non_finite(tr, values)
         tr.metrics.count(int(values["global_batch_size"]) * cfg.model.seq_length, values["step_flops"])
         it = tr.state.iteration
         if it % cfg.logging.log_interval == 0:
-            tr.metrics.step(it, total_iters, values)
+            tr.telemetry.log(it, total_iters, values)
         if it % cfg.logging.eval_interval == 0:
             _log_eval(tr)
         finish_saves(tr, blocking=False)
@@ -325,9 +338,10 @@ def train(tr: Trainer) -> TrainState:
 
 
 def _log_eval(tr: Trainer) -> None:
-    start = time.perf_counter()
-    results = evaluate(tr)
-    tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
+    with tr.telemetry.evaluation(tr.state.iteration):
+        start = time.perf_counter()
+        results = evaluate(tr)
+        tr.metrics.exclude(time.perf_counter() - start)  # keep evaluation out of the training throughput
     for name, values in results.items():
         values.update(tr.recipe.eval_metrics(values))
         loss, ppl = values["lm_loss"], math.exp(min(values["lm_loss"], 20))
@@ -347,6 +361,7 @@ def setup(cfg: Config) -> Trainer:
     world_size = distributed.discover().world_size
     cfg = deepspeed_config.apply(cfg, world_size)  # --deepspeed_config's JSON is read here, not when parsed
     cfg.resolve_batch(world_size)  # every size mistake surfaces before any collective
+    telemetry.prepare(cfg)
     info = distributed.init_process_group(plat.backend, cfg.parallel.distributed_timeout_minutes)
     platform.setup_device(plat, info.local_rank)
     distributed.initialize_model_parallel(
@@ -358,7 +373,11 @@ def setup(cfg: Config) -> Trainer:
     torch.manual_seed(cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
     t = cfg.training
-    init_batch_sizes(cfg, info.rank, parallel_state.get_data_parallel_world_size())
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(
+        info.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size,
+        parallel_state.get_data_parallel_world_size(),
+    )  # fmt: skip
 
     tokenizer = tokenizer_of(cfg.data)
     recipe = build_recipe(cfg, plat, tokenizer)
@@ -376,14 +395,7 @@ def setup(cfg: Config) -> Trainer:
     rank0 = info.rank == 0
     if rank0 and run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLogger(
-        enabled=rank0,
-        world_size=info.world_size,
-        device_type=plat.device_type,
-        peak=peak_tflops(plat.device_type, cfg.logging.peak_tflops),
-        tensorboard_dir=cfg.logging.tensorboard_dir,
-        log_file=Path(run_dir) / "train.log" if run_dir else None,
-    )
+    metrics = telemetry.open_metrics(cfg, plat.device_type, info.rank, info.world_size, run_dir)
     if (note := startup_note(cfg)) is not None:
         metrics.print(note)
     state, extra = _resume(cfg, model, optimizer, scheduler, recipe, metrics.print)
@@ -393,9 +405,10 @@ def setup(cfg: Config) -> Trainer:
     if note:
         metrics.print(note)
     train_data = [recipe.train_batches(state.consumed_samples) for _ in model]
+    device = plat.current_device()
     tr = Trainer(
-        cfg, plat, plat.current_device(), tokenizer, recipe, config, model, optimizer, scheduler, train_data, metrics,
-        state,
+        cfg, plat, device, tokenizer, recipe, config, model, optimizer, scheduler, train_data, metrics,
+        Telemetry(cfg, device, config, model, optimizer, metrics, info.rank), state,
     )  # fmt: skip
     if rank0 and run_dir:  # only once set up: a run that fails on its data or --load leaves the folder as it was
         cfg.to_json(Path(run_dir) / "config.json")
@@ -523,6 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tr.async_saves is not None:
             tr.async_saves.close()  # waits for and publishes a save still being written
-        tr.metrics.close()
+        tr.telemetry.close()
         distributed.destroy()
     return 0

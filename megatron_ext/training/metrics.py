@@ -1,4 +1,4 @@
-"""Metric lines for batch-job logs, tensorboard scalars, throughput and MFU."""
+"""Metric lines for batch-job logs, tensorboard (and wandb) scalars, throughput and MFU."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def memory_gib(device_type: str) -> float:
 
 
 class MetricsLogger:
-    """Prints one line per log interval on rank 0 and mirrors every scalar to tensorboard."""
+    """Prints one line per log interval on rank 0 and mirrors every scalar to tensorboard and, given a wandb run
+    (`--wandb-project`, megatron_ext/training/telemetry.py), to wandb under the same names."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class MetricsLogger:
         peak: float | None,
         tensorboard_dir: str | None,
         log_file: Path | None,
+        wandb_run: Any = None,
     ) -> None:
         self.enabled = enabled
         self.world_size = world_size
@@ -53,6 +55,7 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(tensorboard_dir)
         self.log_file = log_file.open("a") if enabled and log_file else None
+        self.wandb_run = wandb_run
         self._window_tokens = 0
         self._window_flops = 0.0
         self._window_steps = 0
@@ -71,6 +74,10 @@ class MetricsLogger:
         self._window_tokens += tokens
         self._window_flops += flops
         self._window_steps += 1
+
+    def start_window(self) -> None:
+        """Starts the first log window when training starts (not when the logger was made, before the set-up)."""
+        self._window_start = time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
         """Removes time spent outside training steps (evaluation, saving) from the current window."""
@@ -91,13 +98,14 @@ class MetricsLogger:
         if self.peak:
             values["mfu"] = tflops / self.peak
         self._window_tokens, self._window_flops, self._window_steps = 0, 0.0, 0
-        self._window_start = time.perf_counter()
         total = f"/{total_iters}" if total_iters else ""
         parts = [f"iter {iteration}{total}"]
         for key, fmt in (
             ("lm_loss", "loss {:.4f}"),
             ("lr", "lr {:.3e}"),
             ("grad_norm", "grad_norm {:.3f}"),
+            ("params_norm", "params_norm {:.3f}"),
+            ("num_zeros", "num_zeros {:.0f}"),
             ("loss_scale", "loss_scale {:.0f}"),
             ("global_batch_size", "batch {:.0f}"),
             ("tokens_per_s", "tokens/s {:.0f}"),
@@ -112,18 +120,22 @@ class MetricsLogger:
         parts.append(f"MFU {100 * values['mfu']:.1f}%" if "mfu" in values else "MFU n/a")
         self.print(" | ".join(parts))
         self.scalars(iteration, values, prefix="train/")
+        self._window_start = time.perf_counter()  # the next window starts after this line is written
         return values
 
     def scalars(self, iteration: int, values: dict[str, float], prefix: str) -> None:
-        if self.writer is None:
-            return
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(prefix + key, value, iteration)
-        self.writer.flush()
+        finite = {prefix + k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+        if self.writer is not None:
+            for tag, value in finite.items():
+                self.writer.add_scalar(tag, value, iteration)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(finite, step=iteration)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.log_file:
             self.log_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
