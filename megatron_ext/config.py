@@ -675,9 +675,10 @@ class DataConfig:
         _check(ok, f"--split {self.split!r} must be up to three non-negative numbers like 969,30,1, not all 0")
         self.split = split
         for needed in TOKENIZER_TYPES[self.tokenizer_type]:
+            what = {"tokenizer_model": "PATH", "vocab_size": "N"}.get(needed, "FILE")
             _check(
                 getattr(self, needed) is not None,
-                f"--tokenizer-type {self.tokenizer_type} needs --{needed.replace('_', '-')}",
+                f"--tokenizer-type {self.tokenizer_type} needs --{needed.replace('_', '-')} {what}",
             )
         _check(self.vocab_size is None or self.vocab_size > 0, f"--vocab-size {self.vocab_size} must be positive")
         _check(

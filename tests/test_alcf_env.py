@@ -191,7 +191,7 @@ ERRORS = [
     ({"NGPU_PER_HOST": "0"}, "NGPU_PER_HOST=0 is out of range"),
     ({"TOKENIZER_TYPE": "SentencePieceTokenizer"},
      "TOKENIZER_TYPE (--tokenizer-type) SentencePieceTokenizer needs TOKENIZER_MODEL (--tokenizer-model) PATH"),
-    ({"TOKENIZER_TYPE": "Llama2Tokenizer"}, "TOKENIZER_TYPE='Llama2Tokenizer' is not one of ByteTokenizer"),
+    ({"TOKENIZER_TYPE": "Llama9Tokenizer"}, "TOKENIZER_TYPE='Llama9Tokenizer' is not one of ByteTokenizer"),
     ({"TOKENIZER_TYPE": "SentencePieceTokenizer", "TOKENIZER_MODEL": "missing.model"},
      "TOKENIZER_MODEL=missing.model does not exist"),
     ({"DATA_FILE_LIST": "missing.txt"}, "DATA_FILE_LIST: missing.txt is not a file"),
