@@ -180,7 +180,11 @@ class ContextCompressorRecipe(Recipe):
         make_eval = data.record_eval_sample if o.stage == "ft" else data.window_eval_sample
         self.train_set = data.SampleSet(train, make_train, o, seed)
         self.valid_set = data.SampleSet(held, make_eval, o, seed, shuffle=False) if held else None
-        return f"context compressor, stage {o.stage}: {note}; {len(train)} for training, {len(held)} held out"
+        layers = f"encoder of {self.cfg.model.num_layers} of the {self.lm_cfg.model.num_layers} layers"
+        return (
+            f"context compressor, stage {o.stage}: {note}; {len(train)} for training, {len(held)} held out; frozen LM "
+            f"{self.lm_path} ({layers}), ratios {' '.join(map(str, o.comp_candidates))}"
+        )
 
     def _micro_batches(self, samples: data.SampleSet, position: int, wrap: bool) -> data.MicroBatches:
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -8,7 +8,8 @@ with 2 processes); writes what each scenario measured as JSON (rank 0).
 * `dp2_resume`: --load of that checkpoint, steps SAVE_AT+1..STEPS.
 * `tp2`: as `dp2` at TP=2 (DP=1) from the same LM: the same losses.
 * `other_lm`: resuming `dp2`'s checkpoint with `lm2`: the error line.
-* `r1`: the encoder with all the LM's layers: its hidden states at every position (ratio 1) against the LM's own.
+* `r1`: the encoder with all the LM's layers: its hidden states at every position (ratio 1) against the LM's own
+  (stage pt documents read from the indexed n-gram corpus).
 * `ft`: stage ft on prompt/context/answer records, then one evaluation (the reported losses and gaps closed).
 
 usage: context_compressor_scenarios.py DATA_PREFIX WORKDIR OUT_JSON SCENARIO [SCENARIO ...]
@@ -124,7 +125,9 @@ def main() -> None:
                 results[name] = str(e)
                 parallel_state.destroy_model_parallel()
         elif name == "r1":
-            argv = [*compressor, "--encoder-num-layers", "2", "--comp_candidates", "1"]
+            # documents from an indexed dataset (--data-path) instead of JSONL
+            argv = [*COMPRESSOR, "--compressor-lm", str(work / "lm"), *lm_data, "--train-iters", "1"]
+            argv += ["--encoder-num-layers", "2", "--comp_candidates", "1"]
             results[name] = run(argv, 0, after=r1_hidden)
         elif name == "ft":
             argv = [*compressor, "--stage", "ft", *records, "--lm_max_length", "40"]
