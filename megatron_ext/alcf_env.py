@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -103,7 +104,7 @@ def preset_parameters(p: Preset, vocab: int = 32000) -> int:
 def _schema_fields() -> dict[str, tuple[str, dataclasses.Field, type]]:
     """Every schema flag (and alias) -> (dest "section.name", field, element type)."""
     out: dict[str, tuple[str, dataclasses.Field, type]] = {}
-    for section, cls in schema.SECTIONS.items():
+    for section, cls in {**schema.SECTIONS, **schema.VARIANTS}.items():  # a variant's options: its own section
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kind, _ = schema.base_type(hints[f.name])
@@ -142,6 +143,20 @@ _TABLE: tuple[Var, ...] = (
     Var("NUM_KV_HEAD", "model", "preset", "--num-query-groups", "kv_heads"),
     Var("FFN_HIDDEN_SIZE", "model", "preset", "--ffn-hidden-size", "ffn_hidden_size", help="SwiGLU MLP hidden size."),
     Var("SEQ", "model", "preset", "--seq-length", "seq_length"),
+    Var("ROPE_THETA", "model", "preset", "--rotary-base", "rotary_base"),
+    Var("INIT_METHOD_STD", "model", "", "--init-method-std"),
+    Var("NO_FLASH_ATTN", "model", "0", "--attention-backend", help=(
+        "1: no flash attention, megatron-core's DotProductAttention (--attention-backend unfused), as ALCF's "
+        "scripts drop --use-flash-attn; 0: --attention-backend's default.")),
+    Var("NHEADS", "model", "", help="Alias of HEADS (ALCF's helpers.sh reads HEADS, then NHEADS)."),
+    Var("NUM_LAYERS", "model", "", help="Alias of NLAYERS (ALCF's helpers.sh reads NLAYERS, then NUM_LAYERS)."),
+    Var("MODEL_VARIANT", "model", "", "--model-variant"),
+    Var("PROGRESSIVE_LAYERS", "model", "", "--progressive-layers"),  # progressive growth: ALCF/notes/progressive.md
+    Var("PROGRESSIVE_STAGES", "model", "", "--progressive-stages"),
+    Var("PROGRESSIVE_STAGE_UNIT", "model", "", "--progressive-stage-unit"),
+    Var("DEPTH_SAMPLING", "model", "", "--depth-sampling"),
+    Var("GROWTH", "model", "", "--growth"),
+    Var("GROWTH_MOMENTS", "model", "", "--growth-moments"),
     # parallelism and the job's shape
     Var("TP", "parallel", "1", "--tensor-model-parallel-size"),
     Var("PP", "parallel", "1", "--pipeline-model-parallel-size"),
@@ -153,6 +168,10 @@ _TABLE: tuple[Var, ...] = (
         "else one per physical core of a CPU-only node.")),
     Var("CPUS_PER_RANK", "parallel", "detected",
         help="CPUs per rank (mpiexec -d, srun --cpus-per-task, OMP_NUM_THREADS)."),
+    Var("GPUS_PER_NODE", "parallel", "", help="Alias of NGPU_PER_HOST (the name of ALCF's DeepSpeed hostfile)."),
+    Var("HOSTFILE", "parallel", "", help=(
+        "The job's hosts, one per line, instead of PBS_NODEFILE (as ALCF's helpers.sh): inside a PBS job only, "
+        "e.g. to run on part of the allocation.")),
     Var("ZERO_STAGE", "parallel", "0", "--use-distributed-optimizer", help=(
         "From ALCF DeepSpeed scripts: 1 or 2 use megatron-core's distributed optimizer (optimizer state sharded "
         "over data-parallel ranks); 3 is not supported.")),
@@ -172,8 +191,14 @@ _TABLE: tuple[Var, ...] = (
     Var("SEED", "batch", "1234", "--seed"),
     Var("DTYPE", "batch", "auto", help="bf16, fp16 or fp32; auto is bf16 on GPUs, fp32 on CPUs."),
     Var("USE_ACTIVATION_CHECKPOINTING", "batch", "0", "--recompute-activations"),
+    Var("ACT_CKPT_NUM_LAYERS", "batch", "1", "--recompute-num-layers", help=(
+        "Layers recomputed as one chunk with USE_ACTIVATION_CHECKPOINTING=1 (--recompute-num-layers; no effect "
+        "without it).")),
+    Var("TRAIN_ITER", "batch", "", help="Alias of TRAIN_ITERS (ALCF's helpers.sh reads TRAIN_ITERS, then TRAIN_ITER)."),
     # optimizer
     Var("OPT", "optimizer", "adamw", "--optimizer", help="adamw (adam is the same AdamW) or sgd."),
+    Var("OPTIMIZER", "optimizer", "", help="Alias of OPT (ALCF's helpers.sh reads OPT, then OPTIMIZER, then OPTIM)."),
+    Var("OPTIM", "optimizer", "", help="Alias of OPT."),
     Var("LR", "optimizer", "0.0002", "--lr"),
     Var("MIN_LR", "optimizer", "0", "--min-lr"),
     Var("WEIGHT_DECAY", "optimizer", "0.1", "--weight-decay"),
@@ -195,9 +220,15 @@ _TABLE: tuple[Var, ...] = (
         help="ByteTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or HuggingFaceTokenizer."),
     Var("TOKENIZER_MODEL", "data", "", "--tokenizer-model"),
     Var("DATA_CACHE_PATH", "data", "data_cache", "--data-cache-path"),
+    Var("TRAIN_SPLIT", "data", "990", "--split", help=(
+        "Train weight of each dataset's split: with VAL_SPLIT and TEST_SPLIT, --split TRAIN,VAL,TEST (ALCF's "
+        "defaults 990,10,0 for the ones unset); none set: --split's default.")),
+    Var("VAL_SPLIT", "data", "10", "--split", help="Validation weight of the split (see TRAIN_SPLIT)."),
+    Var("TEST_SPLIT", "data", "0", "--split", help="Test weight of the split (see TRAIN_SPLIT)."),
     # checkpoints
     Var("SAVE", "checkpoint", "checkpoints/ARCH_nlL_hsH_seqS_DATA", "--save",
         help="Checkpoint folder; the default depends on the model and data only, never on the node count."),
+    Var("CKPT_DIR", "checkpoint", "", help="Alias of SAVE (ALCF's checkpoint folder, which LOAD defaults to too)."),
     Var("LOAD", "checkpoint", "SAVE", "--load",
         help="Checkpoint to start from (regular or universal); must exist when set."),
     Var("SAVE_INTERVAL", "checkpoint", "50", "--save-interval"),
@@ -216,6 +247,7 @@ _TABLE: tuple[Var, ...] = (
     Var("RUN_DIR", "logging", "runs/alcf/DATE-TIME_ARCH_JOBID", "--run-dir",
         help="The run folder: .env, config.json, launch.sh, output.log, train.log, tensorboard/."),
     Var("EXIT_DURATION_MINS", "logging", "", "--exit-duration-in-mins"),
+    Var("TIMING_LOG_LEVEL", "logging", "", "--timing-log-level"),
     # launch
     Var("LAUNCH_WITH", "launch", "auto", help=(
         "auto (PBS: mpiexec, Slurm: srun, else torchrun, or python for one rank), mpiexec (also mpirun, MPICH), "
@@ -235,8 +267,15 @@ DIRECT = (
     "NLAYERS", "HIDDEN", "HEADS", "NUM_KV_HEAD", "FFN_HIDDEN_SIZE", "SEQ", "TP", "PP", "MICRO_BATCH", "SEED", "LR",
     "MIN_LR", "WEIGHT_DECAY", "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPS", "CLIP_GRAD", "LR_DECAY_STYLE",
     "LR_DECAY_ITERS", "TOKENIZER_TYPE", "TOKENIZER_MODEL", "DATA_CACHE_PATH", "SAVE_INTERVAL", "LOG_INTERVAL",
-    "EVAL_INTERVAL", "EVAL_ITERS", "EXIT_DURATION_MINS", "GLOBAL_BATCH",
+    "EVAL_INTERVAL", "EVAL_ITERS", "EXIT_DURATION_MINS", "GLOBAL_BATCH", "INIT_METHOD_STD",
+    "TIMING_LOG_LEVEL", "MODEL_VARIANT", "PROGRESSIVE_LAYERS", "PROGRESSIVE_STAGES", "PROGRESSIVE_STAGE_UNIT",
+    "DEPTH_SAMPLING", "GROWTH", "GROWTH_MOMENTS",
 )  # fmt: skip
+# helpers.sh's other names of variables (alias -> the variable); two that are set must agree.
+ALIASES = {
+    "NHEADS": "HEADS", "NUM_LAYERS": "NLAYERS", "GPUS_PER_NODE": "NGPU_PER_HOST", "TRAIN_ITER": "TRAIN_ITERS",
+    "OPTIMIZER": "OPT", "OPTIM": "OPT", "CKPT_DIR": "SAVE", "HOSTFILE": "PBS_NODEFILE",
+}  # fmt: skip
 # Fields set on the command line make these schema fields' env values step aside (mutually exclusive groups).
 GROUPS: dict[str, tuple[str, ...]] = {
     "schedule.lr_warmup_fraction": (
@@ -319,7 +358,7 @@ def _typed(name: str, flag: str, raw: str) -> str:
             what = "an integer" if kind is int else "a number"
             raise EnvError(f"{name}={raw!r} is not {what}; expected {f.metadata['help'].rstrip('.').lower()}") from None
     choices = f.metadata.get("choices")
-    if choices and raw not in choices:
+    if choices and (kind(raw) if kind in (int, float) else raw) not in choices:
         raise EnvError(f"{name}={raw!r} is not one of {', '.join(map(str, choices))}")
     return raw
 
@@ -580,7 +619,47 @@ def _switch_settings(env: Mapping[str, str]) -> list[Setting]:
         assert flag is not None
         on = _bool(env, name)
         out.append(Setting(name, "1", "env", flag, (flag,)) if on else Setting(name, "0", _source(env, name)))
+    backend = ("--attention-backend", "unfused")
+    no_flash = _bool(env, "NO_FLASH_ATTN")
+    out.append(Setting("NO_FLASH_ATTN", "1", "env", backend[0], backend) if no_flash else
+               Setting("NO_FLASH_ATTN", "0", _source(env, "NO_FLASH_ATTN")))  # fmt: skip
     return out
+
+
+def _rope_setting(env: Mapping[str, str], preset: Preset) -> Setting:
+    """ROPE_THETA: the RoPE base instead of the preset's (which the preset's flags pass)."""
+    raw, flag = _value(env, "ROPE_THETA"), "--rotary-base"
+    if raw is None:
+        return Setting("ROPE_THETA", str(preset.rotary_base), "preset")
+    return Setting("ROPE_THETA", raw, "env", flag, (flag, _typed("ROPE_THETA", flag, raw)))
+
+
+def _recompute_layers_setting(env: Mapping[str, str]) -> Setting:
+    """ACT_CKPT_NUM_LAYERS: layers per recomputed chunk, passed only with USE_ACTIVATION_CHECKPOINTING=1."""
+    raw, flag = _value(env, "ACT_CKPT_NUM_LAYERS"), "--recompute-num-layers"
+    layers = str(_int("ACT_CKPT_NUM_LAYERS", raw)) if raw else "1"
+    if not _bool(env, "USE_ACTIVATION_CHECKPOINTING"):
+        note = f"ACT_CKPT_NUM_LAYERS={raw} has no effect without USE_ACTIVATION_CHECKPOINTING=1" if raw else None
+        return Setting("ACT_CKPT_NUM_LAYERS", layers, _source(env, "ACT_CKPT_NUM_LAYERS"), note=note)
+    return Setting("ACT_CKPT_NUM_LAYERS", layers, _source(env, "ACT_CKPT_NUM_LAYERS"), flag, (flag, layers))
+
+
+def _split_settings(env: Mapping[str, str]) -> list[Setting]:
+    """TRAIN_SPLIT, VAL_SPLIT, TEST_SPLIT -> --split T,V,T (helpers.sh's defaults for those unset) when any is set."""
+    names = ("TRAIN_SPLIT", "VAL_SPLIT", "TEST_SPLIT")
+    values = [_value(env, n) or VAR_BY_NAME[n].default for n in names]
+    for name, value in zip(names, values):
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not weight >= 0:
+            raise EnvError(f"{name}={value!r} is not a number >= 0; expected a weight of the split, e.g. 990")
+    if not any(_value(env, n) for n in names):
+        return [Setting(n, "", "unset: --split's default") for n in names]
+    split = ",".join(values)
+    first = Setting(names[0], values[0], _source(env, names[0]), "--split", ("--split", split))
+    return [first, *(Setting(n, v, _source(env, n)) for n, v in zip(names[1:], values[1:]))]
 
 
 def variables_to_flags(env: Mapping[str, str], preset: Preset, devices: int, given: set[str], report: Report) -> Flags:
@@ -589,6 +668,7 @@ def variables_to_flags(env: Mapping[str, str], preset: Preset, devices: int, giv
     settings = [
         *_direct_settings(env, preset), *_warmup_settings(env), _data_setting(env), _sequence_parallel_setting(env),
         *_zero_settings(env), _dtype_setting(env, devices), _optimizer_setting(env), *_switch_settings(env),
+        _recompute_layers_setting(env), *_split_settings(env), _rope_setting(env, preset),
     ]  # fmt: skip
     argv = [*LLAMA_FLAGS, "--rotary-base", str(preset.rotary_base)]
     # flag -> variable, for error messages: every flag a variable can set, unless the command line sets it
@@ -852,6 +932,49 @@ def complete_config(
     return cfg
 
 
+# ---- helpers.sh's other names, and names that look like ours ---------------------------------------------------
+
+
+def resolve_aliases(env: Mapping[str, str], report: Report) -> dict[str, str]:
+    """The environment with helpers.sh's other names (ALIASES) set as the variables they stand for; a variable
+    and its aliases that are set must agree. HOSTFILE replaces PBS_NODEFILE, inside a PBS job only."""
+    out = dict(env)
+    by: dict[str, str] = {}  # variable -> the name its value came from
+    for alias, name in ALIASES.items():
+        value = _value(env, alias)
+        if value is None:
+            continue
+        if alias == "HOSTFILE":
+            inside = bool(_value(env, "PBS_JOBID"))
+            report.set(alias, value, "env: replaces PBS_NODEFILE" if inside else "ignored: not inside a PBS job")
+            if inside:
+                out[name] = value
+            else:
+                report.notes.append(f"HOSTFILE={value} ignored: it replaces PBS_NODEFILE inside a PBS job only")
+            continue
+        source = by.get(name) or (name if _value(env, name) else None)
+        if source is not None and _value(out, name) != value:
+            raise EnvError(
+                f"{alias}={value} and {source}={_value(out, name)} disagree ({alias} is an alias of {name}); set one"
+            )
+        out[name], by[name] = value, by.get(name, alias)
+        report.set(alias, value, f"alias of {name}")
+    return out
+
+
+def did_you_mean(env: Mapping[str, str]) -> list[str]:
+    """A note for each variable that is not ours but looks like one of ours (TRAIN_TOKEN: TRAIN_TOKENS?): a typo
+    would otherwise leave the default in place silently."""
+    known = list(VAR_BY_NAME)
+    notes = []
+    for name in sorted(env):
+        if name not in VAR_BY_NAME and re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            if close:
+                notes.append(f"{name} is not a train_alcf.sh variable; did you mean {close[0]}?")
+    return notes
+
+
 # ---- the whole resolution -------------------------------------------------------------------------------------
 
 
@@ -870,6 +993,8 @@ def resolve(
     Raises EnvError (a variable) or ConfigError (the schema, reworded to name the variables) for any mistake.
     """
     told, dry_run = Report(), _bool(env, "DRY_RUN")
+    told.notes += did_you_mean(env)
+    env = resolve_aliases(env, told)
     extra = list(extra)
     if _bool(env, "CONTINUE"):
         extra, dropped = strip_one_time(extra)

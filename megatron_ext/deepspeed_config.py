@@ -319,10 +319,29 @@ def _activation_checkpointing(m: _Mapping, ds: dict[str, Any]) -> None:
         )
 
 
-_HANDLED = (
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "bfloat16", "fp16",
-    "zero_optimization", "optimizer", "scheduler", "gradient_clipping", "activation_checkpointing",
-)  # fmt: skip
+# The JSON's keys that have a counterpart here, and what they become (tools/compat_table.py prints this table);
+# a top-level key not named here is listed as ignored in the start-up note.
+JSON_COUNTERPARTS: dict[str, str] = {
+    "train_batch_size": "--global-batch-size; must equal micro batch x accumulation steps x data-parallel size",
+    "train_micro_batch_size_per_gpu": "--micro-batch-size",
+    "gradient_accumulation_steps": "--global-batch-size = micro batch x steps x data-parallel size",
+    "bf16.enabled (or bfloat16)": "--bf16",
+    "fp16.enabled": "--fp16",
+    "fp16.loss_scale": "--loss-scale (0: dynamic scaling)",
+    "fp16.initial_scale_power": "--initial-loss-scale 2^N",
+    "fp16.loss_scale_window, hysteresis, min_loss_scale": "--loss-scale-window, --hysteresis, --min-loss-scale",
+    "zero_optimization.stage": "1, 2: --use-distributed-optimizer; 3: the run stops at start-up",
+    "zero_optimization.overlap_comm": "--overlap-grad-reduce",
+    "gradient_clipping": "--clip-grad (absent: a note, as DeepSpeed would not clip)",
+    "optimizer": "type Adam, AdamW, FusedAdam, CPUAdam: --optimizer adam (AdamW); SGD: sgd; params lr, betas, eps, "
+    "weight_decay, momentum: --lr, --adam-beta1/2, --adam-eps, --weight-decay, --sgd-momentum; other types stop "
+    "the run",
+    "scheduler": "WarmupLR: constant; WarmupDecayLR: linear to 0; WarmupCosineLR: cosine; warmup_num_steps, "
+    "total_num_steps, warmup_min_lr/max_lr, warmup_min_ratio, cos_min_ratio: the --lr-* flags; other types stop "
+    "the run",
+    "activation_checkpointing": "a note: recomputation is megatron-core's (--recompute-activations)",
+}
+_HANDLED = {key.split(".")[0].split(" ")[0] for key in JSON_COUNTERPARTS} | {"bfloat16"}
 
 
 def map_json(

@@ -153,10 +153,13 @@ def test_an_alcf_json_maps_to_the_schema_with_one_note(tmp_path: Path) -> None:
     assert cfg.training.global_batch_size // (2 * 4) == 4
     source = f"--deepspeed_config {path}"
     lines = startup_note(cfg).splitlines()
-    assert f"  {source}: taken: train_micro_batch_size_per_gpu -> --micro-batch-size 2, train_batch_size -> " \
-        "--global-batch-size 32, bf16.enabled -> --bf16 true, zero_optimization.overlap_comm -> --overlap-grad-reduce true, optimizer.params.betas[1] -> " \
-        "--adam-beta2 0.95, optimizer.params.eps -> --adam-eps 1e-05, optimizer.params.lr -> --lr 0.0002, " \
-        "optimizer.params.weight_decay -> --weight-decay 0.1" in lines  # fmt: skip
+    taken = (
+        f"  {source}: taken: train_micro_batch_size_per_gpu -> --micro-batch-size 2, train_batch_size -> "
+        "--global-batch-size 32, bf16.enabled -> --bf16 true, zero_optimization.overlap_comm -> --overlap-grad-reduce "
+        "true, optimizer.params.betas[1] -> --adam-beta2 0.95, optimizer.params.eps -> --adam-eps 1e-05, "
+        "optimizer.params.lr -> --lr 0.0002, optimizer.params.weight_decay -> --weight-decay 0.1"
+    )
+    assert taken in lines
     assert [x for x in lines if "-> --use-distributed-optimizer: megatron-core's distributed optimizer" in x] == [
         "  --zero-stage 1 -> --use-distributed-optimizer: megatron-core's distributed optimizer shards the Adam state "
         "and fp32 master weights over the data-parallel ranks and reduce-scatters the gradients (ZeRO-1's memory "
@@ -245,3 +248,71 @@ def test_what_is_not_supported_stops_at_start_up_in_one_line(
     with pytest.raises(ConfigError) as e:
         _ds(tmp_path, ds, *flags)
     assert str(e.value) == message.format(src=f"--deepspeed_config {tmp_path / 'ds_config.json'}")
+
+
+# ---- the helpers.sh variables train_alcf.sh lacked ---------------------------------------------------------
+
+
+def _resolve(tmp_path: Path, env: dict[str, str]):
+    from megatron_ext.alcf_env import resolve
+
+    base = {"CUDA_VISIBLE_DEVICES": "", "DRY_RUN": "1", "RUN_DIR": str(tmp_path / "run")}
+    return resolve({**base, **env})
+
+
+def test_each_helpers_sh_variable_resolves_under_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_ext.alcf_env import report
+
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "ROPE_THETA": "50000", "INIT_METHOD_STD": "0.006", "NO_FLASH_ATTN": "1", "TIMING_LOG_LEVEL": "1",
+        "TRAIN_SPLIT": "98", "VAL_SPLIT": "2", "USE_ACTIVATION_CHECKPOINTING": "1", "ACT_CKPT_NUM_LAYERS": "2",
+        "OPTIM": "sgd", "NHEADS": "8", "NUM_LAYERS": "4", "TRAIN_ITER": "7", "GPUS_PER_NODE": "2",
+        "CKPT_DIR": str(tmp_path / "ckpt"), "TRAIN_TOKEN": "2T",
+    }  # fmt: skip
+    plan = _resolve(tmp_path, env)
+    cfg = plan.config
+    assert (cfg.model.rotary_base, cfg.model.init_method_std, cfg.model.attention_backend) == (50000, 0.006, "unfused")
+    assert (cfg.logging.timing_log_level, cfg.data.split) == (1, "98,2,0")  # helpers.sh's TEST_SPLIT default
+    assert (cfg.training.recompute_granularity, cfg.training.recompute_num_layers) == ("full", 2)
+    assert (cfg.optimizer.optimizer, cfg.model.num_attention_heads, cfg.model.num_layers) == ("sgd", 8, 4)
+    assert cfg.training.train_iters == 7 and plan.derived["WORLD_SIZE"] == "2"
+    assert cfg.checkpoint.save == cfg.checkpoint.load == str(tmp_path / "ckpt")
+    assert plan.values["OPTIM"] == ("sgd", "alias of OPT") and plan.values["VAL_SPLIT"] == ("2", "env")
+    assert "note: TRAIN_TOKEN is not a train_alcf.sh variable; did you mean TRAIN_TOKENS?" in report(plan).splitlines()
+    assert not any("did you mean" in n for n in _resolve(tmp_path, {"NGPU_PER_HOST": "1", "HOME": "/x"}).notes)
+
+
+def test_aliases_must_agree_and_hostfile_replaces_the_pbs_nodefile(tmp_path: Path) -> None:
+    from megatron_ext.launch import EnvError
+
+    with pytest.raises(EnvError) as e:
+        _resolve(tmp_path, {"NGPU_PER_HOST": "1", "OPT": "adamw", "OPTIMIZER": "sgd"})
+    assert str(e.value) == "OPTIMIZER=sgd and OPT=adamw disagree (OPTIMIZER is an alias of OPT); set one"
+    nodes, part = tmp_path / "nodefile", tmp_path / "hostfile"
+    nodes.write_text("x1\nx2\nx3\nx4\n")
+    part.write_text("x3\nx4\n")
+    pbs = {"PBS_JOBID": "1.pbs", "PBS_NODEFILE": str(nodes), "NGPU_PER_HOST": "3", "HOSTFILE": str(part)}
+    plan = _resolve(tmp_path, pbs)
+    assert plan.derived["NHOSTS"] == "2" and plan.derived["WORLD_SIZE"] == "6"
+    plan = _resolve(tmp_path, {"NGPU_PER_HOST": "1", "HOSTFILE": str(part)})
+    assert plan.derived["NHOSTS"] == "1"
+    assert f"HOSTFILE={part} ignored: it replaces PBS_NODEFILE inside a PBS job only" in plan.notes
+
+
+# ---- the compatibility table ---------------------------------------------------------------------------------
+
+
+def test_the_committed_compatibility_table_is_the_generated_one(tmp_path: Path) -> None:
+    table = _tool("compat_table")
+    readme = (ROOT / "ALCF" / "README.md").read_text()
+    assert table.section() in readme, "regenerate: python tools/compat_table.py --write ALCF/README.md"
+    from megatron_ext import compat
+
+    for flag in [*compat.NO_EFFECT, *compat.NOT_BUILT, "--deepspeed_config FILE", "--zero-stage", "--rope-theta"]:
+        assert f"| `{flag}" in readme, flag
+    # --write replaces only the section between the markers
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n\n{table.BEGIN}\nold\n{table.END}\n\ntail\n")
+    assert table.main(["--write", str(doc)]) == 0
+    assert doc.read_text() == f"# title\n\n{table.section()}\n\ntail\n"
