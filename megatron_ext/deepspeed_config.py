@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class _Mapping:
             return
         section, name = dest.split(".")
         self.changes.setdefault(section, {})[name] = value
-        self.taken.append(f"{key} -> {flag} {_show(value)}" if flag_of(self.fields[dest]) != key else key)
+        self.taken.append(f"{key} -> {flag} {_show(value)}")
 
     def number(self, value: Any, name: str, kind: type = float) -> Any:
         """`value` (from the JSON at `name`) as a float or int, or one error line."""
@@ -103,7 +103,8 @@ class _Mapping:
             raise ConfigError(f"{self.source}: {key} must be an object {{...}}, not {json.dumps(value)}")
         return value
 
-    def rest(self, block: dict[str, Any], prefix: str, handled: Sequence[str]) -> None:
+    def rest(self, block: dict[str, Any], prefix: str, handled: Collection[str]) -> None:
+        """The keys of `block` not in `handled`, for the note's "ignored" line."""
         self.ignored += [f"{prefix}{k}" for k in block if k not in handled]
 
 
