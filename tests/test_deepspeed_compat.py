@@ -316,3 +316,19 @@ def test_the_committed_compatibility_table_is_the_generated_one(tmp_path: Path) 
     doc.write_text(f"# title\n\n{table.BEGIN}\nold\n{table.END}\n\ntail\n")
     assert table.main(["--write", str(doc)]) == 0
     assert doc.read_text() == f"# title\n\n{table.section()}\n\ntail\n"
+
+
+def test_helpers_sh_deepspeed_arguments_as_it_writes_them(tmp_path: Path) -> None:
+    """set_args' ds_args and the DeepSpeed-related train_args of ALCF's helpers.sh, `=` forms as written there."""
+    from megatron_ext.config import startup_note
+
+    ds_args = ["--no-pipeline-parallel", "--zero-stage=1", "--deepspeed-activation-checkpointing",
+               "--checkpoint-activations", "--checkpoint-num-layers=1", "--use-flash-attn-builder",
+               "--ds-sequence-parallel-size=1", "--bf16", "--micro-batch-size=2", "--global-batch-size=32"]  # fmt: skip
+    cfg, path = _ds(tmp_path, ALCF_JSON, *ds_args)
+    assert (cfg.training.recompute_granularity, cfg.training.recompute_num_layers) == ("full", 1)
+    assert cfg.parallel.use_distributed_optimizer and cfg.model.attention_backend == "sdpa" and cfg.precision.bf16
+    note = startup_note(cfg)
+    assert "--deepspeed-activation-checkpointing: recomputation is megatron-core's, as --recompute-activations " \
+        "says (every layer is recomputed)" in note  # fmt: skip
+    assert "train_batch_size" not in note  # the flags already say what the JSON says
