@@ -70,7 +70,7 @@ def _finish(tr: Trainer) -> None:
 def _moments(tr: Trainer, layer: int) -> list[torch.Tensor]:
     """exp_avg of a layer's parameters (non-distributed optimizer: keyed by the fp32 parameter itself)."""
     block = tr.recipe.blocks[0]  # type: ignore[attr-defined]
-    state = tr.optimizer.chained_optimizers[0].optimizer.state  # type: ignore[attr-defined]
+    state = tr.optimizer.chained_optimizers[0].optimizer.state
     return [state[p]["exp_avg"].clone() for p in block.layers[layer].parameters()]
 
 
@@ -165,11 +165,11 @@ def shared_gradients(prefix: str, workdir: Path, recompute: bool) -> dict[str, A
     argv = [*BASE, "--data-path", prefix, "--data-cache-path", str(workdir / "cache"), "--train-iters", "1"]
     tr = setup(parse_args(argv + (["--recompute-activations"] if recompute else [])))
     recipe: ProgressiveRecipe = tr.recipe  # type: ignore[assignment]
-    gpt = recipe.build_model(tr.config, None)  # bare (no DDP): gradients in .grad
+    gpt: Any = recipe.build_model(tr.config, None)  # bare (no DDP): gradients in .grad
     recipe.blocks = recipe.blocks[-1:]
     recipe.stage = 1  # 2 unique layers
     plan = layer_map("interpolate", 2, 4)  # depth 4: 0,0,1,1
-    reference = recipe.build_model(tr.config, None)
+    reference: Any = recipe.build_model(tr.config, None)
     reference.decoder.__class__ = TransformerBlock  # megatron-core's own forward and recompute
     reference.load_state_dict(gpt.state_dict())
     with torch.no_grad():
@@ -186,7 +186,7 @@ def shared_gradients(prefix: str, workdir: Path, recompute: bool) -> dict[str, A
     for k in range(2):
         copies = [reference.decoder.layers[j] for j, u in enumerate(plan) if u == k]
         for name, p in gpt.decoder.layers[k].named_parameters():
-            summed = sum(dict(c.named_parameters())[name].grad for c in copies)
+            summed = torch.stack([dict(c.named_parameters())[name].grad for c in copies]).sum(0)
             errors.append(float((p.grad - summed).abs().max() / summed.abs().max()))
     unused = [p.grad for k in (2, 3) for p in gpt.decoder.layers[k].parameters()]
     embedding = gpt.embedding.word_embeddings.weight.grad

@@ -185,3 +185,113 @@ def test_flops_follow_the_sampled_depth(results: dict) -> None:
     # Stage 1 (1 unique layer) samples depths of at most 4 layers, the last stage runs all 4: the most per step.
     assert max(flops[:4]) < flops[4] == flops[5] == results["reference"]["gpt_step_flops"]
     assert results["tp2"]["flops"] == flops
+
+
+GROW_SCRIPT = """
+import contextlib, importlib.util, io, json, sys
+from pathlib import Path
+import torch
+from megatron_ext import distributed
+from megatron_ext.models.progressive import layer_map
+from megatron_ext.training.inference import load_model
+from megatron_ext.training.layout import find_checkpoint
+
+spec = importlib.util.spec_from_file_location("convert_tool", sys.argv[2])
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+tmp = Path(sys.argv[1])
+tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+
+def logits(ckpt, plan=None):
+    model, *_ = load_model(find_checkpoint(ckpt), "cpu")
+    if plan is not None:  # the progressive run's full-depth network, by hand
+        model.decoder.layers = torch.nn.ModuleList([model.decoder.layers[k] for k in plan])
+    with torch.no_grad():
+        out = model(tokens, torch.arange(32).expand_as(tokens), None).float()
+    distributed.destroy()
+    return out
+
+def grow(*args):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(["grow", *args, "--no-progress"]) == 0, args
+    return stdout.getvalue()
+
+out = {}
+src = logits(tmp / "gpt")
+out["preserving_note"] = grow("--load", str(tmp / "gpt"), "--save", str(tmp / "fp"), "--target-layers", "4",
+                              "--function-preserving")
+out["preserving_error"] = float((logits(tmp / "fp") - src).abs().max())
+out["plain_note"] = grow("--load", str(tmp / "gpt"), "--save", str(tmp / "plain"), "--target-layers", "4",
+                         "--growth", "interpolate")
+out["plain_error"] = float((logits(tmp / "plain") - src).abs().max())
+full_depth = logits(tmp / "prog", layer_map("interpolate", 2, 4))
+grow("--load", str(tmp / "prog"), "--save", str(tmp / "prog_grown"), "--target-layers", "4")
+out["progressive_error"] = float((logits(tmp / "prog_grown") - full_depth).abs().max())
+(tmp / "grow.json").write_text(json.dumps(out))
+"""
+
+
+def _train(tmp: Path, run: str, flags: list[str]) -> str:
+    import subprocess
+    import sys
+
+    from launchers import clean_env
+
+    argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *flags, "--data-cache-path", str(tmp / "cache")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**clean_env(), "PYTHONPATH": str(ROOT)}, cwd=tmp)
+    assert proc.returncode == 0, f"{run}: {proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_grow_a_checkpoint(tmp_path: Path) -> None:
+    """tools/convert_checkpoint.py grow: --function-preserving keeps the logits, plain copies change them, a
+    progressive checkpoint mid-stage grows to its full-depth function, and the grown checkpoint trains on."""
+    import json
+    import subprocess
+    import sys
+
+    from launchers import clean_env
+
+    data = ["--data-path", ngram_corpus(str(tmp_path / "docs"))]
+    tiny = ("--hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 --global-batch-size 4 "
+            "--hidden-dropout 0 --attention-dropout 0 --eval-iters 0 --lr 1e-2 --lr-decay-style constant "
+        "--make-vocab-size-divisible-by 1 "
+            "--log-interval 1").split()  # fmt: skip
+    _train(
+        tmp_path,
+        "gpt",
+        [
+            *tiny,
+            *data,
+            "--num-layers",
+            "2",
+            "--train-iters",
+            "5",
+            "--exit-interval",
+            "3",
+            "--save",
+            str(tmp_path / "gpt"),
+        ],
+    )
+    prog = ["--model-variant", "progressive", "--progressive-layers", "1,2,4", "--progressive-stages", "2,100",
+            "--progressive-stage-unit", "iters"]  # fmt: skip
+    _train(tmp_path, "prog", [*tiny, *data, "--num-layers", "4", "--train-iters", "4", *prog,
+                              "--save", str(tmp_path / "prog")])  # fmt: skip
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    script = [sys.executable, "-c", GROW_SCRIPT, str(tmp_path), str(ROOT / "tools" / "convert_checkpoint.py")]
+    proc = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "grow.json").read_text())
+    assert out["preserving_error"] == 0.0 and "logits equal the source's" in out["preserving_note"], out
+    assert out["plain_error"] > 1e-3 and "not function-preserving" in out["plain_note"], out
+    assert out["progressive_error"] == 0.0, out
+    log = _train(tmp_path, "on", [*tiny, *data, "--num-layers", "4", "--train-iters", "5", "--load",
+                                  str(tmp_path / "fp"), "--save", str(tmp_path / "fp")])  # fmt: skip
+    assert "at iteration 3" in log and re.search(r"^iter 5/5 \| loss [0-9.]+", log, re.M), log[-2000:]
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "grow", "--load", str(tmp_path / "gpt"),
+         "--save", str(tmp_path / "never"), "--target-layers", "3"], capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "must be a multiple" in bad.stderr, bad.stderr
+    assert not (tmp_path / "never").exists()

@@ -8,6 +8,8 @@
     python tools/convert_checkpoint.py to-universal --load CKPT_DIR --save UNIV_DIR [--iteration N] [--dry-run]
     python tools/convert_checkpoint.py from-universal --load UNIV_DIR --save CKPT_DIR [--target-tp N --target-pp N]
     python tools/convert_checkpoint.py reshard --load CKPT_DIR --save CKPT_DIR [--iteration N] --target-tp N ...
+    python tools/convert_checkpoint.py grow --load CKPT_DIR --save CKPT_DIR --target-layers N [--growth stack]
+                                            [--function-preserving] [--reset-progress]
     python tools/convert_checkpoint.py from-deepspeed --load DS_UNIVERSAL_DIR --save UNIV_DIR [-- MODEL FLAGS]
 
 A universal folder loads directly with `pretrain_gpt.py --load UNIV_DIR` at any TP/PP/DP (optimizer moments
@@ -123,6 +125,19 @@ def reshard(args: argparse.Namespace) -> None:
     print("dry run: nothing written" if args.dry_run else f"wrote {args.save}", file=sys.stderr)
 
 
+def grow(args: argparse.Namespace) -> None:
+    from megatron_ext.convert.grow import grow as convert
+
+    rows = convert(
+        args.load, args.save, args.target_layers, growth=args.growth, function_preserving=args.function_preserving,
+        reset_progress=args.reset_progress, iteration=args.iteration, dry_run=args.dry_run,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    for line in rows:
+        print(line)
+    print("dry run: nothing written" if args.dry_run else f"wrote {args.save}", file=sys.stderr)
+
+
 def _layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-tp", type=int, default=None, help="Tensor-parallel size to write (default: as saved).")
     p.add_argument("--target-pp", type=int, default=None, help="Pipeline-parallel size to write (default: as saved).")
@@ -186,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--iteration", type=int, default=None, help="Iteration to convert (default: the latest).")
     _layout_flags(rs)
     rs.set_defaults(func=reshard)
+
+    gr = sub.add_parser("grow", help="Our checkpoint -> a deeper one (layers copied, progressive growth).")
+    _common(gr, "Our checkpoint folder (with latest_checkpointed_iteration.txt) or an iter_* folder.", "New folder.")
+    gr.add_argument("--iteration", type=int, default=None, help="Iteration to grow (default: the latest).")
+    gr.add_argument("--target-layers", type=int, required=True, help="Layers of the grown model (a multiple).")
+    gr.add_argument(
+        "--growth", choices=["stack", "interpolate"], default=None,
+        help="Target layer j copies source layer j mod N (stack; the default) or floor(j N / T) (interpolate); a "
+        "--model-variant progressive checkpoint uses its own.",
+    )  # fmt: skip
+    gr.add_argument(
+        "--function-preserving", action="store_true",
+        help="Zero the output projections of the added copies: the grown model's logits equal the source's.",
+    )  # fmt: skip
+    gr.add_argument(
+        "--reset-progress", action="store_true",
+        help="Start over at iteration 0 (schedule and data position afresh); default: keep the source's progress.",
+    )  # fmt: skip
+    gr.set_defaults(func=grow)
 
     fd = sub.add_parser(
         "from-deepspeed",

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -85,6 +84,7 @@ class ProgressiveBlock(TransformerBlock):
     objects from the forward."""
 
     plan: list[int] | None = None
+    layers: torch.nn.ModuleList  # megatron-core's, set in TransformerBlock.__init__
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.plan is None:
@@ -138,13 +138,6 @@ class ProgressiveBlock(TransformerBlock):
                 hidden_states, attention_mask, context, context_mask, rotary_pos_emb, padding_mask,
             )  # fmt: skip
         return hidden_states
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while not isinstance(chunk, GPTModel):
-        chunk = chunk.module
-    return chunk
 
 
 # ---- the optimizer state of a parameter, whatever the optimizer --------------------------------------------------
@@ -271,9 +264,9 @@ class ProgressiveRecipe(GPTRecipe):
 
     def build_model(self, config: TransformerConfig, vp_stage: int | None) -> torch.nn.Module:
         model = super().build_model(config, vp_stage)
-        gpt = _unwrap(model)
-        gpt.decoder.__class__ = ProgressiveBlock  # same module and state, another forward
-        self.blocks.append(gpt.decoder)
+        block = cast(ProgressiveBlock, model.decoder)
+        block.__class__ = ProgressiveBlock  # same module and state, another forward
+        self.blocks.append(block)
         return model
 
     def forward_step(self, batch: Batch, chunk: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
