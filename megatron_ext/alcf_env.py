@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_ext import config as schema
+from megatron_ext import resources
 from megatron_ext.cli import UserError
 from megatron_ext.config import Config, ConfigError, OneLineParser
 from megatron_ext.launch import (
@@ -252,7 +253,12 @@ _TABLE: tuple[Var, ...] = (
     Var("LAUNCH_WITH", "launch", "auto", help=(
         "auto (PBS: mpiexec, Slurm: srun, else torchrun, or python for one rank), mpiexec (also mpirun, MPICH), "
         "srun, torchrun or python.")),
-    Var("DRY_RUN", "launch", "0", help="1: print the resolved variables, configuration and command, launch nothing."),
+    Var("DRY_RUN", "launch", "0", help=(
+        "1: print the resolved variables, configuration and command, and an estimate of memory per rank and run "
+        "time (megatron_ext/resources.py); launch nothing.")),
+    Var("DEVICE_MEMORY_GB", "launch", "", help=(
+        "Memory of one accelerator in GB, for DRY_RUN's estimate (default: the device table's entry for the GPU "
+        "nvidia-smi names, or for the ALCF machine of the host).")),
     Var("PYTHON", "launch", ".venv/bin/python", help="Interpreter for the resolver and the ranks (else python3)."),
 )
 # fmt: on
@@ -1085,6 +1091,22 @@ def emit_shell(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resource_lines(plan: Plan, env: Mapping[str, str]) -> list[str]:
+    """DRY_RUN's estimate of memory per rank and time (megatron_ext/resources.py), with the run's tokenizer's
+    vocabulary padded as training pads it (32,000 tokens, the presets' count, when the tokenizer cannot be read)."""
+    from megatron_ext.data.tokenizers import build_tokenizer, padded_vocab_size
+
+    cfg = plan.config
+    try:
+        vocab = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model).vocab_size
+    except (OSError, ValueError, ImportError):
+        vocab = 32000
+    rows = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
+    tokens = schema.run_length_samples(cfg) * cfg.model.seq_length
+    world, dp = int(plan.derived["WORLD_SIZE"]), int(plan.derived["DP"])
+    return resources.report(cfg, rows, dp, world, tokens, env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`resolve [--launcher L] [--mpi-flavor F] [--mpi-exe E] [--emit FILE] -- [pretrain flags]`: what
     train_alcf.sh runs (ALCF/helpers.sh) before it launches."""
@@ -1098,12 +1120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = p.parse_args(own)
     try:
         plan = resolve(os.environ, extra, launcher=opts.launcher, mpi_flavor=opts.mpi_flavor, mpi_exe=opts.mpi_exe)
+        needs = resource_lines(plan, os.environ) if plan.dry_run else []
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(plan), flush=True)
     if plan.dry_run:
         print("configuration:\n" + json.dumps(plan.config.to_dict(), indent=2, sort_keys=True))
+        print("\n".join(needs))
         print("DRY_RUN=1: nothing launched")
     else:
         write_run_dir(plan)

@@ -51,7 +51,7 @@ from megatron_ext.data.gpt_data import (
 from megatron_ext.models.init import initialise
 from megatron_ext.models.long_context import check_document_masking, chunked_cross_entropy
 from megatron_ext.models.recipe import Batch, Progress, Recipe, register_variant
-from megatron_ext.models.size import num_parameters
+from megatron_ext.models.size import flops_per_token, num_parameters
 from megatron_ext.platform import DTYPES, Platform
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -477,21 +477,6 @@ def build_model(
         rotary_base=cfg.model.rotary_base,
         vp_stage=vp_stage,
     )
-
-
-def flops_per_token(cfg: Config, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in Megatron-LM's MFU accounting."""
-    m = cfg.model
-    h, s, L = m.hidden_size, m.seq_length, m.num_layers
-    dense = num_parameters(cfg, vocab_size) - (
-        m.max_position_embeddings * h if m.position_embedding_type == "learned_absolute" else 0
-    )
-    if not m.untie_embeddings_and_output_weights:
-        dense += vocab_size * h  # the tied output layer still does its matmul
-    dense -= vocab_size * h  # the input embedding is a lookup, not a matmul
-    q = (m.kv_channels or h // m.num_attention_heads) * m.num_attention_heads
-    attention = 2 * L * s * q  # QK^T and AV, per token (causal mask not discounted, as Megatron-LM)
-    return 3 * (2 * dense + 2 * attention)
 
 
 def packed_seq_params(batch: Batch, restart_positions: bool = True) -> PackedSeqParams | None:

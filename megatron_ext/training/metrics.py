@@ -10,8 +10,7 @@ from typing import Any
 import psutil
 import torch
 
-# Dense bf16 peak TFLOP/s per device (no sparsity), for MFU when --peak-tflops is not given.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "GH200": 989.0, "MI250X": 383.0}
+from megatron_ext.resources import device_spec
 
 
 def peak_tflops(device_type: str, override: float | None) -> float | None:
@@ -20,8 +19,8 @@ def peak_tflops(device_type: str, override: float | None) -> float | None:
         return override
     if device_type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    device = device_spec(torch.cuda.get_device_name())  # the device table's dense bf16 peak
+    return device.peak_tflops if device else None
 
 
 def memory_gib(device_type: str) -> float:
