@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from launchers import clean_env, mpirun
 
-from megatron_ext import alcf_env
+from megatron_ext import alcf_env, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train_alcf.sh"
@@ -387,15 +387,53 @@ def test_resume_through_a_universal_checkpoint_at_another_layout(
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "53"
 
 
-def test_sigterm_to_train_alcf_sh_alone_under_torchrun_saves_and_exits_0(
-    default_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+# A stand-in for srun where Slurm is not installed: starts --ntasks tasks of the command on this machine with
+# Slurm's task variables (megatron_ext/distributed.py reads them) and forwards SIGUSR1 to them, as srun does; exits
+# with the worst task status. It tests our side (train_alcf.sh's forwarding, the ranks under Slurm's variables),
+# not srun itself.
+FAKE_SRUN = """
+n=1
+while [[ "$1" == --* ]]; do
+  case "$1" in --ntasks) n="$2"; shift 2 ;; --*=*) shift ;; *) shift 2 ;; esac
+done
+pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$n SLURM_NTASKS_PER_NODE=$n "$@" &
+  pids+=($!)
+done
+trap 'echo "srun: forwarding SIGUSR1"; kill -USR1 "${pids[@]}"' USR1
+rc=0
+for pid in "${pids[@]}"; do
+  while :; do
+    if wait "$pid"; then s=0; else s=$?; fi
+    if ((s > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+    break
+  done
+  ((s > rc)) && rc=$s
+done
+exit $rc
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec", "srun"])
+def test_sigterm_to_train_alcf_sh_alone_saves_and_exits_0(
+    default_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, launcher: str
 ) -> None:
     """A SIGTERM to the script's process alone (not its group), as a batch system may send: torchrun got it and
-    ended in its SignalException traceback with status 1 (after the ranks had saved)."""
+    ended in its SignalException traceback with status 1 (after the ranks had saved); mpiexec (Open MPI here) and
+    srun (a stand-in, FAKE_SRUN) get SIGUSR1, which they forward to the ranks."""
     default, first = default_run
     assert first.returncode == 0
-    env = _env(tmp_path, SAVE="ckpt", NGPU_PER_HOST="2", TRAIN_ITERS="1000", RUN_DIR="run", LAUNCH_WITH="torchrun",
+    env = _env(tmp_path, SAVE="ckpt", NGPU_PER_HOST="2", TRAIN_ITERS="1000", RUN_DIR="run", LAUNCH_WITH=launcher,
                DATA_CACHE_PATH=str(default / "data_cache"))  # fmt: skip
+    if launcher == "mpiexec":
+        launch = mpirun(2)
+        if launch is None:
+            pytest.skip("no mpirun/mpiexec installed")
+        env.update({k: v for k, v in launch[1].items() if k.startswith("OMPI_MCA")})
+    if launcher == "srun":
+        env["PATH"] = f"{_fake(tmp_path, 'srun', FAKE_SRUN)}:{env['PATH']}"
+        env["MASTER_PORT"] = str(distributed.free_port())
     proc = subprocess.Popen(["bash", str(TRAIN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=tmp_path)  # fmt: skip
     log, deadline = tmp_path / "run" / "output.log", time.monotonic() + 240
@@ -408,7 +446,8 @@ def test_sigterm_to_train_alcf_sh_alone_under_torchrun_saves_and_exits_0(
     tail = out[-3000:] + err[-3000:]
     assert proc.returncode == 0 and out.splitlines()[-1] == "train_alcf.sh: launcher exited with status 0", tail
     assert "Traceback" not in out + err and "SignalException" not in out + err, tail
-    assert "caught SIGTERM; sending SIGTERM to the ranks (pids " in out, tail
+    forwarded = "SIGTERM to the ranks (pids " if launcher == "torchrun" else "SIGUSR1 to the launcher (pid "
+    assert f"caught SIGTERM; sending {forwarded}" in out, tail
     stopped = int(re.search(r"exiting at iteration (\d+)", out).group(1))  # type: ignore[union-attr]
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped)
     assert (tmp_path / "ckpt" / f"iter_{stopped:07d}" / "metadata.json").is_file()

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.config import parse_args
-from megatron_ext.training import checkpointing, loop
+from megatron_ext.training import checkpointing, loop, universal
 from megatron_ext.training.checkpointing import CheckpointError, find_loadable
 from megatron_ext.training.loop import TrainingStopped, TrainState, check_non_finite
 
@@ -203,6 +203,38 @@ def test_a_disk_that_fills_during_a_save_on_a_real_tmpfs(tmp_path: Path) -> None
     assert tracker == "2\n"
 
 
+@pytest.mark.parametrize("free", [4999, 5000])
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkeypatch, world_of_one, free: int) -> None:
+    """The last checkpoint took 5,000 bytes (its manifest): with less free space the next save is one line naming
+    the folder, nothing written and the last checkpoint unchanged; with as much it is written."""
+    root = tmp_path / "ckpt"
+    (root / "iter_0000002").mkdir(parents=True)
+    (root / "iter_0000002" / "manifest.json").write_text('{"__0_0.distcp": 4000, "common.pt": 1000}')
+    (root / "latest_checkpointed_iteration.txt").write_text("2\n")
+    before = checksums(root)
+    written = []
+    monkeypatch.setattr(checkpointing, "checkpoint_state", lambda *args, **kwargs: {})
+    monkeypatch.setattr(checkpointing.dist_checkpointing, "save", lambda state, folder, **kw: written.append(folder))
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    assert checkpointing.last_checkpoint_bytes(root) == 5000
+    scheduler = SimpleNamespace(state_dict=dict)
+    if free == 5000:
+        checkpointing.save(root, 4, [], None, scheduler, {})  # type: ignore[arg-type]
+        assert len(written) == 1 and (root / "latest_checkpointed_iteration.txt").read_text() == "4\n"
+        return
+    with pytest.raises(CheckpointError) as e:
+        checkpointing.save(root, 4, [], None, scheduler, {})  # type: ignore[arg-type]
+    assert str(e.value) == (
+        f"--save {root}: 0.00 GB free, checkpoint iter_0000004 needs about 0.00 GB (the size of the last one); not "
+        "written, the last complete checkpoint is unchanged: free space or save elsewhere"
+    )
+    assert (
+        written == []
+        and checksums(root) == before
+        and sorted(os.listdir(root)) == sorted(["iter_0000002", "latest_checkpointed_iteration.txt"])
+    )
+
+
 def test_the_reason_no_checkpoint_loads_is_said_once(tmp_path: Path, world_of_one) -> None:
     """The last skipped checkpoint's line was printed, then repeated inside the error."""
     (tmp_path / "iter_0000001").mkdir()
@@ -290,6 +322,32 @@ def test_a_checkpoint_of_another_vocabulary_is_refused_or_resized(saved: Path, b
     assert old.shape == new.shape == (384, 32)
     assert torch.equal(new[:258], old[:258]) and not torch.equal(new[258:300], old[258:300])
     assert 0.01 < float(new[258:300].std()) < 0.03  # --init-method-std 0.02, as the model's init
+
+
+def test_a_universal_checkpoint_of_another_vocabulary_is_refused_or_resized(saved: Path, bpe_300: Path) -> None:
+    """The universal loader pads or cuts the vocabulary rows itself: another tokenizer's checkpoint loaded silently."""
+    univ = saved / "univ"
+    convert = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "to-universal", "--load",
+               str(saved / "ckpt"), "--save", str(univ)]  # fmt: skip
+    assert subprocess.run(convert, capture_output=True, text=True).returncode == 0
+    before = checksums(univ)
+    tokenizer = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(bpe_300)]
+    proc = pretrain(saved, "--load", str(univ), *tokenizer)
+    assert (proc.returncode, proc.stderr.count("\n")) == (2, 1) and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith(
+        f"error: --load {univ} was saved with a vocabulary of 258 tokens (--tokenizer-type ByteTokenizer), this run's "
+        f"tokenizer (--tokenizer-type HuggingFaceTokenizer --tokenizer-model {bpe_300}) has 300: "
+    )
+    assert checksums(univ) == before
+
+    tuned = saved / "tuned_univ"  # the 258 rows the checkpoint knows, 42 new ones with the init's std
+    proc = pretrain(saved, "--load", str(univ), "--finetune", "--resize-vocabulary", "--save", str(tuned),
+                    "--train-iters", "1", "--lr", "1e-30", *tokenizer)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = universal.read_state(univ, "embedding.word_embeddings.weight", "fp32")
+    new = _embedding(tuned / "iter_0000001")
+    assert old.shape == new.shape == (384, 32)  # the universal folder keeps the saved padding rows
+    assert torch.equal(new[:258], old[:258]) and 0.01 < float(new[258:300].std()) < 0.03
 
 
 # ---- kill -9 during a save --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -45,6 +46,7 @@ from megatron_ext.data.tokenizers import padded_vocab_size
 from megatron_ext.training import universal
 from megatron_ext.training.layout import (
     COMMON_STATE,
+    MANIFEST,
     TRACKER,
     CheckpointNotFound,
     iteration_dir,
@@ -208,7 +210,9 @@ def save(
         try:
             for stale in root.glob("iter_*.tmp"):  # left by a job killed while saving
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            failed = [_too_little_space(root, final.name)]
+            if not failed[0]:
+                tmp.mkdir(parents=True)
         except OSError as e:
             failed = [f"--save {root}: cannot write checkpoint {final.name}: {os_reason(e)}"]
     torch.distributed.broadcast_object_list(failed, src=0)  # every rank stops, not rank 0 alone
@@ -265,6 +269,33 @@ def children_die_with_their_parent() -> SyncManager | None:
     manager.start(_die_with, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
     return manager
+
+
+def last_checkpoint_bytes(root: Path) -> int | None:
+    """The size of the latest checkpoint in `root` from its manifest, or None (none yet, or not one of ours)."""
+    try:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
+        sizes = json.loads((iteration_dir(root, iteration) / MANIFEST).read_text())
+        return sum(int(v) for v in sizes.values())
+    except (OSError, ValueError, CheckpointNotFound):
+        return None
+
+
+def _too_little_space(root: Path, name: str) -> str | None:
+    """Why checkpoint `name` cannot fit in `root` (or None): the next one is about as large as the last (a model's
+    size does not change between saves), so a disk with less free space stops the run before writing anything."""
+    needed = last_checkpoint_bytes(root)
+    if needed is None:
+        return None
+    free = shutil.disk_usage(root).free
+    if free >= needed:
+        return None
+    return (
+        f"--save {root}: {free / 1e9:.2f} GB free, checkpoint {name} needs about {needed / 1e9:.2f} GB (the size of "
+        "the last one); not written, the last complete checkpoint is unchanged: free space or save elsewhere"
+    )
 
 
 def _write_failure(error: BaseException, folder: Path) -> str:
@@ -398,7 +429,7 @@ def load(
     if path is None:
         return None
     if universal.is_universal(path):
-        return _load_universal(Path(path), model, optimizer, log)
+        return _load_universal(Path(path), model, optimizer, log, vocabulary)
     state = _sharded_state(model, optimizer, is_loading=True)
     common = dist_checkpointing.load_common_state_dict(str(path))
     resized = _vocabulary_rows(path, common, vocabulary, state)
@@ -440,15 +471,7 @@ def _vocabulary_rows(
     saved = common.get("vocab_size")
     if vocabulary is None or saved is None or saved == vocabulary.size:
         return []
-    data = (common.get("config") or {}).get("data", {})
-    recorded = " ".join(f"--{k.replace('_', '-')} {data[k]}" for k in ("tokenizer_type", "tokenizer_model")
-                        if data.get(k))  # fmt: skip
-    if not vocabulary.resize:
-        raise CheckpointError(
-            f"--load {path} was saved with a vocabulary of {saved} tokens ({recorded or 'tokenizer not recorded'}), "
-            f"this run's tokenizer ({vocabulary.tokenizer}) has {vocabulary.size}: use the checkpoint's tokenizer, "
-            "or --finetune --resize-vocabulary to start from its weights with the embedding resized"
-        )
+    _check_vocabulary(path, saved, common.get("config"), vocabulary)
     divisible = (common.get("config") or {}).get("model", {}).get("make_vocab_size_divisible_by", 128)
     rows = padded_vocab_size(saved, divisible, common.get("parallel_layout", [1, 1])[1])
     resized = []
@@ -459,6 +482,20 @@ def _vocabulary_rows(
                 state[model_key][name] = ShardedTensor.from_rank_offsets(sh.key, whole, replica_id=sh.replica_id)
                 resized.append((model_key, name, sh.data, sh.global_offset[0], min(saved, vocabulary.size)))
     return resized
+
+
+def _check_vocabulary(path: str | Path, saved: int, config: dict[str, Any] | None, vocabulary: Vocabulary) -> None:
+    """Refuses a checkpoint saved with a vocabulary of `saved` tokens other than the run's, unless it resizes."""
+    if saved == vocabulary.size or vocabulary.resize:
+        return
+    data = (config or {}).get("data", {})
+    recorded = " ".join(f"--{k.replace('_', '-')} {data[k]}" for k in ("tokenizer_type", "tokenizer_model")
+                        if data.get(k))  # fmt: skip
+    raise CheckpointError(
+        f"--load {path} was saved with a vocabulary of {saved} tokens ({recorded or 'tokenizer not recorded'}), "
+        f"this run's tokenizer ({vocabulary.tokenizer}) has {vocabulary.size}: use the checkpoint's tokenizer, "
+        "or --finetune --resize-vocabulary to start from its weights with the embedding resized"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -479,15 +516,26 @@ def _megatron_lm_state(common: dict[str, Any], log: Callable[[str], None]) -> di
 
 
 def _load_universal(
-    path: Path, model: list[DistributedDataParallel], optimizer: MegatronOptimizer | None, log: Callable[[str], None]
+    path: Path,
+    model: list[DistributedDataParallel],
+    optimizer: MegatronOptimizer | None,
+    log: Callable[[str], None],
+    vocabulary: Vocabulary | None,
 ) -> dict[str, Any]:
     """Fills this rank's shards of the model (and optimizer) from a universal checkpoint: any TP/PP/DP layout.
-    RNG states are layout-bound and not part of the format; the run's seed starts them."""
+    RNG states are layout-bound and not part of the format; the run's seed starts them. Another tokenizer's
+    vocabulary is refused as in a native checkpoint; resized, the rows both know are read, the others keep their
+    initial values."""
     try:
         meta = universal.read_meta(path)
+        saved = meta.get("vocab_size")
+        known_rows = None
+        if vocabulary is not None and saved is not None and saved != vocabulary.size:
+            _check_vocabulary(path, saved, meta.get("config"), vocabulary)
+            known_rows = min(saved, vocabulary.size)
         state = _sharded_state(model, optimizer, is_loading=True)
         with torch.no_grad():
-            loaded = universal.load_into(path, state)
+            loaded = universal.load_into(path, state, known_rows)
     except ConvertError as e:
         raise CheckpointError(f"--load {path}: {e}") from e
     with torch.no_grad():

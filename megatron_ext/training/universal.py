@@ -138,29 +138,34 @@ def source_tensor(root: Path, meta: dict[str, Any], key: str, layer: int | None,
     return full
 
 
-def _fill(root: Path, meta: dict[str, Any], sh: Any) -> Any:
+def _fill(root: Path, meta: dict[str, Any], sh: Any, known_rows: int | None = None) -> Any:
     """Copies a ShardedTensor's region out of the full tensor (padding vocabulary rows with zeros) into the
     ShardedTensor's own data (the parameter, optimizer state or placeholder it stands for), as dist_checkpointing
-    loads in place: a second copy of the whole model never exists, only one full tensor at a time."""
+    loads in place: a second copy of the whole model never exists, only one full tensor at a time. With
+    `known_rows` (a resized vocabulary) only that many vocabulary rows are read; the others keep their values."""
     import torch
 
     layers = sh.prepend_axis_num
     full = source_tensor(root, meta, sh.key, sh.global_offset[0] if layers else None, tuple(sh.global_shape[layers:]))
+    resizing = known_rows is not None and _source(sh.key)[0] in VOCAB_KEYS
+    if resizing:
+        full = full[:known_rows]
     offsets, local = sh.global_offset[layers:], tuple(sh.local_shape)
     src = tuple(slice(o, min(o + n, d)) for o, n, d in zip(offsets, local, full.shape))
     sizes = [max(0, s.stop - s.start) for s in src]
     with torch.no_grad():  # megatron-core 0.16 has no flattened ShardedTensors: data has the local shape
-        if sizes != list(local):  # vocabulary padding rows beyond the saved ones are zero
+        if sizes != list(local) and not resizing:  # vocabulary padding rows beyond the saved ones are zero
             sh.data.zero_()
         if all(sizes):
             sh.data[tuple(slice(0, n) for n in sizes)] = full[src]
     return sh.data
 
 
-def load_into(path: str | Path, sharded_state: dict[str, Any]) -> dict[str, Any]:
+def load_into(path: str | Path, sharded_state: dict[str, Any], known_rows: int | None = None) -> dict[str, Any]:
     """The state dict that dist_checkpointing.load would return for `sharded_state`, read from a universal
     checkpoint: every ShardedTensor (model weights, optimizer moments and main weights) is filled from the full
-    tensors; other entries keep the values they have (the caller replaces the optimizer's step)."""
+    tensors; other entries keep the values they have (the caller replaces the optimizer's step). `known_rows`:
+    a resized vocabulary's rows to read (see `_fill`)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
@@ -173,7 +178,7 @@ def load_into(path: str | Path, sharded_state: dict[str, Any]) -> dict[str, Any]
 
     def fill(x: Any) -> Any:
         if isinstance(x, ShardedTensor):
-            return _fill(root, meta, x)
+            return _fill(root, meta, x, known_rows)
         if isinstance(x, ShardedObject) and x.key.endswith("_extra_state"):
             return None  # modules' extra state (Transformer Engine's FP8 metadata): layout-bound, restarted
         if isinstance(x, ShardedObject):
