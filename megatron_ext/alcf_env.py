@@ -158,6 +158,7 @@ _TABLE: tuple[Var, ...] = (
     Var("DEPTH_SAMPLING", "model", "", "--depth-sampling"),
     Var("GROWTH", "model", "", "--growth"),
     Var("GROWTH_MOMENTS", "model", "", "--growth-moments"),
+    Var("GROWTH_LR_REWARM", "model", "", "--growth-lr-rewarm"),
     # parallelism and the job's shape
     Var("TP", "parallel", "1", "--tensor-model-parallel-size"),
     Var("PP", "parallel", "1", "--pipeline-model-parallel-size"),
@@ -275,7 +276,7 @@ DIRECT = (
     "LR_DECAY_ITERS", "TOKENIZER_TYPE", "TOKENIZER_MODEL", "DATA_CACHE_PATH", "SAVE_INTERVAL", "LOG_INTERVAL",
     "EVAL_INTERVAL", "EVAL_ITERS", "EXIT_DURATION_MINS", "GLOBAL_BATCH", "INIT_METHOD_STD",
     "TIMING_LOG_LEVEL", "MODEL_VARIANT", "PROGRESSIVE_LAYERS", "PROGRESSIVE_STAGES", "PROGRESSIVE_STAGE_UNIT",
-    "DEPTH_SAMPLING", "GROWTH", "GROWTH_MOMENTS",
+    "DEPTH_SAMPLING", "GROWTH", "GROWTH_MOMENTS", "GROWTH_LR_REWARM",
 )  # fmt: skip
 # helpers.sh's other names of variables (alias -> the variable); two that are set must agree.
 ALIASES = {

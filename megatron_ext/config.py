@@ -935,6 +935,9 @@ class ProgressiveOptions(VariantOptions):
         "Adam moments of the layers a growth writes: copy the source layer's, or reset them to zero.",
         choices=["copy", "reset"],
     )
+    growth_lr_rewarm: int = opt(
+        0, "After each growth, scale the schedule's LR by k/(N+1) for the k-th of N iterations (0: no rewarm)."
+    )
 
     def layers(self) -> list[int]:
         return _counts("--progressive-layers", self.progressive_layers or "")
@@ -950,7 +953,7 @@ class ProgressiveOptions(VariantOptions):
         _check(all(n > 0 for n in layers), f"--progressive-layers {self.progressive_layers}: counts must be positive")
         for a, b in zip(layers, layers[1:]):
             _check(a < b and b % a == 0, f"--progressive-layers {self.progressive_layers}: {a} does not divide {b} "
-                   "(each stage's count must divide the next, larger one, for growth to keep the function)")  # fmt: skip
+                   "(each stage's count must divide the next, larger one: growth keeps the function)")  # fmt: skip
         _check(
             len(stages) == len(layers) - 1,
             f"--progressive-stages needs {len(layers) - 1} start(s) for --progressive-layers {self.progressive_layers}"
@@ -960,6 +963,7 @@ class ProgressiveOptions(VariantOptions):
             all(a < b for a, b in zip([0, *stages], stages)),
             f"--progressive-stages {self.progressive_stages}: starts must be positive and increasing",
         )
+        _check(self.growth_lr_rewarm >= 0, f"--growth-lr-rewarm {self.growth_lr_rewarm} must be >= 0")
 
     def check(self, cfg: Config) -> None:
         L = cfg.model.num_layers

@@ -41,6 +41,7 @@ SCENARIOS: dict[str, tuple[list[str], str]] = {
     "reference": ([], "reference"),
     "reset": (["--growth-moments", "reset"], "reference"),
     "stack": (["--growth", "stack"], "reference"),
+    "rewarm": (["--growth-lr-rewarm", "2"], "reference"),
     "recompute": (["--recompute-activations"], "reference"),
     "bf16": (["--bf16"], "reference"),
     "tp2": (["--tensor-model-parallel-size", "2"], "reference"),
@@ -144,10 +145,10 @@ def growth_keeps_output(argv: list[str], reset: bool) -> dict[str, list[bool]]:
     return out
 
 
-def resume(prefix: str, workdir: Path, stop: int) -> dict[str, Any]:
+def resume(prefix: str, workdir: Path, stop: int, flags: list[str]) -> dict[str, Any]:
     """Trains to `stop`, saves, resumes in a new set-up and trains to STEPS: the losses of the resumed steps."""
-    ckpt = workdir / f"ckpt_{stop}"
-    argv = [*BASE, "--data-path", prefix, "--data-cache-path", str(workdir / "cache"), "--train-iters", "6"]
+    ckpt = workdir / f"ckpt_{stop}_{len(flags)}"
+    argv = [*BASE, *flags, "--data-path", prefix, "--data-cache-path", str(workdir / "cache"), "--train-iters", "6"]
     tr = setup(parse_args([*argv, "--save", str(ckpt)]))
     losses = [train_step(tr)["lm_loss"] for _ in range(stop)]
     save_checkpoint(tr)
@@ -204,7 +205,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in names:
         if name.startswith("resume_"):
-            results[name] = resume(prefix, workdir, int(name.removeprefix("resume_")))
+            stop, _, rewarm = name.removeprefix("resume_").partition("_")  # resume_3_rewarm: with its flags
+            results[name] = resume(prefix, workdir, int(stop), SCENARIOS[rewarm][0] if rewarm else [])
         elif name.startswith("shared_gradients"):
             results[name] = shared_gradients(prefix, workdir, recompute=name.endswith("_recompute"))
         else:

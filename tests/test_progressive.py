@@ -126,7 +126,7 @@ def test_options_parse() -> None:
 
 
 ONE = ["shared_gradients", "shared_gradients_recompute", "reference", "reset", "stack", "recompute", "bf16",
-       "resume_2", "resume_3"]  # fmt: skip
+       "resume_2", "resume_3", "rewarm", "resume_3_rewarm"]  # fmt: skip
 TWO = ["tp2", "tp2_sp", "dp2_distopt", "dp2_distopt_reset"]
 
 
@@ -178,6 +178,14 @@ def test_layouts_and_resume_match_the_single_process(results: dict, name: str, r
 def test_moments_reset_changes_the_run(results: dict) -> None:
     ref, reset = results["reference"]["losses"], results["reset"]["losses"]
     assert ref[:3] == reset[:3] and ref[3:] != reset[3:]  # the same until the first growth (before iteration 2)
+
+
+def test_lr_rewarm_after_growth(results: dict) -> None:
+    """--growth-lr-rewarm 2: the two steps after the growth at iteration 2 run at 1/3 and 2/3 of the LR (the loss
+    of the growth step is taken before its update), and a resume in the middle of the rewarm continues it."""
+    ref, rewarm = results["reference"]["losses"], results["rewarm"]["losses"]
+    assert ref[:3] == rewarm[:3] and all(abs(a - b) > 1e-5 for a, b in zip(ref[3:], rewarm[3:])), (ref, rewarm)
+    assert results["resume_3_rewarm"]["losses"] == rewarm
 
 
 def test_flops_follow_the_sampled_depth(results: dict) -> None:

@@ -232,6 +232,7 @@ class ProgressiveRecipe(GPTRecipe):
         self.schedule = self.options.layers()
         self.starts = self.options.stages()
         self.stage = 0
+        self.grown_at: int | None = None  # the iteration of the last growth (for --growth-lr-rewarm)
         self.blocks: list[ProgressiveBlock] = []
         self._iteration = 0
         self._micro_batch = 0
@@ -287,7 +288,19 @@ class ProgressiveRecipe(GPTRecipe):
         target = self.stage_at(progress)
         while self.stage < target:
             notes.append(self.grow(optimizer))
+            self.grown_at = progress.iteration
+        self.rewarm(progress.iteration, optimizer)
         return "\n".join(n for n in notes if n) or None
+
+    def rewarm(self, iteration: int, optimizer: MegatronOptimizer) -> None:
+        """--growth-lr-rewarm N: the k-th step after a growth (k = 1..N) runs at k/(N+1) of the schedule's LR. The
+        schedule sets the LR after each step, so the scaling lasts one step and never enters the schedule."""
+        n = self.options.growth_lr_rewarm
+        if self.grown_at is None or not 0 <= iteration - self.grown_at < n:
+            return
+        factor = (iteration - self.grown_at + 1) / (n + 1)
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
 
     def grow(self, optimizer: MegatronOptimizer) -> str:
         """Moves to the next stage: unique layer k of the new stage starts as old layer `growth_sources[k]`, with
@@ -334,7 +347,7 @@ class ProgressiveRecipe(GPTRecipe):
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"unique_layers": self.unique}
+        return {"unique_layers": self.unique, "grown_at": self.grown_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unique = state.get("unique_layers", self.schedule[0])
@@ -344,6 +357,7 @@ class ProgressiveRecipe(GPTRecipe):
                 f"{self.options.progressive_layers}"
             )
         self.stage = self.schedule.index(unique)
+        self.grown_at = state.get("grown_at")
 
 
 register_variant("progressive", ProgressiveRecipe, ProgressiveOptions)
