@@ -243,9 +243,7 @@ _TABLE: tuple[Var, ...] = (
     Var("EVAL_ITERS", "logging", "20", "--eval-iters"),
     Var("NO_TENSORBOARD", "logging", "0", "--tensorboard-dir",
         help="1: no tensorboard logs (default: RUN_DIR/tensorboard)."),
-    Var("WANDB_PROJECT", "logging", "", help=(
-        "Weights & Biases project: the run prints the `wandb sync` command for its tensorboard logs (no W&B "
-        "client runs inside training).")),
+    Var("WANDB_PROJECT", "logging", "", "--wandb-project"),
     Var("RUN_DIR", "logging", "runs/alcf/DATE-TIME_ARCH_JOBID", "--run-dir",
         help="The run folder: .env, config.json, launch.sh, output.log, train.log, tensorboard/."),
     Var("EXIT_DURATION_MINS", "logging", "", "--exit-duration-in-mins"),
@@ -274,7 +272,7 @@ DIRECT = (
     "NLAYERS", "HIDDEN", "HEADS", "NUM_KV_HEAD", "FFN_HIDDEN_SIZE", "SEQ", "TP", "PP", "MICRO_BATCH", "SEED", "LR",
     "MIN_LR", "WEIGHT_DECAY", "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPS", "CLIP_GRAD", "LR_DECAY_STYLE",
     "LR_DECAY_ITERS", "TOKENIZER_TYPE", "TOKENIZER_MODEL", "DATA_CACHE_PATH", "SAVE_INTERVAL", "LOG_INTERVAL",
-    "EVAL_INTERVAL", "EVAL_ITERS", "EXIT_DURATION_MINS", "GLOBAL_BATCH", "INIT_METHOD_STD",
+    "EVAL_INTERVAL", "EVAL_ITERS", "EXIT_DURATION_MINS", "GLOBAL_BATCH", "INIT_METHOD_STD", "WANDB_PROJECT",
     "TIMING_LOG_LEVEL", "MODEL_VARIANT", "PROGRESSIVE_LAYERS", "PROGRESSIVE_STAGES", "PROGRESSIVE_STAGE_UNIT",
     "DEPTH_SAMPLING", "GROWTH", "GROWTH_MOMENTS", "GROWTH_LR_REWARM",
 )  # fmt: skip
@@ -882,15 +880,6 @@ def run_folder(
     report.set("RUN_DIR", run_dir, _source(env, "RUN_DIR"))
     no_tb = _bool(env, "NO_TENSORBOARD")
     report.set("NO_TENSORBOARD", "1" if no_tb else "0", _source(env, "NO_TENSORBOARD"))
-    wandb = _value(env, "WANDB_PROJECT")
-    report.set("WANDB_PROJECT", wandb or "", _source(env, "WANDB_PROJECT", "unset"))
-    if wandb:
-        if no_tb:
-            raise EnvError(f"WANDB_PROJECT={wandb} needs the tensorboard logs; expected NO_TENSORBOARD unset or 0")
-        report.notes.append(
-            f"WANDB_PROJECT={wandb}: no W&B client runs inside training; upload the curves with "
-            f"`wandb sync --sync-tensorboard -p {wandb} {run_dir}/tensorboard`"
-        )
     tensorboard = None if no_tb or "logging.tensorboard_dir" in given else f"{run_dir}/tensorboard"
     return run_dir, tensorboard
 

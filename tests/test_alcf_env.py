@@ -198,7 +198,6 @@ ERRORS = [
     ({"LOAD": "no/such/ckpt"}, "LOAD=no/such/ckpt does not exist"),
     ({"USE_ACTIVATION_CHECKPOINTING": "maybe"},
      "USE_ACTIVATION_CHECKPOINTING='maybe' is not a switch; expected 1 or 0"),
-    ({"WANDB_PROJECT": "p", "NO_TENSORBOARD": "1"}, "WANDB_PROJECT=p needs the tensorboard logs"),
     ({"PBS_JOBID": "1.pbs"}, "PBS_NODEFILE is not set although PBS_JOBID is"),
     ({"PBS_JOBID": "1.pbs", "PBS_NODEFILE": "/no/such/nodefile"}, "PBS_NODEFILE=/no/such/nodefile cannot be read"),
     ({"SLURM_JOB_ID": "5"}, "SLURM_JOB_NODELIST and SLURM_JOB_NUM_NODES are not set although SLURM_JOB_ID is"),
