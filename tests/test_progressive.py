@@ -236,6 +236,9 @@ out["plain_error"] = float((logits(tmp / "plain") - src).abs().max())
 full_depth = logits(tmp / "prog", layer_map("interpolate", 2, 4))
 grow("--load", str(tmp / "prog"), "--save", str(tmp / "prog_grown"), "--target-layers", "4")
 out["progressive_error"] = float((logits(tmp / "prog_grown") - full_depth).abs().max())
+grow("--load", str(tmp / "gpt"), "--save", str(tmp / "reset"), "--target-layers", "4", "--reset-progress")
+out["reset_tracker"] = (tmp / "reset" / "latest_checkpointed_iteration.txt").read_text().strip()
+out["kept_tracker"] = (tmp / "fp" / "latest_checkpointed_iteration.txt").read_text().strip()
 (tmp / "grow.json").write_text(json.dumps(out))
 """
 
@@ -294,6 +297,7 @@ def test_grow_a_checkpoint(tmp_path: Path) -> None:
     assert out["preserving_error"] == 0.0 and "logits equal the source's" in out["preserving_note"], out
     assert out["plain_error"] > 1e-3 and "not function-preserving" in out["plain_note"], out
     assert out["progressive_error"] == 0.0, out
+    assert (out["reset_tracker"], out["kept_tracker"]) == ("0", "3"), out
     log = _train(tmp_path, "on", [*tiny, *data, "--num-layers", "4", "--train-iters", "5", "--load",
                                   str(tmp_path / "fp"), "--save", str(tmp_path / "fp")])  # fmt: skip
     assert "at iteration 3" in log and re.search(r"^iter 5/5 \| loss [0-9.]+", log, re.M), log[-2000:]
