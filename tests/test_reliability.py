@@ -272,6 +272,32 @@ def test_token_ids_beyond_the_vocabulary_name_the_data_file(tmp_path: Path) -> N
     assert checksums(prefix.parent) == before and not (tmp_path / "ckpt" / "iter_0000001").exists()
 
 
+def test_token_ids_beyond_the_vocabulary_stop_every_rank(tmp_path: Path) -> None:
+    """One document of 40 holds an id beyond the vocabulary, read by one of two data-parallel ranks: that rank stopped
+    alone and the other waited in its next collective until the launcher or the timeout ended it. Now both stop
+    after the step's reduction with the reading rank's line (and the step is not applied)."""
+    from megatron_ext import distributed
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "web" / "one_bad_document"
+    prefix.parent.mkdir()
+    with IndexedDatasetWriter(prefix, vocab_size=70_000) as writer:
+        for d in range(40):
+            writer.add_document([60_000 if (d, k) == (17, 15) else (d * 7 + k) % 250 for k in range(30)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(distributed.free_port()), str(ROOT / "pretrain_gpt.py"), *TINY, "--train-iters", "20", "--data-path",
+            str(prefix), "--split", "100,0,0", "--data-cache-path", str(tmp_path / "cache"),
+            "--distributed-timeout-minutes", "5"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    line = (
+        f"error: data file {prefix} (corpus web): token id 60000 is beyond the tokenizer's vocabulary of 258 "
+        "(--tokenizer-type and --tokenizer-model): the data was made with another tokenizer; preprocess it with "
+        "this one"
+    )
+    assert proc.returncode != 0 and proc.stderr.splitlines().count(line) == 2, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def bpe_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tokenizer of 300 tokens: padded to the byte tokenizer's 384 rows, so its checkpoints loaded silently."""

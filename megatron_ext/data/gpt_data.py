@@ -101,6 +101,7 @@ class MicroBatches:
     dp_size: int
     consumed_samples: int = 0
     vocab_size: int | None = None  # token ids must be below it: data made with another tokenizer is refused
+    problem: str | None = None  # why training cannot go on on this data (the loop stops every rank on it)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -116,16 +117,26 @@ class MicroBatches:
         return batch
 
     def _check_vocabulary(self, batch: dict[str, torch.Tensor], indices: list[int], vocab_size: int) -> None:
-        """One max per micro-batch; past the vocabulary, names the data file (F.embedding's IndexError did not)."""
+        """One max per micro-batch; past the vocabulary, `problem` names the data file (F.embedding's IndexError
+        did not) and the ids are replaced by 0 with no loss, so that this step runs to its global reduction, where
+        every rank learns of the problem and stops (megatron_ext/training/loop.py), none waiting for this one."""
         if max(int(batch["tokens"].max()), int(batch["labels"].max())) < vocab_size:
             return
+        if self.problem is None:
+            self.problem = self._vocabulary_problem(batch, indices, vocab_size)
+        bad = (batch["tokens"] >= vocab_size) | (batch["labels"] >= vocab_size)
+        batch["tokens"] = batch["tokens"].masked_fill(batch["tokens"] >= vocab_size, 0)
+        batch["labels"] = batch["labels"].masked_fill(batch["labels"] >= vocab_size, 0)
+        batch["loss_mask"] = batch["loss_mask"].masked_fill(bad, 0)
+
+    def _vocabulary_problem(self, batch: dict[str, torch.Tensor], indices: list[int], vocab_size: int) -> str:
         row = int(torch.maximum(batch["tokens"], batch["labels"]).max(dim=1).values.ge(vocab_size).nonzero()[0])
         source, top = (
             self.dataset.token_source(indices[row], vocab_size)
             if isinstance(self.dataset, CorpusBlend)
             else (f"sample {indices[row]}", int(batch["tokens"][row].max()))
         )
-        raise ConfigError(
+        return (
             f"{source}: token id {top} is beyond the tokenizer's vocabulary of {vocab_size} (--tokenizer-type "
             "and --tokenizer-model): the data was made with another tokenizer; preprocess it with this one"
         )

@@ -48,6 +48,7 @@ from megatron_ext.data.gpt_data import (
     collate,
     training_entries,
 )
+from megatron_ext.data.tokenizers import Tokenizer
 from megatron_ext.models.init import initialise
 from megatron_ext.models.long_context import check_document_masking, chunked_cross_entropy
 from megatron_ext.models.recipe import Batch, Progress, Recipe, register_variant
@@ -506,6 +507,10 @@ class GPTRecipe(Recipe):
     valid_sets: dict[str, torch.utils.data.Dataset]
     _masking_checked = False
 
+    def __init__(self, cfg: Config, platform: Platform, tokenizer: Tokenizer) -> None:
+        super().__init__(cfg, platform, tokenizer)
+        self._readers: list[MicroBatches] = []  # every micro-batch reader made, for data_problem
+
     def transformer_config(self) -> TransformerConfig:
         return transformer_config(self.cfg, self.platform)
 
@@ -529,7 +534,12 @@ class GPTRecipe(Recipe):
     def _micro_batches(self, dataset: torch.utils.data.Dataset, position: int = 0) -> MicroBatches:
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         mbs = self.cfg.training.micro_batch_size
-        return MicroBatches(dataset, mbs, dp_rank, dp_size, position, self.tokenizer.vocab_size)
+        reader = MicroBatches(dataset, mbs, dp_rank, dp_size, position, self.tokenizer.vocab_size)
+        self._readers.append(reader)
+        return reader
+
+    def data_problem(self) -> str | None:
+        return next((r.problem for r in self._readers if r.problem), None)
 
     def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
         return self._micro_batches(self.train_data.blend, self.train_data.position(consumed_samples))

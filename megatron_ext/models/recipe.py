@@ -102,6 +102,11 @@ class Recipe(abc.ABC):
         """This rank's micro-batches of validation set `name`, from its start (the same batches at every
         evaluation, so the numbers compare over the run)."""
 
+    def data_problem(self) -> str | None:
+        """Why training cannot go on, found in this rank's micro-batches so far (e.g. token ids beyond the
+        vocabulary), or None. The loop asks every rank after each step's micro-batches and stops all of them."""
+        return None
+
     @abc.abstractmethod
     def data_state(self, consumed_samples: int) -> dict[str, Any]:
         """The data position to checkpoint once `consumed_samples` samples are used (`build_data` reads it)."""

@@ -127,15 +127,22 @@ def forward_step(
 
 
 def _global_sums(tr: Trainer, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[sum, count] of each of the recipe's losses over every data-parallel replica, known on every rank."""
+    """[sum, count] of each of the recipe's losses over every data-parallel replica, known on every rank. A data
+    problem of any rank (recipe.data_problem) travels in the same reduction and stops every rank with its line."""
     names = tr.recipe.losses
-    total = torch.zeros(len(names), 2, dtype=torch.float64, device=tr.device)
+    total = torch.zeros(len(names) + 1, 2, dtype=torch.float64, device=tr.device)  # the last row: data problems
     if _is_loss_rank():
         for r in reports:
-            total += torch.stack([r[name] for name in names]).to(total)
+            total[:-1] += torch.stack([r[name] for name in names]).to(total)
+    problem = tr.recipe.data_problem()
+    total[-1, 0] = problem is not None
     if torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(total)
-    return total
+    if total[-1, 0] > 0:
+        problems: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(problems, problem)
+        raise ConfigError(next(p for p in problems if p is not None))
+    return total[:-1]
 
 
 def _means(tr: Trainer, sums: torch.Tensor) -> dict[str, float]:
