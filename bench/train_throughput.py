@@ -33,6 +33,10 @@ fastest single step of each (the least disturbed) is compared too.
     python bench/train_throughput.py --llama        # RMSNorm, SwiGLU, RoPE, GQA, untied, no bias
     python bench/train_throughput.py --profile 2    # then profile 2 steps of each and print the top operators
 
+Last, the cost of the per-phase timers (--timing-log-level): our step alone, alternating megatron-core given no
+timers object, timers at level 0 (Megatron-LM's default: nothing timed inside a step) and at level 2 (every
+phase and micro-batch timed, synchronising the device around each).
+
 This is a benchmark, not a test: it prints what it measures.
 """
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import math
@@ -51,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +75,7 @@ from megatron_ext.config import Config, ModelConfig, parse_args  # noqa: E402
 from megatron_ext.data.gpt_data import MicroBatches  # noqa: E402
 from megatron_ext.models.gpt import num_parameters  # noqa: E402
 from megatron_ext.training.loop import Trainer, setup, train_step  # noqa: E402
+from megatron_ext.training.telemetry import Telemetry  # noqa: E402
 
 Batch = dict[str, torch.Tensor]
 
@@ -630,9 +636,47 @@ def run(a: argparse.Namespace, cfg: Config, tr: Trainer, pt: PlainTrainer, fused
         )
     else:
         print("one transformer layer alone: skipped (the plain model is fp32)")
+    timer_overhead(tr, a.steps, a.repeats)
     if a.profile:
         for name, step in runs.items():
             profile(name, step, a.profile, a.profile_rows)
+
+
+def use_timers(tr: Trainer, level: int | None) -> None:
+    """Our step with its timers at `level` (as --timing-log-level); None: megatron-core's configs get no timers
+    object at all (as before the timers existed)."""
+    cfg = copy.copy(tr.cfg)
+    cfg.logging = replace(cfg.logging, timing_log_level=level or 0)
+    tr.telemetry = Telemetry(cfg, tr.device, tr.config, tr.model, tr.optimizer, tr.metrics, rank=0)
+    if level is None:
+        for config in [tr.config, *(o.config for o in getattr(tr.optimizer, "chained_optimizers", [tr.optimizer]))]:
+            config.timers = None
+
+
+def timer_overhead(tr: Trainer, steps: int, repeats: int) -> None:
+    """Step time of ours without timers, at timing level 0 and at level 2, alternating in this run: wall and CPU
+    seconds (the CPU time is less sensitive to other processes on a shared machine)."""
+    levels: dict[str, int | None] = {"no timers": None, "level 0": 0, "level 2": 2}
+    timed: dict[str, list[Timed]] = {name: [] for name in levels}
+    for _ in range(repeats):
+        for name, level in levels.items():
+            use_timers(tr, level)
+            timed[name].append(time_steps(partial(train_step, tr), steps))
+    use_timers(tr, tr.cfg.logging.timing_log_level)
+
+    def ratio(a: str, b: str, cpu: bool) -> float:
+        return statistics.median(
+            (x.cpu_s / y.cpu_s) if cpu else (x.wall_s / y.wall_s) for x, y in zip(timed[a], timed[b])
+        )
+
+    ms = {name: 1000 * statistics.median(t.wall_s for t in values) / steps for name, values in timed.items()}
+    print(
+        f"\ntimers (our step alone, {repeats} alternating repeats x {steps} steps): median step "
+        + ", ".join(f"{name} {value:.1f} ms" for name, value in ms.items())
+        + f"; median ratio level 0 / no timers {ratio('level 0', 'no timers', False):.3f} (cpu-time "
+        f"{ratio('level 0', 'no timers', True):.3f}), level 2 / level 0 {ratio('level 2', 'level 0', False):.3f} "
+        f"(cpu-time {ratio('level 2', 'level 0', True):.3f})"
+    )
 
 
 if __name__ == "__main__":

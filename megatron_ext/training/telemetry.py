@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import psutil
@@ -75,7 +75,7 @@ def open_metrics(cfg: Config, device_type: str, rank: int, world_size: int, run_
     return metrics
 
 
-def wandb_mode(service: str = WANDB_SERVICE, timeout: float = 3.0) -> tuple[str, str]:
+def wandb_mode(service: str = WANDB_SERVICE, timeout: float = 3.0) -> tuple[Literal["online", "offline"], str]:
     """("online" or "offline", why): offline when the service cannot be reached (compute nodes) or no API key is
     set (WANDB_API_KEY, or `wandb login`'s netrc entry): the run is then written for `wandb sync`."""
     host = urlsplit(service).hostname or service
@@ -101,9 +101,8 @@ def start_wandb(cfg: Config, run_dir: str | None) -> tuple[Any, str]:
     assert lg.wandb_save_dir or run_dir  # prepare() checked
     folder = Path(lg.wandb_save_dir or str(run_dir))  # wandb writes into its wandb/ there
     folder.mkdir(parents=True, exist_ok=True)
-    mode, why = os.environ.get("WANDB_MODE"), "WANDB_MODE"
-    if not mode:
-        mode, why = wandb_mode(os.environ.get("WANDB_BASE_URL", WANDB_SERVICE))
+    given = os.environ.get("WANDB_MODE")  # read by wandb itself
+    mode, why = (None, "WANDB_MODE") if given else wandb_mode(os.environ.get("WANDB_BASE_URL", WANDB_SERVICE))
     run = wandb.init(
         project=lg.wandb_project,
         entity=lg.wandb_entity,
@@ -112,9 +111,9 @@ def start_wandb(cfg: Config, run_dir: str | None) -> tuple[Any, str]:
         config=cfg.to_dict(),
         mode=mode,
     )
-    if mode == "offline":
+    if (given or mode) == "offline":
         return run, f"wandb: offline ({why}): upload later with `wandb sync {Path(run.dir).parent}`"
-    return run, f"wandb: {mode} ({why}), {run.url or folder}"
+    return run, f"wandb: {given or mode} ({why}), {run.url or folder}"
 
 
 def memory_scalars(device_type: str) -> dict[str, float]:
