@@ -11,6 +11,7 @@ never synchronises the device (level 1 and 2 timers synchronise it at their star
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 from megatron.core.timers import Timers
@@ -65,9 +66,11 @@ class StepTimers(Timers):
     def report(self, names: tuple[str, ...], steps: int) -> tuple[str | None, dict[str, float]]:
         """(the printed block, or None when nothing was timed; the max across ranks of each timer in seconds per
         step) for `names`, then resets them. Collective: every rank calls it with the same names."""
-        text = self.get_all_timers_string(list(names), normalizer=steps, reset=False)
-        # megatron-core's own reduction (Timers.write, which writes to a fixed tag, reads it the same way)
-        times = self._get_global_min_max_time(list(names), reset=True, barrier=False, normalizer=steps)
+        with warnings.catch_warnings():  # megatron-core gathers with a torch call torch now calls deprecated
+            warnings.filterwarnings("ignore", ".*all_gather_into_tensor.* is deprecated", FutureWarning)
+            text = self.get_all_timers_string(list(names), normalizer=steps, reset=False)
+            # megatron-core's own reduction (Timers.write, which writes to a fixed tag, reads it the same way)
+            times = self._get_global_min_max_time(list(names), reset=True, barrier=False, normalizer=steps)
         return text, {name: high for name, (_, high) in times.items()}
 
 
