@@ -522,3 +522,31 @@ def test_save_retain_interval_keeps_the_multiples(tmp_path) -> None:
         _retain(root, keep, interval)
         assert sorted((int(p.name[5:]) for p in root.iterdir()), reverse=True) == left
     assert parse_args(["--save-retain-interval", "1000", *RUN]).checkpoint.save_retain_interval == 1000
+
+
+def test_preprocess_data_takes_gpt2_vocab_and_merges(tmp_path) -> None:
+    """tools/preprocess_data.py with Megatron-LM's --vocab-file/--merge-file, through two worker processes."""
+    import json
+
+    from megatron_ext.data.indexed import read_documents
+    from megatron_ext.data.preprocess import main
+    from megatron_ext.data.tokenizers import build_tokenizer
+
+    vocab, merges = _gpt2_files(tmp_path)
+    docs = [TEXT, "then the thing", "an angle in the end"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"), "--append-eod"]
+    argv += ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges, "--workers", "2"]
+    assert main([*argv, "--quiet"]) == 0
+    tok = build_tokenizer("GPT2BPETokenizer", None, vocab_file=vocab, merge_file=merges)
+    written = [d.tolist() for d in read_documents(tmp_path / "out_text_document")]
+    assert written == [[*tok.tokenize(d), tok.eod] for d in docs]
+
+
+def test_hugging_face_export_refuses_interleaved_rope() -> None:
+    from megatron_ext.convert.hf import llama_blockers
+
+    llama = "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear".split()
+    assert llama_blockers(parse_args([*llama, *RUN]).model) == []
+    blockers = llama_blockers(parse_args([*llama, "--rotary-interleaved", *RUN]).model)
+    assert blockers == ["--rotary-interleaved (Llama rotates the two halves of each head)"]

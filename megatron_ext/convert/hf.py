@@ -114,6 +114,8 @@ def llama_blockers(m: ModelConfig) -> list[str]:
         out.append(f"--position-embedding-type {m.position_embedding_type} (Llama needs rope)")
     elif m.rotary_percent != 1.0:
         out.append(f"--rotary-percent {m.rotary_percent} (Llama rotates whole heads: 1.0)")
+    elif m.rotary_interleaved:
+        out.append("--rotary-interleaved (Llama rotates the two halves of each head)")
     if not m.disable_bias_linear:
         out.append("linear biases (Llama needs --disable-bias-linear)")
     return out

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -255,13 +256,15 @@ _WORKER_ENCODER: _Encoder | None = None
 _POOL_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str | None, keys: list[str], append_eod: bool) -> None:
+def _init_worker(
+    tokenizer_type: str, tokenizer_model: str | None, keys: list[str], append_eod: bool, files: dict[str, Any]
+) -> None:
     """Build this worker's tokenizer once; leave Ctrl-C to the main process, which terminates the pool."""
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's raising handler
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _POOL_SIGNALS)  # see _worker_pool
-    _WORKER_ENCODER = _Encoder(build_tokenizer(tokenizer_type, tokenizer_model), keys, append_eod)
+    _WORKER_ENCODER = _Encoder(build_tokenizer(tokenizer_type, tokenizer_model, **files), keys, append_eod)
 
 
 def _encode_in_worker(batch: _Batch) -> _Encoded:
@@ -356,13 +359,15 @@ def preprocess(
     skip_bad_lines: bool = False,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    tokenizer_files: dict[str, Any] | None = None,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` into one dataset per json key; raises :class:`PreprocessError` for user mistakes.
 
     ``workers=1`` tokenizes in this process (no pickling); more uses a process pool. Either way the outputs
     are byte-identical. Nothing is published unless the whole run succeeds: any exception, KeyboardInterrupt
     included, deletes the temporaries. (SIGTERM kills a Python process without clean-up unless a handler turns
-    it into an exception, as :func:`main` does.)
+    it into an exception, as :func:`main` does.) ``tokenizer_files``: the other arguments the tokenizer type needs
+    (``vocab_file``/``merge_file`` of GPT2BPETokenizer, ``vocab_size`` of NullTokenizer).
     """
     start = time.perf_counter()
     keys = list(json_keys)
@@ -377,8 +382,9 @@ def preprocess(
     check_output_prefix(output_prefix)
     files = find_inputs(inputs)
     model = str(tokenizer_model) if tokenizer_model else None
+    tokenizer_args = dict(tokenizer_files or {})
     try:
-        tokenizer = build_tokenizer(tokenizer_type, model)
+        tokenizer = build_tokenizer(tokenizer_type, model, **tokenizer_args)
     except ValueError as err:
         raise PreprocessError(str(err)) from err
     prefixes = {k: dataset_prefix(output_prefix, k) for k in keys}
@@ -400,7 +406,9 @@ def preprocess(
                 encoder = _Encoder(tokenizer, keys, append_eod)
                 results: Iterator[_Encoded] = map(encoder, batches)
             else:
-                pool = stack.enter_context(_worker_pool(workers, (tokenizer_type, model, keys, append_eod)))
+                pool = stack.enter_context(
+                    _worker_pool(workers, (tokenizer_type, model, keys, append_eod, tokenizer_args))
+                )
                 results = _pool_results(pool, batches)
             for enc in results:
                 stats.bytes_read += enc.num_bytes
@@ -452,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, help="writes {PREFIX}_{key}_document.bin/.idx per json key")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or Hugging Face tokenizer path")
+    p.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2's vocab.json")
+    p.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2's merges.txt")
+    p.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids below this are tokens")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one output each")
     p.add_argument("--append-eod", action="store_true", help="append the tokenizer's eod id to every document")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in this process)")
@@ -489,6 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             chunk_size=args.chunk_size,
             skip_bad_lines=args.skip_bad_lines,
             progress=not args.quiet and sys.stderr.isatty(),
+            tokenizer_files={
+                "vocab_file": args.vocab_file,
+                "merge_file": args.merge_file,
+                "vocab_size": args.vocab_size,
+            },
         )
     except UserError as err:
         return report(err)
