@@ -75,14 +75,24 @@ def _train(tmp: Path, name: str, *args: str, nproc: int = 1, port: int) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One process with every flag at timing level 2 (saves at iterations 4 and 8, wandb when installed), and the
-    same training at timing level 0 on two data-parallel ranks with the distributed optimizer."""
+    """One process with every flag at timing level 2 (saves at iterations 4 and 8, wandb when installed), the
+    same training at timing level 0 on two data-parallel ranks with the distributed optimizer, and the norms of
+    the same training at TP=2."""
     tmp = tmp_path_factory.mktemp("telemetry")
     wandb = ["--wandb-project", "telemetry-test", "--wandb-exp-name", "all-flags"] if HAVE_WANDB else []
     profile = ["--profile", "--profile-step-start", str(PROFILED[0]), "--profile-step-end", str(PROFILED[1])]
     one = _train(tmp, "one", *LOGGING, *profile, "--save-interval", "4", *wandb, port=29571)
     level_0 = [*LOGGING[2:], "--timing-log-level", "0"]
     two = _train(tmp, "two", *level_0, "--use-distributed-optimizer", nproc=2, port=29572)
+    norms = [
+        "--log-params-norm",
+        "--log-optimizer-states-to-tensorboard",
+        "--tensor-model-parallel-size",
+        "2",
+        "--make-vocab-size-divisible-by",
+        "64",
+    ]  # the vocabulary padded as at TP=1 (x TP)
+    _train(tmp, "tp", *norms, nproc=2, port=29573)  # the same initial weights on any layout (models/init.py)
     return {"tmp": tmp, "one": one, "two": two, "scalars": read_scalars(tmp / "one" / "tb")}
 
 
@@ -142,6 +152,16 @@ def test_two_data_parallel_ranks_report_the_same_values(runs: dict) -> None:
         assert sorted(a) == sorted(b) == [2, 4, 6, 8]
         for step in a:
             assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-12), (tag, step)
+
+
+def test_tensor_parallel_ranks_report_the_same_norms(runs: dict) -> None:
+    """Each rank holds half of the split weights and all of the norms' weights (a replica, counted once)."""
+    one, tp = runs["scalars"], read_scalars(runs["tmp"] / "tp" / "tb")
+    for tag in ("train/params_norm", "optimizer/momentum_l2", "optimizer/variance_l2", "optimizer/variance_abs_max"):
+        a, b = _at(one, tag), _at(tp, tag)
+        assert sorted(a) == sorted(b) == [2, 4, 6, 8]
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4), (tag, step)
 
 
 def test_timers_add_up_to_the_step_time(runs: dict) -> None:
