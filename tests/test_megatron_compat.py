@@ -431,18 +431,21 @@ def single_process(monkeypatch, tmp_path):
     torch.use_deterministic_algorithms(False)
 
 
-def test_megatron_flags_reach_the_model_optimizer_and_buffers(single_process) -> None:
+def test_megatron_flags_reach_the_model_optimizer_and_buffers(single_process, monkeypatch) -> None:
     """--decoupled-lr reaches the embedding and output layer's group (not the others), --grad-reduce-in-bf16 the
     gradient buffers, --deterministic-mode torch, --word-embedding-init-std the embedding, --apply-layernorm-1p
-    and --squared-relu the layers; the model trains on --mock-data with the NullTokenizer's vocabulary."""
+    and --squared-relu the layers, --eval-global-batch-size the evaluation; the model trains on --mock-data with
+    the NullTokenizer's vocabulary."""
     import torch
 
     from megatron_ext.models.gpt import LayerNorm1P
-    from megatron_ext.training.loop import setup, train_step
+    from megatron_ext.training import loop
+    from megatron_ext.training.loop import evaluate, setup, train_step
 
     flags = "--mock-data --tokenizer-type NullTokenizer --vocab-size 61 --make-vocab-size-divisible-by 1 --lr 1e-3 "
     flags += "--decoupled-lr 5e-3 --bf16 --grad-reduce-in-bf16 --deterministic-mode --word-embedding-init-std 0.5 "
-    flags += "--apply-layernorm-1p --squared-relu --untie-embeddings-and-output-weights --train-iters 3"
+    flags += "--apply-layernorm-1p --squared-relu --untie-embeddings-and-output-weights --train-iters 3 "
+    flags += "--eval-global-batch-size 8"
     cfg = parse_args([*TINY, *flags.split(), "--data-cache-path", str(single_process / "cache")])
     tr = setup(cfg)
     assert torch.are_deterministic_algorithms_enabled()
@@ -463,6 +466,13 @@ def test_megatron_flags_reach_the_model_optimizer_and_buffers(single_process) ->
     decoupled = {n for n, mp in main_params.items() if lr_of[id(mp)] == 5e-3}
     assert decoupled == {"embedding.word_embeddings.weight", "output_layer.weight"}, decoupled
     assert all(lr_of[id(mp)] == 1e-3 for n, mp in main_params.items() if n not in decoupled)
+    counts: list[int] = []
+    run = loop._run_microbatches
+    monkeypatch.setattr(
+        loop, "_run_microbatches", lambda tr, data, n, forward_only: counts.append(n) or run(tr, data, n, forward_only)
+    )
+    evaluate(tr)
+    assert counts == [4]  # --eval-global-batch-size 8 of micro-batches of 2 (the training batch is 4)
 
 
 def _names(model, optimizer) -> list[str]:
