@@ -803,6 +803,7 @@ class LoggingConfig:
         "Norms of the Adam moments in tensorboard: optimizer/momentum_l2, variance_l2, variance_sqrt_l2, "
         "momentum_abs_max, variance_abs_max (every parameter once, over all ranks).",
     )
+    log_world_size_to_tensorboard: bool = opt(False, "The number of ranks in tensorboard (train/world_size).")
     logging_level: int | None = opt(
         None,
         "Python logging level of every logger (10 DEBUG, 20 INFO, 30 WARNING, 40 ERROR); default: the "
@@ -1218,7 +1219,7 @@ class Config:
             all(n >= 1 for n in ends)
             and middle >= stages
             and (stages == 0 or middle % stages == 0)
-            and (stages or not middle),
+            and (stages > 0 or middle == 0),
             f"--num-layers {L} minus --decoder-first/last-pipeline-num-layers ({'+'.join(map(str, ends))}) must split "
             f"evenly over the other {stages} pipeline stage(s), at least one layer each",
         )

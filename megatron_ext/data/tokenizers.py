@@ -285,7 +285,7 @@ def build_tokenizer(
         raise TokenizerError(
             f"--tokenizer-type {tokenizer_type!r} is unknown; expected one of {', '.join(TOKENIZER_TYPES)}"
         )
-    given = {"tokenizer_model": tokenizer_model, "vocab_file": vocab_file, "merge_file": merge_file}
+    given: dict[str, object] = {"tokenizer_model": tokenizer_model, "vocab_file": vocab_file, "merge_file": merge_file}
     given["vocab_size"] = vocab_size
     missing = [f"--{n.replace('_', '-')}" for n in TOKENIZER_TYPES[tokenizer_type] if not given[n]]
     if missing:
