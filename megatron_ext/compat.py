@@ -120,6 +120,13 @@ NO_EFFECT: dict[str, Accepted] = {
     "--tensorboard-log-interval": Accepted("tensorboard is written at every --log-interval", int),
     "--tensorboard-queue-size": Accepted("the tensorboard writer's queue; " + _PERF, int),
     "--use-pytorch-profiler": Accepted("--profile always records with torch's profiler here", fine=(True,)),
+    "--log-progress": Accepted("no progress.txt is written here; train.log holds every log line"),
+    "--log-energy": Accepted("the GPUs' energy is not read here"),
+    "--log-straggler": Accepted(
+        "the straggler detector is not built here; --timing-log-option all prints each rank's times"
+    ),
+    "--record-memory-history": Accepted("CUDA memory snapshots are not recorded here"),
+    "--memory-snapshot-path": Accepted("CUDA memory snapshots are not recorded here", str),
 }
 
 # Change the run but are not built here: parsed (so the configuration prints and DRY_RUN shows them), and the run

@@ -34,14 +34,15 @@ SHAPE = (
 LOGGING = (
     "--timing-log-level 2 --log-timers-to-tensorboard --log-memory-to-tensorboard --log-params-norm "
     "--log-num-zeros-in-grad --log-throughput --log-validation-ppl-to-tensorboard "
-    "--log-optimizer-states-to-tensorboard --logging-level 30"
+    "--log-optimizer-states-to-tensorboard --log-world-size-to-tensorboard --logging-level 30"
 ).split()
 PROFILED = (3, 5)  # --profile-step-start/-end: the steps starting at iterations 3 and 4 (logged as iter 4, 5)
 
 
-# Runs pretrain_gpt.py's main with megatron-core's Timer.start recording the names it starts, printed at the end.
+# Runs pretrain_gpt.py's main with megatron-core's Timer.start recording the names it starts, written at the end
+# to $STARTED_<rank>.json (two ranks' prints to one pipe can interleave).
 DRIVER = """
-import sys, megatron.core.timers as t
+import json, os, sys, megatron.core.timers as t
 started, start = [], t.Timer.start
 def record(self, barrier=False):
     started.append(self.name)
@@ -50,14 +51,17 @@ t.Timer.start = record
 if __name__ == "__main__":  # not in the processes a checkpoint save spawns
     from megatron_ext.training.loop import main
     code = main(sys.argv[1:])
-    print("STARTED", sorted(set(started)), len(started), flush=True)
+    with open(f"{os.environ['STARTED']}_{os.environ['RANK']}.json", "w") as f:
+        json.dump(started, f)
     sys.exit(code)
 """
 
 
 def _train(tmp: Path, name: str, *args: str, nproc: int = 1, port: int) -> str:
     """The output (stdout + stderr) of a training run writing tmp/name/{tb,ckpt}."""
+    run = tmp / name
     env = {**clean_env(), "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env["STARTED"] = str(run / "started")
     if nproc == 1:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         launcher = [sys.executable]
@@ -65,7 +69,6 @@ def _train(tmp: Path, name: str, *args: str, nproc: int = 1, port: int) -> str:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}"]
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    run = tmp / name
     argv = [*launcher, str(driver), *SHAPE, "--data-cache-path", str(tmp / "data"), "--tensorboard-dir",
             str(run / "tb"), "--save", str(run / "ckpt"), *args]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
@@ -111,6 +114,7 @@ def test_every_flag_writes_its_scalars(runs: dict) -> None:
         "optimizer/variance_sqrt_l2", "optimizer/momentum_abs_max", "optimizer/variance_abs_max",
     }  # fmt: skip
     assert expected <= tags, sorted(expected - tags)
+    assert set(_at(runs["scalars"], "train/world_size").values()) == {1.0}
     for tag in ("train/params_norm", "train/num_zeros", "memory/rss_bytes", "optimizer/momentum_l2"):
         assert sorted(_at(runs["scalars"], tag)) == [2, 4, 6, 8], tag
     log = runs["one"]
@@ -146,6 +150,7 @@ def test_two_data_parallel_ranks_report_the_same_values(runs: dict) -> None:
     """The reductions count every parameter and every moment once: the distributed optimizer shards the moments
     and the gradients over the two ranks, the one-process run holds them whole."""
     one, two = runs["scalars"], read_scalars(runs["tmp"] / "two" / "tb")
+    assert set(_at(two, "train/world_size").values()) == {2.0}
     for tag in ("train/params_norm", "train/num_zeros", "optimizer/momentum_l2", "optimizer/variance_l2",
                 "optimizer/momentum_abs_max", "optimizer/variance_sqrt_l2"):  # fmt: skip
         a, b = _at(one, tag), _at(two, tag)
@@ -228,13 +233,15 @@ def test_wandb_offline_run_has_the_tensorboard_scalars(runs: dict) -> None:
 def test_level_0_times_nothing_inside_a_step(runs: dict) -> None:
     """At level 0 no timer starts (so nothing synchronises the device) but around the evaluations (at iterations
     4 and 8) and the save (8), on both ranks; those are reported as min/max over the two ranks."""
-    assert runs["two"].count("STARTED ['evaluate', 'save-checkpoint'] 3") == 2
+    for rank in (0, 1):
+        started = json.loads((runs["tmp"] / "two" / f"started_{rank}.json").read_text())
+        assert sorted(started) == ["evaluate", "evaluate", "save-checkpoint"], (rank, started)
     assert "forward-backward" not in runs["two"]
     timers = {tag for tag in read_scalars(runs["tmp"] / "two" / "tb") if tag.startswith("timers/")}
     assert timers == {"timers/evaluate-time", "timers/save-checkpoint-time"}
     pairs = re.findall(r"evaluate \.+: \(([0-9.]+), ([0-9.]+)\)", runs["two"])
     assert len(pairs) == 2 and all(float(low) <= float(high) for low, high in pairs)
-    started = json.loads(re.findall(r"^STARTED (\[.*\]) \d+$", runs["one"], re.M)[0].replace("'", '"'))
+    started = json.loads((runs["tmp"] / "one" / "started_0.json").read_text())
     assert {"batch-generator", "forward-compute", "forward-backward", "all-grads-sync", "optimizer"} <= set(started)
 
 

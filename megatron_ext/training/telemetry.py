@@ -300,6 +300,8 @@ class Telemetry:
         start = time.perf_counter()  # what is measured here is kept out of the step time
         if lg.log_params_norm:
             values = {**values, "params_norm": params_norm(self.model, self.device)}
+        if lg.log_world_size_to_tensorboard:
+            values = {**values, "world_size": torch.distributed.get_world_size()}
         self.metrics.exclude(time.perf_counter() - start)
         self.metrics.step(iteration, total_iters, values)
         start = time.perf_counter()
