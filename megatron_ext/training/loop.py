@@ -27,10 +27,8 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
-    destroy_num_microbatches_calculator,
     get_current_global_batch_size,
     get_num_microbatches,
-    init_num_microbatches_calculator,
     update_num_microbatches,
 )
 from megatron.core.optimizer import MegatronOptimizer
@@ -53,6 +51,7 @@ from megatron_ext.data.tokenizers import Tokenizer, tokenizer_of
 from megatron_ext.models.gpt import HAVE_TE
 from megatron_ext.models.recipe import Batch, Recipe, build_recipe
 from megatron_ext.training import checkpointing, telemetry, universal
+from megatron_ext.training.batch_schedule import init_batch_sizes
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.optim import build_optimizer, build_scheduler, lr_range, wrap_model
 from megatron_ext.training.schedules import ParamScheduler
@@ -276,6 +275,7 @@ def save_checkpoint(tr: Trainer) -> None:
             extra,
             ck.keep_last_checkpoints,
             tr.async_saves,
+            ck.save_retain_interval,
         )
         seconds = time.perf_counter() - start
         tr.metrics.exclude(seconds)
@@ -380,11 +380,7 @@ def setup(cfg: Config) -> Trainer:
     torch.manual_seed(cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
     t = cfg.training
-    destroy_num_microbatches_calculator()
-    init_num_microbatches_calculator(
-        info.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size,
-        parallel_state.get_data_parallel_world_size(),
-    )  # fmt: skip
+    init_batch_sizes(cfg, info.rank, parallel_state.get_data_parallel_world_size())
 
     tokenizer = tokenizer_of(cfg.data)
     recipe = build_recipe(cfg, plat, tokenizer)
