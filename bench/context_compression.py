@@ -126,7 +126,7 @@ def tokens_saved(ratio: int) -> float:
     tokenizer = build_tokenizer("ByteTokenizer", None)
     full = compressed = 0
     for line in (RUN / "held_out.jsonl").read_text().splitlines():
-        r = cc_data.read_record(json.loads(line), tokenizer.tokenize, tokenizer.eod)
+        r = cc_data.read_record(json.loads(line), tokenizer.tokenize)
         full += len(r.head) + len(r.context) + len(r.tail) + len(r.answer)
         compressed += len(r.head) + -(-len(r.context) // ratio) + len(r.tail) + len(r.answer)
     return 1 - compressed / full
@@ -148,13 +148,16 @@ def main() -> None:
     texts = [text for _, text in iter_documents(stdlib_files()[:400])]
     times = {}
     start = time.perf_counter()
-    write_data(texts)
     lm = RUN / "lm"
     common = ["--data-cache-path", str(RUN / "cache"), "--eval-interval", "100000"]
-    whole = ["--reset-attention-mask", "--packing", "best-fit"]  # a document's queries with its context
-    run([*MODEL, *TRAINING, *whole, "--micro-batch-size", "32", "--data-path", str(RUN / "lm_docs"), "--train-iters",
-         str(LM_ITERS), "--save", str(lm), "--eval-iters", "0", *common])  # fmt: skip
-    times["LM"] = time.perf_counter() - start
+    if (lm / f"iter_{LM_ITERS:07d}").is_dir() and (RUN / "held_out.jsonl").is_file():
+        print(f"reusing the LM and the data of an earlier run in {RUN} (delete the folder to start afresh)")
+    else:
+        write_data(texts)
+        whole = ["--reset-attention-mask", "--packing", "best-fit"]  # a document's queries with its context
+        run([*MODEL, *TRAINING, *whole, "--micro-batch-size", "32", "--data-path", str(RUN / "lm_docs"),
+             "--train-iters", str(LM_ITERS), "--save", str(lm), "--eval-iters", "0", *common])  # fmt: skip
+        times["LM"] = time.perf_counter() - start
     start = time.perf_counter()
     pt = RUN / "stage_pt"
     run([*compressor_flags("pt"), "--compressor-lm", str(lm), "--train-iters", str(PT_ITERS), "--save", str(pt),

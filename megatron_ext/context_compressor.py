@@ -136,7 +136,7 @@ class ContextCompressorRecipe(Recipe):
             assert o.train_data is not None  # ContextCompressorOptions.check
 
             def parse(record: Any) -> data.Record:
-                return data.read_record(record, tok.tokenize, tok.eod)
+                return data.read_record(record, tok.tokenize)
 
             train = data.read_jsonl(o.train_data, "--train-data", parse)
             held = data.read_jsonl(o.eval_data, "--eval-data", parse) if o.eval_data else None

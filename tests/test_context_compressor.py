@@ -73,26 +73,26 @@ def test_ratios_per_window_are_drawn_per_sample_and_repeatable() -> None:
 
 def _record(context: str) -> data.Record:
     record = {"prompt": "H{context}T?", "context": context, "answer": "ok"}
-    return data.read_record(record, lambda text: [ord(c) for c in text], eod=0)
+    return data.read_record(record, lambda text: [ord(c) for c in text])
 
 
 def test_answer_only_loss_and_middle_truncation() -> None:
     r = _record("abcdefghijklmnop")
     assert r.head.tolist() == [ord("H")] and r.tail.tolist() == [ord("T"), ord("?")]
-    assert r.answer.tolist() == [ord("o"), ord("k"), 0]  # the end-of-document token is part of the answer
+    assert r.answer.tolist() == [ord("o"), ord("k")]
     o = ContextCompressorOptions(comp_candidates=[4], stage="ft", encoder_max_length=8, window=8, lm_max_length=64)
     sample = data.record_sample(r, o, np.random.default_rng(0))
     (row,) = sample.rows
     soft = -(-16 // 4)
-    assert row.inputs.tolist() == [ord("H"), *(-k - 1 for k in range(soft)), ord("T"), ord("?"), ord("o"), ord("k"), 0]
+    assert row.inputs.tolist() == [ord("H"), *(-k - 1 for k in range(soft)), ord("T"), ord("?"), ord("o"), ord("k")]
     scored = np.flatnonzero(row.weights)
-    assert scored.tolist() == [1 + soft + 1, 1 + soft + 2, 1 + soft + 3]  # from '?', 'o', 'k'
+    assert scored.tolist() == [1 + soft + 1, 1 + soft + 2]  # from '?' and 'o'
     assert row.labels[scored].tolist() == r.answer.tolist()
-    # lm_max_length 8 leaves 8 - 1 - 2 - 3 = 2 positions: 2 x 4 context tokens, first and last halves
-    assert data.fit_context(r, 4, 8).tolist() == [ord(c) for c in "abcdmnop"]
-    assert data.fit_context(r, 1, 9).tolist() == [ord(c) for c in "aop"]  # 3 tokens: 1 first, 2 last
+    # lm_max_length 8 leaves 8 - 1 - 2 - 2 = 3 positions: 3 x 4 context tokens, first and last halves
+    assert data.fit_context(r, 4, 8).tolist() == [ord(c) for c in "abcdefklmnop"]
+    assert data.fit_context(r, 1, 8).tolist() == [ord(c) for c in "aop"]  # 3 tokens: 1 first, 2 last
     # without a {context} place the context comes first and the whole prompt follows
-    plain = data.read_record({"prompt": "Q", "context": "xy", "answer": "a"}, lambda t: [ord(c) for c in t], eod=0)
+    plain = data.read_record({"prompt": "Q", "context": "xy", "answer": "a"}, lambda t: [ord(c) for c in t])
     assert plain.head.tolist() == [] and plain.tail.tolist() == [ord("Q")]
 
 
@@ -101,8 +101,8 @@ def test_evaluation_rows_score_the_same_tokens() -> None:
     sample = data.record_eval_sample(_record("abcdefgh"), o, np.random.default_rng(0))
     assert [row.loss for row in sample.rows] == ["nocontext_loss", "full_loss", "r2_loss", "r4_loss"]
     for row in sample.rows:
-        assert row.labels[row.weights > 0].tolist() == [ord("o"), ord("k"), 0]
-    assert [len(row.inputs) for row in sample.rows] == [6, 14, 10, 8]
+        assert row.labels[row.weights > 0].tolist() == [ord("o"), ord("k")]
+    assert [len(row.inputs) for row in sample.rows] == [5, 13, 9, 7]
 
 
 def test_options_reference_spellings_and_refusals() -> None:

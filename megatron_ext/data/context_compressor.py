@@ -6,7 +6,7 @@ A row of LM input is an int array in which a value v >= 0 is a token id and v < 
 (all but the last) is compressed at its own ratio, and window i >= 1 is predicted from the soft tokens of windows
 0..i-1 followed by its own tokens: one row per predicted window, loss on that window's tokens (window 0 has no
 compressed context, so it trains nothing and is not scored). Stage ft: head + soft(context) + tail + answer, loss
-on the answer tokens (and the end-of-document token after them) only. Validation rows score the same target
+on the answer tokens only. Validation rows score the same target
 tokens with no context, the full context and the context compressed at each ratio.
 
 Everything about a sample depends only on its index and the seed: the order of samples, drawn ratios and random
@@ -143,8 +143,8 @@ def _eval_rows(context: np.ndarray, prompt: np.ndarray, target: np.ndarray, o: C
 
 @dataclass
 class Record:
-    """A fine-tuning record as tokens: the prompt's part before and after the context, the context, the answer
-    (with the end-of-document token)."""
+    """A fine-tuning record as tokens: the prompt's part before and after the context, the context, the answer.
+    No end-of-document token follows the answer: an LM that never saw one there would make it most of the loss."""
 
     head: np.ndarray
     context: np.ndarray
@@ -152,14 +152,14 @@ class Record:
     answer: np.ndarray
 
 
-def read_record(record: Any, tokenize: Callable[[str], list[int]], eod: int) -> Record:
+def read_record(record: Any, tokenize: Callable[[str], list[int]]) -> Record:
     """{"prompt", "context", "answer"} -> Record. A prompt with `{context}` has the context there (head and tail
     around it); otherwise the context comes first and the whole prompt follows it."""
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "context", "answer")):
         raise ValueError('expected {"prompt": str, "context": str, "answer": str}')
     head, _, tail = record["prompt"].rpartition("{context}")
     ids = [np.asarray(tokenize(text), dtype=np.int64) for text in (head, record["context"], tail)]
-    answer = np.asarray([*tokenize(record["answer"]), eod], dtype=np.int64)
+    answer = np.asarray(tokenize(record["answer"]), dtype=np.int64)
     return Record(head=ids[0], context=ids[1], tail=ids[2], answer=answer)
 
 
