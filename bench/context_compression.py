@@ -22,6 +22,7 @@ Toy scale: the reference compresses RAG passages for Llama-2-7B.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -54,6 +55,8 @@ ENCODER_LAYERS = 2
 LM_ITERS, PT_ITERS, FT_ITERS = 2500, 200, 600
 RATIOS = (2, 4, 8)
 TARGET = 0.70
+CHANCE = math.log(10)  # nats per answer token when the digits are guessed
+RETRIEVES = 0.5  # the LM must do this much better than CHANCE with the full context for the gap to measure
 MODEL = (
     f"--num-layers {LAYERS} --hidden-size {HIDDEN} --num-attention-heads {HEADS} --seq-length {SEQ} "
     "--normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear "
@@ -169,7 +172,8 @@ def main() -> None:
     times["stage ft"] = time.perf_counter() - start
     before, after = ft["before"]["held-out"], ft["after"]["held-out"]
     print(f"held-out answers ({HELD_OUT} records, {PAIRS} planted pairs each): loss with no context "
-          f"{after['nocontext_loss']:.3f}, full context {after['full_loss']:.3f}")  # fmt: skip
+          f"{after['nocontext_loss']:.3f}, full context {after['full_loss']:.3f}, uniform digits {CHANCE:.3f} "
+          "nats per answer token")  # fmt: skip
     gaps = {}
     for r in RATIOS:
         gap = after["nocontext_loss"] - after["full_loss"]
@@ -181,6 +185,11 @@ def main() -> None:
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     verdict = "met" if gaps[4] >= TARGET else "missed"
     print(f"target gap closed >= {TARGET} at r4: {verdict} ({gaps[4]:.3f})")
+    if after["full_loss"] > CHANCE - RETRIEVES:
+        print(
+            f"but not a measure of compression: with the full context the LM is within {RETRIEVES} nats of "
+            "guessing the digits, so the gap is mostly its calibration, which soft tokens can fix without the values"
+        )
 
 
 if __name__ == "__main__":
