@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stage-fractions", type=float, nargs=3, default=[0.10, 0.25, 0.40],
         help=f"where the stages after the first of --progressive-layers {LAYERS} start, as shares of --iters",
     )  # fmt: skip
+    p.add_argument(
+        "--progressive-options", default="",
+        help="More flags of the progressive run, e.g. '--growth stack --growth-moments reset' (ablations).",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = p.parse_args(argv)
     if args.iters % args.eval_interval:
@@ -74,7 +78,7 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 def progressive_flags(args: argparse.Namespace) -> list[str]:
     starts = ",".join(str(max(1, round(f * args.iters))) for f in args.stage_fractions)
     return ["--model-variant", "progressive", "--progressive-layers", LAYERS, "--progressive-stages", starts,
-            "--progressive-stage-unit", "iters"]  # fmt: skip
+            "--progressive-stage-unit", "iters", *args.progressive_options.split()]  # fmt: skip
 
 
 def train(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
