@@ -478,13 +478,21 @@ def init_process_group(backend: str, timeout_minutes: int = 10, env: Mapping[str
     if "nccl" in backend and torch.cuda.is_available():
         # One GPU per local rank, selected before NCCL creates its communicators on the current device.
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    dist.init_process_group(
-        backend,
-        init_method="env://",
-        rank=info.rank,
-        world_size=info.world_size,
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    try:
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise UserError(
+            f"MASTER_PORT {info.master_port} on {info.master_addr} is in use (another run on this host?): "
+            "set MASTER_PORT to a free port"
+        ) from None
     return info
 
 

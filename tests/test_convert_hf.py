@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.distributed import free_port
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +77,8 @@ convert("to-hf", "--load", str(tmp / "ckpt_tied"), "--save", str(tmp / "hf_tied2
 """
 
 
-def _run(args: list[str], port: str = "29671") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -222,6 +224,6 @@ def test_training_starts_from_an_imported_model(work: Path) -> None:
     args = ["pretrain_gpt.py", *tied, "--train-iters", "1", "--load", str(work / "ckpt_tied"), "--finetune",
             "--data-cache-path", str(work / "data"), "--make-vocab-size-divisible-by", "128",
             "--log-interval", "1"]  # fmt: skip
-    proc = _run(args, port="29672")
+    proc = _run(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "fine-tuning from the weights of" in proc.stdout and "iter 1/1" in proc.stdout

@@ -18,6 +18,7 @@ from launchers import clean_env
 
 from megatron_ext import dimension_compressor as dc
 from megatron_ext.config import ConfigError
+from megatron_ext.distributed import free_port
 from megatron_ext.hidden_states import HiddenStore, jsonl_sequences, split_sequences
 from megatron_ext.models.dimension_compressor import (
     ReconstructionMetrics,
@@ -366,7 +367,7 @@ def test_extraction_tp2_equals_tp1_and_gives_the_output_layers_input(tmp_path: P
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64", "--swiglu", "--normalization",
         "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear", "--micro-batch-size", "2",
         "--train-iters", "2", "--eval-iters", "0", "--save", str(ckpt), "--data-cache-path", str(tmp_path / "data"),
-    ], env={**env, "MASTER_PORT": "29741"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    ], env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     rng = np.random.default_rng(0)
     jsonl = tmp_path / "chat.jsonl"

@@ -357,6 +357,20 @@ def _check_probe(records: list[dict]) -> None:
     assert sorted(r["tp_rank"] for r in records) == [0, 1]
 
 
+def test_a_port_in_use_is_one_line_naming_master_port(monkeypatch):
+    """Another run on this host holding MASTER_PORT: a UserError naming the port, not torch's traceback."""
+    import socket
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(d.UserError, match=f"^MASTER_PORT {port} on 127.0.0.1 is in use .*set MASTER_PORT"):
+            d.init_process_group("gloo", timeout_minutes=1, env={"MASTER_PORT": str(port)})
+
+
 def test_mpirun_two_ranks():
     launch = mpirun(2)
     if launch is None:

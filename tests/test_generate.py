@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.distributed import free_port
 from megatron_ext.training.layout import CheckpointNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,8 +140,8 @@ def test_find_checkpoint(tmp_path: Path) -> None:
 # ---- end to end ---------------------------------------------------------------------------------------------
 
 
-def _start(args: list[str], port: str = "29645") -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
 
@@ -150,8 +151,8 @@ def _finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedP
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _run(args: list[str], port: str = "29645") -> subprocess.CompletedProcess:
-    return _finish(_start(args, port))
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return _finish(_start(args))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "pretrain_gpt.py", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "3", "--eval-iters", "0",
         "--save", str(tmp / "ckpt"), "--data-cache-path", str(tmp / "data"),
-    ], port="29643")  # fmt: skip
+    ])  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return tmp / "ckpt"
 

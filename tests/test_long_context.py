@@ -19,6 +19,7 @@ from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.data import blend
 from megatron_ext.data.blend import BlendSpec, CorpusBlend, gpt_sample
 from megatron_ext.data.indexed import IndexedDatasetWriter
+from megatron_ext.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "long_context_scenarios.py"
@@ -172,7 +173,7 @@ def _train(tmp: Path, *args: str, leaking: bool = False) -> str:
     argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *tiny, *data, *args]
     if leaking:  # pretrain_gpt.py with a core attention that drops the packed bounds
         argv[1:2] = ["-c", LEAKING_RUN]
-    env = {**clean_env(), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "MASTER_PORT": "29623"}
+    env = {**clean_env(), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
     assert proc.returncode == (1 if leaking else 0), proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stderr if leaking else proc.stdout

@@ -17,6 +17,7 @@ from launchers import clean_env, ngram_corpus
 
 from megatron_ext import config
 from megatron_ext.config import Config, ConfigError, build_parser, parse_args
+from megatron_ext.distributed import free_port
 from megatron_ext.models import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def _losses(log: str) -> dict[int, float]:
 
 
 def test_toy_variant_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
-    env = {**clean_env(), "PYTHONPATH": str(ROOT), "MASTER_PORT": "29561"}
+    env = {**clean_env(), "PYTHONPATH": str(ROOT), "MASTER_PORT": str(free_port())}
     data = ["--data-path", ngram_corpus(str(tmp_path / "ngrams")), "--data-cache-path", str(tmp_path / "cache")]
     argv = [sys.executable, str(ROOT / "tests" / "toy_variant.py"), str(tmp_path), *TINY, *data]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
