@@ -219,7 +219,7 @@ _TABLE: tuple[Var, ...] = (
     Var("DATA_FILE_LIST", "data", "", "--data-file-list",
         help="Data list(s) (`weight prefix [corpus]` lines); unset: the built-in corpus."),
     Var("TOKENIZER_TYPE", "data", "ByteTokenizer", "--tokenizer-type",
-        help="ByteTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer or HuggingFaceTokenizer."),
+        help=f"One of {', '.join(schema.TOKENIZER_TYPES)} (--tokenizer-type's values)."),
     Var("TOKENIZER_MODEL", "data", "", "--tokenizer-model"),
     Var("DATA_CACHE_PATH", "data", "data_cache", "--data-cache-path"),
     Var("TRAIN_SPLIT", "data", "990", "--split", help=(
