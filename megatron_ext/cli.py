@@ -98,6 +98,14 @@ def check_image_path(flag: str, path: str | os.PathLike[str]) -> None:
         raise UserError(f"{flag} {path}: expected an image file name ending in .png, .pdf, .svg, ...")
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it (3 significant digits, decimal units): 460 kB, not 0.00 GB."""
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain aligned text table: first column left-aligned, the numbers right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -362,7 +362,7 @@ def test_pool_workers_start_with_interrupts_blocked(tmp_path, monkeypatch):
         return {s for s in (signal.SIGINT, signal.SIGTERM) if mask & (1 << (s - 1))}
 
     monkeypatch.setattr(pp, "_init_worker", recording_init)
-    with pp._worker_pool(2, ("ByteTokenizer", None, ["text"], False)) as pool:
+    with pp._worker_pool(2, ("ByteTokenizer", None, ["text"], False, {})) as pool:
         assert sorted(pool.map(abs, [-1, -2])) == [1, 2]
         workers = [p.pid for p in pool._pool]
         threads = [pool._worker_handler, pool._task_handler, pool._result_handler]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from megatron_ext.cli import OneLineParser, UserError
+from megatron_ext.cli import OneLineParser, UserError, human_bytes
 from megatron_ext.convert.reader import (
     BLOCK_BYTES,
     DistCheckpoint,
@@ -58,13 +58,6 @@ def _count(n: float) -> str:
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:g}"
-
-
-def _bytes(n: float) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def _schedule_lines(sched: dict[str, Any] | None) -> list[str]:
@@ -303,7 +296,7 @@ def summary(src: Source) -> dict[str, Any]:
 
 def _print_header(h: dict[str, Any], label: str = "") -> None:
     print(f"{label}checkpoint  {h['path']}")
-    print(f"  format      {h['format']}; {h['files']} files, {_bytes(h['bytes'])}; integrity {h['integrity']}")
+    print(f"  format      {h['format']}; {h['files']} files, {human_bytes(h['bytes'])}; integrity {h['integrity']}")
     for key, text in h["lines"].items():
         print(f"  {key:11} {text}")
     for i, line in enumerate(h["schedule"]):

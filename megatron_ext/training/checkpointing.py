@@ -41,7 +41,7 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext.cli import UserError, os_reason
+from megatron_ext.cli import UserError, human_bytes, os_reason
 from megatron_ext.data.tokenizers import padded_vocab_size
 from megatron_ext.training import universal
 from megatron_ext.training.layout import (
@@ -293,7 +293,7 @@ def _too_little_space(root: Path, name: str) -> str | None:
     if free >= needed:
         return None
     return (
-        f"--save {root}: {free / 1e9:.2f} GB free, checkpoint {name} needs about {needed / 1e9:.2f} GB (the size of "
+        f"--save {root}: {human_bytes(free)} free, checkpoint {name} needs about {human_bytes(needed)} (the size of "
         "the last one); not written, the last complete checkpoint is unchanged: free space or save elsewhere"
     )
 
