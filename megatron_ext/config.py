@@ -1241,6 +1241,12 @@ class Config:
         if d.data_path and d.data_file_list:
             d.data_path = None
             self.compat.readings.append("--data-path is ignored: --data-file-list gives the data (as ALCF's scripts)")
+        whole = (
+            "--recompute-activations recomputes whole layers here (full, uniform, 1 layer, as Megatron-DeepSpeed's "
+            "--checkpoint-activations); Megatron-LM's recomputes the attention core: --recompute-granularity selective"
+        )
+        if self.training.recompute_activations and whole not in self.compat.readings:
+            self.compat.readings.append(whole)
 
     @property
     def virtual_pipeline_size(self) -> int | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.compat import NO_EFFECT, NOT_BUILT, REFUSED
-from megatron_ext.config import ConfigError, build_parser, check_built, parse_args, startup_note
+from megatron_ext.config import Config, ConfigError, build_parser, check_built, parse_args, startup_note
 
 RUN = ["--train-iters", "2"]
 
@@ -90,6 +90,10 @@ def test_readings_as_megatron_lm_reads_them() -> None:
 def test_legacy_spellings() -> None:
     cfg = parse_args(["--checkpoint-activations", "--rotary-position-embeddings-theta", "500000", *RUN])
     assert cfg.training.recompute_activations and cfg.model.rotary_base == 500000
+    assert (cfg.training.recompute_granularity, cfg.training.recompute_method) == ("full", "uniform")
+    note = startup_note(cfg) or ""
+    assert note.count("--recompute-activations recomputes whole layers here") == 1, note
+    assert startup_note(Config.from_dict(cfg.to_dict())) == note  # read back from config.json: said once
 
 
 # ---- a dozen command lines written from Megatron-LM's and ALCF's documented examples --------------------------
