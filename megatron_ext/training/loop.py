@@ -63,6 +63,11 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps); the message says why."""
 
 
+class EveryRankStops(ConfigError):
+    """A user mistake every rank learnt in the same collective: each prints it, then all meet in a barrier before
+    exiting, so a launcher that ends the others when one exits cannot cut a rank off before its line."""
+
+
 @dataclass
 class TrainState:
     """Progress counters, saved in every checkpoint."""
@@ -140,7 +145,7 @@ def _global_sums(tr: Trainer, reports: list[dict[str, torch.Tensor]]) -> torch.T
     if total[-1, 0] > 0:
         problems: list[str | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(problems, problem)
-        raise ConfigError(next(p for p in problems if p is not None))
+        raise EveryRankStops(next(p for p in problems if p is not None))
     return total[:-1]
 
 
@@ -534,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(tr)
     except (TrainingStopped, UserError) as e:  # e.g. a recipe's check before the first step
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: ranks sharing a pipe cannot interleave within the line
+        sys.stderr.flush()
+        if isinstance(e, EveryRankStops):
+            torch.distributed.barrier()
         return 1
     finally:
         if tr.async_saves is not None:
