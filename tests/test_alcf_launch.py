@@ -240,6 +240,16 @@ def test_cpt_command_universal_checkpoint_finetune(
     assert '"universal_checkpoint": true' in cfg and '"lr_warmup_fraction": 0.01' in cfg and '"finetune": true' in cfg
 
 
+def _wait_for_iteration(proc: subprocess.Popen, log: Path, iteration: int) -> None:
+    """Returns once train_alcf.sh's run log shows `iteration` (or the launch ended, or 240 s passed), so a signal
+    sent next reaches a run that is training."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and re.search(rf"^iter {iteration}/", log.read_text(), re.M):
+            return
+        time.sleep(0.2)
+
+
 def test_cpt_under_mpirun_stops_cleanly_on_the_walltime_signal(
     default_run: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:
@@ -259,12 +269,7 @@ def test_cpt_under_mpirun_stops_cleanly_on_the_walltime_signal(
     env.update({k: v for k, v in launch[1].items() if k.startswith("OMPI_MCA")})
     args = ["bash", str(TRAIN), "--universal-checkpoint", "--finetune"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    log = tmp_path / "run" / "output.log"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and re.search(r"^iter 3/", log.read_text(), re.M):
-            break
-        time.sleep(0.5)
+    _wait_for_iteration(proc, tmp_path / "run" / "output.log", 3)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
@@ -436,11 +441,7 @@ def test_sigterm_to_train_alcf_sh_alone_saves_and_exits_0(
         env["MASTER_PORT"] = str(distributed.free_port())
     proc = subprocess.Popen(["bash", str(TRAIN)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=tmp_path)  # fmt: skip
-    log, deadline = tmp_path / "run" / "output.log", time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and re.search(r"^iter 2/", log.read_text(), re.M):
-            break
-        time.sleep(0.2)
+    _wait_for_iteration(proc, tmp_path / "run" / "output.log", 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     tail = out[-3000:] + err[-3000:]
